@@ -1,0 +1,75 @@
+"""The `slimtune` command: one subcommand per job, each defined in its own module here.
+
+Each module `scripts/<name>.py` defines `add_parser(subparsers)` (which registers the
+subcommand and sets `func=run` on it) and `run(args) -> int`. This file only dispatches; no
+method logic lives in `scripts/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Subcommand modules, in the order `slimtune --help` lists them.
+COMMANDS = [
+    "bench",
+    "tune",
+    "prune",
+    "compress_vit",
+    "zero_shot",
+    "codegen_eval",
+    "estimate_memory",
+    "reference",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtune",
+        description="Quantized Side Tuning, DISP-LLM pruning and mixed-rank ViT compression, "
+        "with one shared evaluation harness.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"scripts.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"scripts.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if not args.verbose:
+        _quiet_libraries()
+    from eval.errors import UserInputError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserInputError as e:
+        if args.verbose:
+            raise
+        print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (hub warnings, bitsandbytes kernel probes) hides the suite's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("transformers", "bitsandbytes", "accelerate", "datasets", "lm_eval", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
