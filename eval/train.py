@@ -1,0 +1,492 @@
+"""The one training loop every method uses (QST, LoRA/QLoRA, the DISP hypernetwork, low-rank
+compensation, recovery fine-tuning).
+
+Plain on purpose (nanoGPT spirit): AdamW over the trainable parameters, linear warm-up then a
+constant / linear / cosine schedule, gradient accumulation and clipping, bf16 autocast on CUDA,
+a tqdm bar, periodic evaluation and atomic checkpoints that resume bit-exactly.
+
+It is built on `accelerate.Accelerator`, so `accelerate launch --num_processes N script.py`
+gives data parallelism: the model is wrapped in DistributedDataParallel and process `r` of `N`
+takes micro-batches `r, r+N, r+2N, ...` of every pass over `train_batches`.
+
+Usage:
+
+    result = train(model, batches, TrainConfig(max_steps=200, lr=2e-4))
+    result = train(model, batches, config, loss_fn=lambda m, b: my_loss(m(**b), b["labels"]))
+    result = train(model, batches, config, eval_fn=lambda m: {"acc": acc(m)}, out_dir=out / "ckpt")
+
+Exact resume: a checkpoint holds the trainable parameters, the optimizer and scheduler states,
+every RNG state, the step and the position in the data. Rerunning the same call with the same
+`out_dir` (and a model rebuilt the same way: frozen weights are not saved) continues from the
+last checkpoint and ends with the same weights and loss curve as an uninterrupted run, provided
+`train_batches` yields the same batches each pass (a list, or a DataLoader whose shuffling
+draws from torch's global RNG: the loop re-seeds it at the start of every pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eval.errors import UserInputError
+
+SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("auto", "no", "bf16")
+CHECKPOINT_DIRNAME = "checkpoint"
+# Config fields that may change between an interrupted run and its resumption: they do not
+# alter the trajectory of the steps already taken (max_steps: "train for longer").
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "log_every"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of `train`. One optimizer step = `grad_accum` micro-batches per process."""
+
+    max_steps: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    schedule: str = "constant"
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, full precision on CPU
+    log_every: int = 1  # the progress bar shows the mean loss of the last `log_every` steps
+
+    def __post_init__(self):
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+
+        positive_int("max_steps", self.max_steps)
+        positive_int("grad_accum", self.grad_accum)
+        positive_int("log_every", self.log_every)
+        positive_int("eval_every", self.eval_every, allow_none=True)
+        positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
+        if not isinstance(self.seed, int):
+            raise UserInputError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise UserInputError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise UserInputError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserInputError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not (0 <= self.warmup_ratio < 1):
+            raise UserInputError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise UserInputError(
+                f"TrainConfig.max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserInputError(
+                f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_ratio * self.max_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclasses.dataclass
+class TrainResult:
+    losses: list[float]  # one per optimizer step: mean over its micro-batches (and processes)
+    eval_history: list[dict[str, Any]]  # {"step": s, **eval_fn(model)}
+    step_times: list[float]  # wall seconds per optimizer step (CUDA-synchronised)
+    steps: int  # optimizer steps done in total (including those before a resume)
+    resumed_from: int | None = None  # the checkpoint step this run started from, if any
+
+    @property
+    def median_step_time(self) -> float:
+        return float(np.median(self.step_times)) if self.step_times else float("nan")
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Factor on `config.lr` for optimizer step `step` (0-based): warm-up, then the schedule."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, config.max_steps - warmup)
+    if config.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    model: nn.Module,
+    train_batches: Iterable[dict[str, Any]],
+    config: TrainConfig,
+    loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
+    out_dir: str | Path | None = None,
+    desc: str = "train",
+    param_groups: list[dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Train `model` in place for `config.max_steps` optimizer steps and return the history.
+
+    - `train_batches`: a re-iterable (list, DataLoader) of dicts of tensors; it is cycled as
+      epochs until `max_steps`. Tensors are moved to the training device.
+    - `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`. Under
+      `accelerate launch` the model passed in is the DDP wrapper: call it, and reach its
+      attributes through `.module` (or close over the unwrapped model for non-forward parts).
+    - `eval_fn(model) -> dict` runs every `eval_every` steps and after the last step, with
+      the unwrapped model in eval mode and gradients off (on every process).
+    - `param_groups`: AdamW parameter groups (each a dict with "params" and optional "lr",
+      "weight_decay"); default: one group with every parameter that requires grad.
+    - `out_dir`: checkpoints go to `out_dir/checkpoint/` every `checkpoint_every` steps and
+      after the last step; an existing one is resumed from.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import send_to_device
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise UserInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    groups = _param_groups(model, param_groups, config)
+    named_trainable = _named_trainable(model, groups)
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIRNAME if out_dir is not None else None
+
+    # Mixed precision is done with torch.autocast below rather than through Accelerator, so
+    # that the caller's model.forward is never patched and repeated calls in one process with
+    # different settings do not clash in accelerate's process-wide state.
+    accelerator = Accelerator(mixed_precision="no")
+    use_bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and accelerator.device.type == "cuda"
+    )
+    _seed_everything(config.seed + accelerator.process_index)
+
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "losses": [], "eval_history": [], "step_times": []}
+    resumed_from = None
+    if ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
+        state = _load_checkpoint(ckpt_dir, named_trainable, optimizer, scheduler, config, accelerator)
+        resumed_from = state["step"]
+
+    # The scheduler is deliberately not prepared: accelerate would step it once per process.
+    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(prepared_model)
+    was_training = unwrapped.training
+    compute_loss = loss_fn or _default_loss
+    batches = _micro_batches(train_batches, state, config.seed, accelerator)
+    if resumed_from is not None:
+        _set_rng_state(state.pop("rng"), accelerator.process_index)
+
+    bar = tqdm(
+        total=config.max_steps, initial=min(state["step"], config.max_steps), desc=desc,
+        disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+    )
+    prepared_model.train()
+    try:
+        while state["step"] < config.max_steps:
+            step = state["step"]
+            start = _now(accelerator.device)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(config.grad_accum):
+                batch = send_to_device(next(batches), accelerator.device)
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = accelerator.no_sync(prepared_model) if micro < config.grad_accum - 1 else _nullcontext()
+                with sync:
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = compute_loss(prepared_model, batch)
+                    _check_loss(loss, step)
+                    accelerator.backward(loss / config.grad_accum)
+                step_loss += loss.detach().float() / config.grad_accum
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+            prepared_optimizer.step()
+            scheduler.step()
+            prepared_optimizer.zero_grad(set_to_none=True)
+            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            state["step_times"].append(_now(accelerator.device) - start)
+            state["losses"].append(mean_loss)
+            state["step"] = step = step + 1
+
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                recent = state["losses"][-config.log_every:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            last = step == config.max_steps
+            if eval_fn is not None and config.eval_every is not None and (step % config.eval_every == 0 or last):
+                state["eval_history"].append({"step": step, **_evaluate(unwrapped, eval_fn)})
+                bar.set_postfix({k: _short(v) for k, v in state["eval_history"][-1].items() if k != "step"})
+            if ckpt_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                _save_checkpoint(ckpt_dir, state, named_trainable, optimizer, scheduler, config, accelerator)
+    finally:
+        bar.close()
+        batches.close()
+        unwrapped.train(was_training)
+
+    return TrainResult(
+        losses=list(state["losses"]), eval_history=list(state["eval_history"]),
+        step_times=list(state["step_times"]), steps=state["step"], resumed_from=resumed_from,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def _default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    output = model(**batch)
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None:
+        raise UserInputError(
+            "the model returned no .loss for a training batch: include 'labels' in the batches "
+            "or pass loss_fn(model, batch) -> scalar tensor"
+        )
+    return loss
+
+
+def _check_loss(loss: torch.Tensor, step: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise UserInputError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
+                             f"{tuple(getattr(loss, 'shape', ()))}")
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; lower the learning rate")
+
+
+def _param_groups(model: nn.Module, param_groups, config: TrainConfig) -> list[dict[str, Any]]:
+    if param_groups is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise UserInputError("the model has no parameters with requires_grad=True: nothing to train")
+        return [{"params": params}]
+    groups = []
+    for g in param_groups:
+        if not isinstance(g, dict) or "params" not in g:
+            raise UserInputError("param_groups must be a list of dicts, each with a 'params' list")
+        groups.append({**g, "params": list(g["params"])})
+    if not any(g["params"] for g in groups):
+        raise UserInputError("param_groups holds no parameters: nothing to train")
+    return groups
+
+
+def _named_trainable(model: nn.Module, groups) -> dict[str, nn.Parameter]:
+    """The optimised parameters by name (the names key the checkpoint)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    named = {}
+    for g in groups:
+        for p in g["params"]:
+            if id(p) not in names:
+                raise UserInputError("param_groups holds a parameter that is not part of the model")
+            named[names[id(p)]] = p
+    return named
+
+
+def _micro_batches(train_batches, state, seed: int, accelerator) -> Iterator[dict[str, Any]]:
+    """Cycle over `train_batches` forever, this process's share only, tracking the position.
+
+    `state["epoch"]` / `state["batch_index"]` count whole passes and batches consumed in the
+    current pass, so a resumed run skips exactly what was already used. Torch's global RNG
+    is re-seeded before each pass, so that a shuffling DataLoader repeats its order on resume.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    while True:
+        # Start the pass (and draw a shuffling DataLoader's order) under a seed fixed by the
+        # pass number, without disturbing the global RNG stream that dropout etc. use.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1_000_003 * (state["epoch"] + 1))
+            iterator = iter(train_batches)
+            first = next(iterator, None)
+        if first is None:
+            raise UserInputError("train_batches is empty: expected at least one batch")
+        index = 0
+        for batch in itertools.chain([first], iterator):
+            index += 1
+            if index <= state["batch_index"] or (index - 1) % world != rank:
+                continue
+            if not isinstance(batch, dict):
+                raise UserInputError(f"train_batches must yield dicts of tensors, got {type(batch).__name__}")
+            state["batch_index"] = index
+            yield batch
+        if index <= rank:
+            raise UserInputError(f"train_batches holds {index} batches: too few for {world} processes")
+        state["epoch"] += 1
+        state["batch_index"] = 0
+
+
+def _evaluate(model: nn.Module, eval_fn) -> dict[str, Any]:
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = eval_fn(model)
+    finally:
+        model.train()
+    if not isinstance(metrics, dict):
+        raise UserInputError(f"eval_fn must return a dict of metrics, got {type(metrics).__name__}")
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def _get_rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(per_process: list[dict[str, Any]], rank: int) -> None:
+    state = per_process[rank] if rank < len(per_process) else per_process[0]
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for everything else (no pickle)
+#
+#   checkpoint/trainable.safetensors   the optimised parameters, by model parameter name
+#   checkpoint/optimizer.safetensors   optimizer state tensors; optimizer.json the rest
+#   checkpoint/scheduler.json, checkpoint/state.json (step, data position, curves, RNG, config)
+
+
+def _save_checkpoint(ckpt_dir: Path, state, named_trainable, optimizer, scheduler, config, accelerator) -> None:
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    from eval.io import atomic_directory, write_json
+
+    rng = gather_object([_get_rng_state()])  # one entry per process
+    if accelerator.is_main_process:
+        with atomic_directory(ckpt_dir) as tmp:
+            # clone: safetensors refuses tensors that share storage
+            save_file({n: p.detach().cpu().clone() for n, p in named_trainable.items()},
+                      tmp / "trainable.safetensors")
+            tensors: dict[str, torch.Tensor] = {}
+            write_json(tmp / "optimizer.json", _extract_tensors(optimizer.state_dict(), "optim", tensors))
+            save_file(tensors, tmp / "optimizer.safetensors")
+            write_json(tmp / "scheduler.json", scheduler.state_dict())
+            write_json(tmp / "state.json", {**state, "rng": rng, "config": config.to_dict()})
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, config, accelerator) -> dict:
+    from safetensors.torch import load_file
+
+    from eval.io import read_json
+
+    state = read_json(ckpt_dir / "state.json", "training checkpoint state")
+    saved_config = state.pop("config")
+    changed = {k for k, v in config.to_dict().items() if saved_config.get(k) != v} - _RESUMABLE_CHANGES
+    if changed:
+        raise UserInputError(
+            f"{ckpt_dir} holds a checkpoint made with a different training config "
+            f"({', '.join(f'{k}: {saved_config.get(k)!r} -> {getattr(config, k)!r}' for k in sorted(changed))}); "
+            "use a new output directory or delete the checkpoint to start over"
+        )
+    weights = load_file(ckpt_dir / "trainable.safetensors")
+    if set(weights) != set(named_trainable):
+        missing, extra = set(named_trainable) - set(weights), set(weights) - set(named_trainable)
+        raise UserInputError(
+            f"{ckpt_dir} does not match the model's trainable parameters "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})"
+        )
+    with torch.no_grad():
+        for name, p in named_trainable.items():
+            if weights[name].shape != p.shape:
+                raise UserInputError(f"{ckpt_dir}: parameter {name} has shape {tuple(weights[name].shape)}, "
+                                     f"the model's is {tuple(p.shape)}")
+            p.copy_(weights[name])
+    tensors = load_file(ckpt_dir / "optimizer.safetensors")
+    optimizer.load_state_dict(_restore_tensors(read_json(ckpt_dir / "optimizer.json"), tensors))
+    scheduler.load_state_dict(read_json(ckpt_dir / "scheduler.json"))
+    if state["step"] > config.max_steps:
+        raise UserInputError(
+            f"{ckpt_dir} is at step {state['step']}, beyond max_steps={config.max_steps}; "
+            "raise max_steps or use a new output directory"
+        )
+    return state
+
+
+def _extract_tensors(obj, prefix: str, tensors: dict[str, torch.Tensor]):
+    """Replace every tensor in a nested dict/list by {"__tensor__": key}, collecting them."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        # JSON object keys are strings: remember int keys (optimizer state is keyed by index)
+        return {"__dict__": [[k, _extract_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_extract_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _restore_tensors(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _restore_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_restore_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def load_checkpoint_state(out_dir: str | Path) -> dict[str, Any] | None:
+    """The saved step, curves and config of `out_dir`'s checkpoint, or None if there is none."""
+    path = Path(out_dir) / CHECKPOINT_DIRNAME / "state.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
