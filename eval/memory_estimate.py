@@ -1,0 +1,348 @@
+"""Analytic training-memory estimate: CUDA context, weights, gradients, optimizer states, activations.
+
+Two sets of assumptions:
+
+* ``"course"`` — the lightweight-tuning course's worked example (ANCHORS.md §4): 16-bit weights,
+  fp32 gradients when every parameter trains (16-bit when only a fraction does), Adam at 4 bytes
+  per trainable parameter, and activations = one hidden state per layer
+  (bytes · batch · seq · hidden · layers, i.e. what full activation checkpointing keeps).
+  With ``param_count=6.515e9`` (the course's 13.03 GB of 16-bit weights) it reproduces the
+  course's 67.22 GB for full fine-tuning of LLaMA-2-7B at seq 4096, batch 1, and 15.88 GB when
+  2 % of the parameters train.
+* ``"detailed"`` (default) — what this suite's training code actually holds, no gradient
+  checkpointing. Parameters are counted exactly from a meta-device instance of the model; 4-bit
+  NF4 weights cost 0.5 byte plus their double-quantised block constants; PyTorch keeps each
+  gradient and both AdamW moments in its parameter's dtype (PEFT adapters and QST's side network
+  train in fp32: 16 bytes per trainable parameter); activations follow the per-layer model in
+  `_decoder_layer_activation_values` (what autograd saves per token), plus the logits and the loss.
+
+The total is the sum of the figures shown (each rounded to 0.01 GB, 1 GB = 1e9 bytes), so a
+printed breakdown always adds up. Unrounded bytes come back in ``breakdown_bytes``/``total_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from eval.errors import UserInputError
+
+GB = 1e9
+METHODS = ("full", "lora", "qlora", "lst", "qst")
+ASSUMPTIONS = ("detailed", "course")
+COMPONENTS = ("cuda_context", "weights", "gradients", "optimizer", "activations")
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+
+# NF4 with double quantisation (QLoRA): 4 bits per weight, one 8-bit absmax per 64-weight block,
+# and one fp32 scale (plus an fp32 offset) per 256 absmax values.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 8 / (64 * 256)
+
+# Default LoRA recipe, shared with qst.baselines so that the estimate matches what bench trains.
+DEFAULT_LORA_RANK = 16
+# QST defaults (ANCHORS.md §1): reduction factor r = 16, adapter downsampler rank k = 16.
+DEFAULT_QST_REDUCTION = 16
+DEFAULT_QST_ADAPTER_RANK = 16
+# Adam moments: PyTorch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
+ADAM_STATES = 2
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The dimensions of a decoder-only transformer that the estimate needs."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    gated_mlp: bool  # LLaMA-style gate/up/down (3 matrices) vs OPT-style fc1/fc2 (2)
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+
+def estimate_memory(
+    arch_or_config: Any,
+    method: str = "full",
+    batch: int = 1,
+    seq: int = 2048,
+    dtype: str = "bfloat16",
+    trainable_fraction: float | None = None,
+    *,
+    assumptions: str = "detailed",
+    device: str = "cuda",
+    param_count: float | None = None,
+    lora_rank: int = DEFAULT_LORA_RANK,
+    lora_targets: tuple[str, ...] | None = None,
+    qst_reduction: int = DEFAULT_QST_REDUCTION,
+    qst_adapter_rank: int = DEFAULT_QST_ADAPTER_RANK,
+    attention: str = "sdpa",
+    cuda_context_gb: float | None = None,
+) -> dict:
+    """Estimate the memory to train `arch_or_config` with `method` at `batch` × `seq` tokens.
+
+    `arch_or_config`: an architecture name from `eval.models.ARCHITECTURES`, a local model
+    directory, a transformers config, or a dict of config fields. `dtype` is the backbone's
+    (and the activations') dtype. `trainable_fraction` overrides the trainable share
+    (for "full": train only that fraction, as in the course's 2 % example; for LoRA/QST:
+    replaces the counted adapter/side size). `attention`: "sdpa" (fused kernel, no
+    seq × seq score matrix kept) or "eager" (the scores are kept: heads · seq² per layer).
+    Returns ``{"breakdown_gb": {component: GB}, "total_gb", "breakdown_bytes", "total_bytes",
+    "params", "trainable_params", "assumptions"}``.
+    """
+    method = _check_choice(method, METHODS, "method")
+    assumptions = _check_choice(assumptions, ASSUMPTIONS, "assumptions")
+    attention = _check_choice(attention, ("sdpa", "eager"), "attention")
+    if dtype not in DTYPE_BYTES:
+        raise UserInputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+    for name, value in (("batch", batch), ("seq", seq), ("lora_rank", lora_rank),
+                        ("qst_reduction", qst_reduction), ("qst_adapter_rank", qst_adapter_rank)):
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+    if trainable_fraction is not None and not 0 < trainable_fraction <= 1:
+        raise UserInputError(f"trainable_fraction must be in (0, 1], got {trainable_fraction!r}")
+    if param_count is not None and param_count <= 0:
+        raise UserInputError(f"param_count must be positive, got {param_count!r}")
+
+    config = resolve_config(arch_or_config)
+    shape = _shape(config)
+    if shape.hidden % qst_reduction:
+        raise UserInputError(f"qst_reduction {qst_reduction} must divide the hidden size {shape.hidden}")
+    counts = _parameter_counts(config, lora_targets, lora_rank)
+    counts["side"] = qst_side_parameters(shape, qst_reduction, qst_adapter_rank)
+    if param_count is not None:  # scale every group to the given total
+        scale = param_count / counts["total"]
+        counts = {k: v * scale if k in ("total", "quantizable") else v for k, v in counts.items()}
+
+    if assumptions == "course":
+        parts = _course(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable_fraction, qst_reduction)
+    else:
+        parts = _detailed(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable_fraction,
+                          qst_reduction, qst_adapter_rank, lora_rank, attention)
+    trainable = parts.pop("_trainable")
+
+    on_cuda = str(device).startswith("cuda")
+    context_gb = cuda_context_gb if cuda_context_gb is not None else (1.0 if on_cuda else 0.0)
+    parts["cuda_context"] = context_gb * GB
+    breakdown_bytes = {k: float(parts[k]) for k in COMPONENTS}
+    breakdown_gb = {k: round(v / GB, 2) for k, v in breakdown_bytes.items()}
+    return {
+        "breakdown_gb": breakdown_gb,
+        "total_gb": round(sum(breakdown_gb.values()), 2),
+        "breakdown_bytes": breakdown_bytes,
+        "total_bytes": sum(breakdown_bytes.values()),
+        "params": int(counts["total"]),
+        "trainable_params": int(trainable),
+        "assumptions": assumptions,
+    }
+
+
+# --------------------------------------------------------------------------- the two models
+
+
+def _course(shape, counts, method, batch, seq, nbytes, fraction, reduction) -> dict:
+    """The course's arithmetic (ANCHORS.md §4), extended to LoRA/QLoRA/QST in the same spirit."""
+    total = counts["total"]
+    quantized = method in ("qlora", "qst")
+    weights = total * (0.5 if quantized else nbytes)  # "QLoRA stores P in 4 bits (0.5P)"
+    if method == "full":
+        trainable = total * (fraction if fraction is not None else 1.0)
+    elif method in ("lora", "qlora"):
+        trainable = total * fraction if fraction is not None else counts["lora"]
+    else:
+        trainable = total * fraction if fraction is not None else counts["side"]
+    # fp32 gradients when everything trains (mixed precision); otherwise in the 16-bit dtype.
+    grad_bytes = 4 if trainable >= total else nbytes
+    hidden_states = nbytes * batch * seq * shape.hidden * shape.layers
+    if method in ("lst", "qst"):
+        # The side network keeps its own (hidden / r)-wide states; the backbone runs without
+        # grad, so of it only one layer's hidden state is alive at a time (the transient).
+        hidden_states = nbytes * batch * seq * (shape.hidden // reduction * shape.layers + shape.hidden)
+    if method in ("lora", "qlora", "lst", "qst"):
+        weights += trainable * nbytes  # the added adapter / side weights
+    return {
+        "weights": weights,
+        "gradients": trainable * grad_bytes,
+        "optimizer": trainable * 4,  # the course's Adam: 26.06 GB for 13.03 GB of 16-bit weights
+        "activations": hidden_states,
+        "_trainable": trainable,
+    }
+
+
+def _detailed(shape, counts, method, batch, seq, nbytes, fraction, reduction, adapter_rank,
+              lora_rank, attention) -> dict:
+    tokens = batch * seq
+    total, quantizable = counts["total"], counts["quantizable"]
+    fp32 = 4
+    quantized = method in ("qlora", "qst")
+    if quantized:
+        # Linear weights of the decoder layers in NF4; embeddings, norms and the LM head stay as
+        # they are, except that prepare_model_for_kbit_training (QLoRA) upcasts them to fp32.
+        rest_bytes = fp32 if method == "qlora" else nbytes
+        weights = quantizable * NF4_BYTES_PER_PARAM + (total - quantizable) * rest_bytes
+    else:
+        weights = total * nbytes
+
+    if method == "full":
+        trainable = total * (fraction if fraction is not None else 1.0)
+        train_bytes = nbytes  # parameters train in their own dtype
+    elif method in ("lora", "qlora"):
+        trainable = total * fraction if fraction is not None else counts["lora"]
+        train_bytes = fp32  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
+        weights += trainable * fp32
+    else:  # lst, qst
+        trainable = total * fraction if fraction is not None else counts["side"]
+        train_bytes = fp32
+        weights += trainable * fp32
+
+    act = nbytes  # activations are in the compute dtype
+    logits = tokens * shape.vocab * (act + 4 + 4)  # logits, their fp32 upcast, saved log-softmax
+    scores = shape.heads * seq if attention == "eager" else 0  # per token per layer
+    if method in ("lst", "qst"):
+        side = _side_shape(shape, reduction)
+        per_token = (
+            (shape.layers + 1) * shape.hidden  # backbone states h_0..h_N, inputs of the downsamplers
+            + (shape.layers + 1) * (2 * adapter_rank + 5 * side.hidden)  # downsampler, norm, gate
+            + shape.layers * (_decoder_layer_activation_values(side) + scores)  # side blocks
+            + 3 * shape.hidden  # upsample output, alpha-mix, LM-head input
+        )
+        # The no-grad backbone frees each layer's tensors before the next: one layer's working
+        # set at a time (x, its norm, q, k, v, attention output, gate, up, their product).
+        transient = tokens * act * (4 * shape.hidden + 2 * shape.kv_width + 3 * shape.ffn
+                                    + 2 * scores)
+        activations = tokens * act * per_token + transient + logits
+    else:
+        per_token_layer = _decoder_layer_activation_values(shape) + scores
+        if method in ("lora", "qlora"):
+            per_token_layer += counts["lora_modules_per_layer"] * lora_rank  # x @ A, kept for B's grad
+        activations = tokens * act * (shape.layers * per_token_layer + shape.hidden) + logits
+    return {
+        "weights": weights,
+        "gradients": trainable * train_bytes,
+        "optimizer": trainable * train_bytes * ADAM_STATES,
+        "activations": activations,
+        "_trainable": trainable,
+    }
+
+
+def _decoder_layer_activation_values(shape: _Shape) -> int:
+    """Values per token that autograd keeps for one decoder layer (no checkpointing, fused attention).
+
+    Attention: norm input and output (2d), q and k after rotary (d + d_kv), v (d_kv), the
+    attention output that feeds o_proj (d) → 4d + 2 d_kv. MLP: norm input and output (2d), and
+    gate, up, act(gate), act(gate)·up (4 f) for a gated MLP; fc1 output and its ReLU (2 f) for OPT.
+    """
+    mlp = 4 * shape.ffn if shape.gated_mlp else 2 * shape.ffn
+    return 4 * shape.hidden + 2 * shape.kv_width + 2 * shape.hidden + mlp
+
+
+def _side_shape(shape: _Shape, reduction: int) -> _Shape:
+    """QST's side blocks: width d/r, FFN width ffn/r, the same head count (head_dim shrinks)."""
+    return _Shape(
+        hidden=shape.hidden // reduction, ffn=max(1, shape.ffn // reduction), layers=shape.layers,
+        heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab, gated_mlp=shape.gated_mlp,
+    )
+
+
+def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
+                        adapter_rank: int = DEFAULT_QST_ADAPTER_RANK) -> int:
+    """QST's trainable parameters (ANCHORS.md §1): ~28.6 M for LLaMA-2-7B at r = 16.
+
+    (L + 1) adapter downsamplers d → k → d/r (+ biases, LayerNorm), L side decoder blocks of
+    width d/r, (L + 1) per-channel gates, the final norm, the upsampler d/r → d and α.
+    """
+    d, side = shape.hidden, _side_shape(shape, reduction)
+    ds, kv, f = side.hidden, side.kv_heads * (side.hidden // side.heads), side.ffn
+    downsampler = d * adapter_rank + adapter_rank + adapter_rank * ds + ds + 2 * ds
+    attention = 2 * ds * ds + 2 * ds * kv
+    mlp = (3 if side.gated_mlp else 2) * ds * f
+    block = attention + mlp + 2 * ds
+    return (shape.layers + 1) * (downsampler + ds) + shape.layers * block + ds + ds * d + d + 1
+
+
+# --------------------------------------------------------------------------- configs and counts
+
+
+def resolve_config(arch_or_config: Any):
+    """A transformers config from an architecture name, a model directory, a dict or a config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(arch_or_config, PretrainedConfig):
+        return arch_or_config
+    if isinstance(arch_or_config, dict):
+        fields = dict(arch_or_config)
+        model_type = fields.pop("model_type", "llama")
+        return AutoConfig.for_model(model_type, **fields)
+    name = str(arch_or_config)
+    from pathlib import Path
+
+    if Path(name).is_dir():
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"cannot read a model config from {name}: {e}") from e
+    from eval.models import ARCHITECTURES, architecture_config
+
+    if name not in ARCHITECTURES:
+        raise UserInputError(
+            f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)} or a model directory"
+        )
+    return architecture_config(name)
+
+
+def _shape(config) -> _Shape:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    gated = getattr(config, "model_type", "llama") not in ("opt", "gpt2", "gpt_neox", "phi")
+    return _Shape(
+        hidden=hidden, ffn=ffn, layers=config.num_hidden_layers, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        vocab=config.vocab_size, gated_mlp=gated,
+    )
+
+
+def _parameter_counts(config, lora_targets, lora_rank) -> dict:
+    """Exact counts from a meta-device instance (no memory is allocated).
+
+    ``total``: all parameters; ``quantizable``: Linear weights inside the decoder layers (what
+    bitsandbytes quantises: not embeddings, norms or the LM head); ``lora``: LoRA A and B on
+    `lora_targets` (module-name suffixes; default: every Linear in the decoder layers).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    quantizable = lora = 0
+    targeted = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "lm_head" in name or ".layers." not in f".{name}":
+            continue
+        quantizable += module.weight.numel()
+        suffix = name.rsplit(".", 1)[-1]
+        if lora_targets is None or suffix in lora_targets:
+            lora += lora_rank * (module.in_features + module.out_features)
+            targeted.add(suffix)
+    return {
+        "total": total,
+        "quantizable": quantizable,
+        "lora": lora,
+        "lora_modules_per_layer": len(targeted),
+    }
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise UserInputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def fits(estimate: dict, available_bytes: float) -> bool:
+    """Whether an estimate fits in `available_bytes` (used by bench before it starts)."""
+    return math.isfinite(estimate["total_bytes"]) and estimate["total_bytes"] <= available_bytes
