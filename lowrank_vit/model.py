@@ -1,0 +1,281 @@
+"""Finding the layers to compress, `compress()`, and saving / loading compressed models.
+
+Targets are found by module structure, not by attribute names: a *block* is an element of an
+`nn.ModuleList` that holds `nn.Linear` layers and no further list of such blocks (ViT/DeiT
+`layers.i`, Swin `layers.s.blocks.i`, Llama/OPT decoder `layers.i`). Inside a block, linears in
+registration order are attention ones when their path mentions attention ("attn"/"attention",
+the one naming convention every transformers model shares) and MLP ones otherwise; the last
+attention linear is the attention output projection, the others query/key/value; the last MLP
+linear is the MLP output, the others MLP inputs (Llama's gate and up). Embeddings, patch
+projections, Swin's patch-merging reductions and classifier / LM heads are not in blocks and
+are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from eval.errors import UserInputError
+from eval.io import atomic_directory, read_json, write_json
+from lowrank_vit.allocate import budget, greedy_ranks, uniform_ranks
+from lowrank_vit.calibration import batch_size_of, collect_input_statistics
+from lowrank_vit.compensate import compensate_sequential
+from lowrank_vit.config import MixedRankConfig
+from lowrank_vit.decompose import decompose, output_error
+from lowrank_vit.layer import LowRankLinear
+from lowrank_vit.quantize import quantize_factors_int8
+
+FORMAT = "slimtune-lowrank"
+WEIGHTS_NAME = "model.safetensors"
+LOWRANK_NAME = "lowrank_config.json"
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | LowRankLinear)]
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    return isinstance(module, nn.ModuleList) and any(_linears(child) for child in module)
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every transformer block: innermost ModuleList elements holding linears."""
+    blocks = []
+    for name, module in model.named_modules():
+        if not _is_block_list(module):
+            continue
+        for i, child in enumerate(module):
+            nested = any(_is_block_list(m) for m in child.modules() if m is not child)
+            if _linears(child) and not nested:
+                blocks.append((f"{name}.{i}" if name else str(i), child))
+    return blocks
+
+
+def find_targets(model: nn.Module, roles=("attn_qkv", "attn_out", "mlp_in", "mlp_out")) -> dict[str, str]:
+    """{module name: role} of the linears to compress, in registration order."""
+    targets = {}
+    for block_name, block in find_blocks(model):
+        attention, mlp = [], []
+        for name, _ in _linears(block):
+            (attention if _ATTENTION.search(name) else mlp).append(name)
+        labelled = [(n, "attn_qkv") for n in attention[:-1]] + [(n, "attn_out") for n in attention[-1:]]
+        labelled += [(n, "mlp_in") for n in mlp[:-1]] + [(n, "mlp_out") for n in mlp[-1:]]
+        for name, role in labelled:
+            if role in roles:
+                targets[f"{block_name}.{name}"] = role
+    return targets
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def count_weights(model: nn.Module) -> int:
+    """Parameters plus int8 factor elements (quantized factors are buffers)."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and m.is_int8:
+            total += m.down_q.numel() + m.up_q.numel()
+    return total
+
+
+def _take_samples(batches, limit: int) -> list:
+    """The first `limit` samples of `batches`, as a list (it is iterated many times)."""
+    taken, count = [], 0
+    for batch in batches:
+        if count >= limit:
+            break
+        n = batch_size_of(batch)
+        if count + n > limit:
+            keep = limit - count
+            batch = batch[:keep] if torch.is_tensor(batch) else {k: v[:keep] if torch.is_tensor(v) else v for k, v in batch.items()}
+            n = keep
+        taken.append(batch)
+        count += n
+    return taken
+
+
+def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress: bool = True) -> dict:
+    """Compress `model`'s targeted linears in place; returns the report (JSON-ready dict).
+
+    calib_batches: iterable of `pixel_values` [B, 3, H, W] (an image classifier) or `input_ids`
+    [B, T] (a causal LM) tensors, or of dicts of model kwargs; the first `config.calib_images`
+    samples are used.
+    """
+    start = time.perf_counter()
+    targets = find_targets(model, config.targets)
+    if not targets:
+        raise UserInputError(
+            f"{type(model).__name__} has no layers to compress for targets {list(config.targets)}: expected "
+            "transformer blocks (an nn.ModuleList of layers holding nn.Linear attention / MLP projections), "
+            "as in transformers' ViT, DeiT, Swin or a causal LM"
+        )
+    batches = _take_samples(calib_batches, config.calib_images)
+    if not batches:
+        raise UserInputError("no calibration batches were given; expected at least one batch of images or token ids")
+    samples = sum(batch_size_of(b) for b in batches)
+    params_before = count_weights(model)
+    layers = {name: model.get_submodule(name) for name in targets}
+
+    stats = collect_input_statistics(model, layers, batches, progress)
+    unused = [n for n, s in stats.items() if s.count == 0]
+    for name in unused:  # never called in a forward pass: nothing to calibrate on, leave dense
+        del targets[name], layers[name], stats[name]
+    _check_enough_tokens(stats, layers, samples)
+    order = sorted(targets, key=lambda n: stats[n].order)
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    residual = config.effective_residual_rank
+    with torch.no_grad():
+        decomps = {n: decompose(config.method, layers[n].weight, stats[n]) for n in order}
+    budget_params = budget(shapes, config.keep)
+    if config.method == "aa-mixed":
+        gains = {n: d.normalized_gains() for n, d in decomps.items()}
+        ranks = greedy_ranks(shapes, gains, budget_params, residual, config.min_rank)
+    else:
+        ranks = uniform_ranks(shapes, config.keep, config.min_rank)
+
+    dense_model = None
+    if config.compensates and any(r is not None for r in ranks.values()):
+        import copy
+
+        dense_model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    layer_reports = {}
+    for name in order:
+        dense, rank = layers[name], ranks[name]
+        entry = {"role": targets[name], "shape": list(shapes[name]), "rank": rank, "residual_rank": 0,
+                 "params_dense": shapes[name][0] * shapes[name][1]}
+        if rank is None:
+            entry.update(params=entry["params_dense"], output_error=0.0)
+        else:
+            up, down = decomps[name].factors(rank)
+            with torch.no_grad():
+                entry["output_error"] = output_error(dense.weight, up @ down, stats[name].xtx)
+            bias = dense.bias.detach() if dense.bias is not None else None
+            new = LowRankLinear.from_factors(up.to(dense.weight), down.to(dense.weight), bias, residual, generator)
+            new.train(dense.training)
+            _replace(model, name, new)
+            entry.update(residual_rank=residual, params=new.weight_parameters())
+        if decomps[name].jitter:
+            entry["cholesky_jitter"] = decomps[name].jitter
+        layer_reports[name] = entry
+
+    if dense_model is not None:
+        results = compensate_sequential(model, dense_model, order, batches, config.compensate_steps, config.lr,
+                                        config.compensate_factors, config.seed, progress)
+        for name, r in results.items():
+            layer_reports[name]["compensation"] = {"error_before": r.error_before, "error_after": r.error_after, "reverted": r.reverted}
+        del dense_model
+    for name in order:
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            module.merge_residual()  # exact: one pair of thin matmuls at inference
+    if config.int8:
+        quantize_factors_int8(model)
+
+    targeted_before = sum(e["params_dense"] for e in layer_reports.values())
+    targeted_after = sum(e["params"] for e in layer_reports.values())
+    return {
+        "method": config.method,
+        "config": config.to_dict(),
+        "budget": budget_params,
+        "targeted_params_before": targeted_before,
+        "targeted_params_after": targeted_after,
+        "keep_achieved": targeted_after / targeted_before,
+        "params_before": params_before,
+        "params_after": count_weights(model),
+        "calib_samples": samples,
+        "calib_tokens_per_layer": min(s.count for s in stats.values()),
+        "ranks": {n: ("dense" if e["rank"] is None else e["rank"] + e["residual_rank"]) for n, e in layer_reports.items()},
+        "layers": layer_reports,
+        "skipped_unused_layers": unused,
+        "compress_time_s": time.perf_counter() - start,
+    }
+
+
+def _check_enough_tokens(stats, layers, samples: int) -> None:
+    # XᵀX needs at least as many tokens as input features to be full rank (and whitening to mean anything).
+    widest = max(m.in_features for m in layers.values())
+    tokens = min(s.count for s in stats.values())
+    if tokens < widest:
+        per_sample = max(tokens // max(samples, 1), 1)
+        needed = math.ceil(widest / per_sample)
+        raise UserInputError(
+            f"too few calibration samples: {samples} gave {tokens} tokens per layer, but the widest targeted "
+            f"layer has {widest} input features; need at least {needed} samples ({per_sample} tokens each), "
+            f"more (several times that) for a good estimate"
+        )
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def _lowrank_layers(model: nn.Module) -> dict[str, dict]:
+    return {
+        name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+               "residual_rank": m.residual_rank, "bias": m.bias is not None, "int8": m.is_int8}
+        for name, m in model.named_modules() if isinstance(m, LowRankLinear)
+    }
+
+
+def save_pretrained(model: nn.Module, save_directory, report: dict | None = None) -> Path:
+    """Write a compressed model: config.json (the base transformers config), model.safetensors
+    (all weights; factors of compressed layers) and lowrank_config.json (per-layer ranks)."""
+    if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
+        raise UserInputError(f"save_pretrained needs a transformers model with a .config; got {type(model).__name__}")
+    save_directory = Path(save_directory)
+    with atomic_directory(save_directory) as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS_NAME))
+        meta = {"format": FORMAT, "version": 1, "architecture": type(model).__name__, "layers": _lowrank_layers(model)}
+        if report is not None:
+            meta["compression"] = {k: report[k] for k in ("method", "config", "targeted_params_before", "targeted_params_after") if k in report}
+        write_json(tmp / LOWRANK_NAME, meta)
+    return save_directory
+
+
+def load_compressed(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the architecture from config.json, swap in `LowRankLinear` shells of the saved ranks,
+    load the safetensors weights (strict). No pickle, no remote code."""
+    import transformers
+
+    directory = Path(directory)
+    meta = read_json(directory / LOWRANK_NAME, "compressed-model description")
+    if meta.get("format") != FORMAT:
+        raise UserInputError(f"{directory / LOWRANK_NAME} is not a slimtune low-rank model description (format {meta.get('format')!r})")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise UserInputError(f"weights not found: {directory / WEIGHTS_NAME}")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    arch = meta.get("architecture") or (config.architectures or [None])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None or not hasattr(cls, "_from_config"):
+        raise UserInputError(f"unknown architecture {arch!r} in {directory}; expected a transformers model class name")
+    model = cls._from_config(config)
+    for name, spec in meta["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise UserInputError(f"{directory}: layer {name!r} does not exist in {arch}") from e
+        new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["residual_rank"],
+                            bias=spec["bias"], int8=spec["int8"], dtype=old.weight.dtype)
+        _replace(model, name, new)
+    missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
+    if missing or unexpected:
+        raise UserInputError(f"{directory / WEIGHTS_NAME} does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+__all__ = ["compress", "find_targets", "find_blocks", "save_pretrained", "load_compressed", "count_weights"]
