@@ -1,0 +1,108 @@
+"""`QSTConfig`: every hyperparameter of a Quantized Side Tuning side network, validated once.
+
+The side network (see `qst.layer`) reads the frozen backbone's hidden states h_0 .. h_N:
+
+    g_0 = down_0(h_0)
+    g_i = (1 - beta_i) * down_i(h_i) + beta_i * side_i(g_{i-1}),   beta_i = sigmoid(gamma_i)
+    h   = alpha * h_N + (1 - alpha) * up(norm(g_N))          -> the backbone's frozen LM head
+
+`r` shrinks the width d of the backbone to d // r on the side path; `downsample` picks how each
+h_i is brought down to that width (ANCHORS §1, the paper's Table 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from eval.errors import UserInputError
+
+DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
+POOLING_DOWNSAMPLERS = ("maxpool", "avgpool")
+SIDE_INITS = ("random", "pruned")
+
+
+@dataclasses.dataclass(frozen=True)
+class QSTConfig:
+    """Hyperparameters of the side network (frozen; validated on construction).
+
+    - `r`: reduction factor; side width = hidden_size // r (must divide it for pooling).
+    - `downsample`: `"adapter"` (d -> k, swish, k -> d/r, LayerNorm), `"lora"` (d -> k -> d/r),
+      `"linear"` (d -> d/r), `"maxpool"` / `"avgpool"` (groups of r channels, no parameters).
+    - `adapter_rank`: k of `adapter` and `lora`.
+    - `gate_init`: starting gamma of the gates (beta = sigmoid(gamma); 0 -> 0.5).
+    - `gate_per_channel`: one gamma per side channel (True) or one scalar per layer.
+    - `alpha_init`: starting weight of the backbone's last state in the output mix; 1 starts
+      training exactly at the backbone's output.
+    - `dropout`: dropout on each downsampler's output.
+    - `side_init`: `"random"`, or `"pruned"` (side blocks start from the backbone's blocks,
+      structurally pruned by weight-norm importance, as LST did).
+    - `side_layers`: backbone layer indices (0-based) whose outputs feed a side block; None = all.
+    - `gradient_checkpointing`: recompute each side unit (downsampler, block and gate) in backward.
+    - `rope_theta`: base of the rotary position embedding of the side attention.
+    """
+
+    r: int = 16
+    downsample: str = "adapter"
+    adapter_rank: int = 16
+    gate_init: float = 0.0
+    gate_per_channel: bool = True
+    alpha_init: float = 1.0
+    dropout: float = 0.0
+    side_init: str = "random"
+    side_layers: tuple[int, ...] | None = None
+    gradient_checkpointing: bool = False
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        def positive_int(name: str, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"QSTConfig.{name} must be a positive integer, got {value!r}")
+
+        def finite(name: str, value: Any) -> None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UserInputError(f"QSTConfig.{name} must be a finite number, got {value!r}")
+
+        positive_int("r", self.r)
+        positive_int("adapter_rank", self.adapter_rank)
+        if self.downsample not in DOWNSAMPLERS:
+            raise UserInputError(f"QSTConfig.downsample must be one of {DOWNSAMPLERS}, got {self.downsample!r}")
+        if self.side_init not in SIDE_INITS:
+            raise UserInputError(f"QSTConfig.side_init must be one of {SIDE_INITS}, got {self.side_init!r}")
+        finite("gate_init", self.gate_init)
+        finite("alpha_init", self.alpha_init)
+        finite("rope_theta", self.rope_theta)
+        if self.rope_theta <= 0:
+            raise UserInputError(f"QSTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        finite("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise UserInputError(f"QSTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("gate_per_channel", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserInputError(f"QSTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.side_layers is not None:
+            layers = self.side_layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise UserInputError(f"QSTConfig.side_layers must be None or a list of layer indices, got {layers!r}")
+            layers = tuple(layers)
+            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                raise UserInputError(
+                    f"QSTConfig.side_layers must be a non-empty list of non-negative layer indices, got {layers!r}"
+                )
+            if list(layers) != sorted(set(layers)):
+                raise UserInputError(f"QSTConfig.side_layers must be increasing with no repeats, got {layers!r}")
+            object.__setattr__(self, "side_layers", layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["side_layers"] = list(self.side_layers) if self.side_layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QSTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserInputError(f"unknown QSTConfig fields {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
