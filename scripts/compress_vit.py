@@ -1,0 +1,65 @@
+"""`slimtune compress-vit`: activation-aware mixed-rank compression of a ViT / DeiT / Swin classifier."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    from lowrank_vit.config import METHODS, ROLES, MixedRankConfig
+
+    defaults = MixedRankConfig()
+    p = subparsers.add_parser(
+        "compress-vit",
+        help="compress a vision transformer's linear layers to mixed low ranks (activation-aware)",
+        description="Compress the attention and MLP linears of a ViT / DeiT / Swin image classifier: "
+        "calibrate on a few images, whiten, allocate ranks under a global parameter budget, compensate "
+        "layer-wise errors; measure top-1 accuracy and images/s before and after. Writes OUT/model "
+        "(lowrank_vit.load_compressed) and OUT/compress_report.{json,md} with OUT/ranks.png. "
+        "Example: slimtune compress-vit --model ref-vit --calib 256 --keep 0.4 --out runs/vit40",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="'ref-vit' (built on first use) or a local model directory / hub id")
+    p.add_argument("--data", default=None, help="ImageNet-style folder (one subfolder per class) for calibration and "
+                   "evaluation; not needed for ref-vit, which brings its digits split")
+    p.add_argument("--calib", type=int, default=defaults.calib_images, help="calibration images")
+    p.add_argument("--keep", type=float, default=defaults.keep,
+                   help="fraction of the targeted layers' parameters kept (0.4 = 60%% fewer)")
+    p.add_argument("--method", default=defaults.method, choices=METHODS)
+    p.add_argument("--residual-rank", type=int, default=defaults.residual_rank,
+                   help="rank of the compensation residual term (aa-mixed)")
+    p.add_argument("--compensate-steps", type=int, default=defaults.compensate_steps,
+                   help="Adam steps of layer-wise error compensation per layer (aa-mixed; 0 = none)")
+    p.add_argument("--compensate-factors", action="store_true", help="also train the principal factors in compensation")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="compensation learning rate")
+    p.add_argument("--targets", nargs="+", default=list(ROLES), choices=ROLES, help="which linear roles to compress")
+    p.add_argument("--int8", action="store_true", help="store the low-rank factors as int8 after compression")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (also the images/s batch)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (created; an earlier compress-vit output is replaced)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from eval.errors import UserInputError
+    from lowrank_vit.config import MixedRankConfig
+    from lowrank_vit.pipeline import run_compress_vit
+
+    if args.batch_size < 1 or (args.eval_limit is not None and args.eval_limit < 1):
+        raise UserInputError("--batch-size and --eval-limit must be positive integers")
+    config = MixedRankConfig(
+        keep=args.keep, method=args.method, residual_rank=args.residual_rank, compensate_steps=args.compensate_steps,
+        compensate_factors=args.compensate_factors, lr=args.lr, calib_images=args.calib, targets=tuple(args.targets),
+        int8=args.int8, seed=args.seed,
+    )
+    s = run_compress_vit(args.model, args.out, config, data=args.data, batch_size=args.batch_size,
+                         eval_limit=args.eval_limit, device=args.device)
+    print(s["data"])
+    print(f"params {s['params_before']:,} -> {s['params_after']:,} "
+          f"(targeted {s['targeted_params_before']:,} -> {s['targeted_params_after']:,})")
+    print(f"top-1 {100 * s['accuracy_before']:.2f} % -> {100 * s['accuracy_after']:.2f} % on {s['eval_images']} images")
+    print(f"images/s {s['images_per_s_before']:.1f} -> {s['images_per_s_after']:.1f}; compressed in {s['compress_time_s']:.1f} s")
+    print(f"wrote {args.out}/model and {args.out}/compress_report.json")
+    return 0
