@@ -1,0 +1,32 @@
+"""DISP-LLM: dimension-independent structural pruning driven by a hypernetwork (ANCHORS §2),
+exported as a physically smaller model, plus the magnitude / wanda-sp / slicegpt baselines.
+
+    from pruning import DispConfig, train_disp, prune_model, load_pruned
+    result = train_disp(model, calibration_blocks, DispConfig(kept=0.5, steps=300))
+    pruned = prune_model(model, result.plan)      # index_select / index_add on the residual
+    pruned.save_pretrained("out/model")           # safetensors + config.json with the kept indices
+    pruned = load_pruned("out/model")             # no trust_remote_code
+"""
+
+from .arch import LAYOUTS, MASK_NAMES, BlockLayout, layout_for, model_geometry
+from .baselines import BASELINES, baseline_prune, magnitude_plan, slicegpt_prune, wanda_sp_plan
+from .config import DispConfig
+from .hypernetwork import HyperNetwork, gumbel_sigmoid, hard_mask, reinmax_bernoulli
+from .masking import DispTrainingModel, budget_regulariser, kept_block_params, masks_applied
+from .model import (
+    PrunedDecoderLayer,
+    PruningPlan,
+    block_params,
+    load_pruned,
+    prune_model,
+    pruning_plan,
+)
+from .trainer import DispResult, deterministic_masks, disp_prune, recover_with_lora, train_disp
+
+__all__ = [
+    "BASELINES", "LAYOUTS", "MASK_NAMES", "BlockLayout", "DispConfig", "DispResult", "DispTrainingModel",
+    "HyperNetwork", "PrunedDecoderLayer", "PruningPlan", "baseline_prune", "block_params", "budget_regulariser",
+    "deterministic_masks", "disp_prune", "gumbel_sigmoid", "hard_mask", "kept_block_params", "layout_for",
+    "load_pruned", "magnitude_plan", "masks_applied", "model_geometry", "prune_model", "pruning_plan",
+    "recover_with_lora", "reinmax_bernoulli", "slicegpt_prune", "train_disp", "wanda_sp_plan",
+]

@@ -10,7 +10,6 @@ Hooks read the masks from a `MaskState`, so one set of hooks serves every traini
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +43,8 @@ def _scale_output(state: MaskState, layer: int, name: str):
     return hook
 
 
-@contextlib.contextmanager
-def masks_applied(model: nn.Module, state: MaskState, layout: BlockLayout | None = None):
-    """Install the mask hooks on `model` for the duration of the block."""
+def install_mask_hooks(model: nn.Module, state: MaskState, layout: BlockLayout | None = None) -> list:
+    """Hooks that multiply each selection's signal by `state.masks`; returns their handles."""
     layout = layout or layout_for(model.config)
     handles = []
     for i, layer in enumerate(decoder_layers(model, layout)):
@@ -58,6 +56,13 @@ def masks_applied(model: nn.Module, state: MaskState, layout: BlockLayout | None
         out = layer.get_submodule(layout.mlp_out)
         handles.append(out.register_forward_pre_hook(_scale_input(state, i, "mlp_mid")))
         handles.append(out.register_forward_hook(_scale_output(state, i, "mlp_out")))
+    return handles
+
+
+@contextlib.contextmanager
+def masks_applied(model: nn.Module, state: MaskState, layout: BlockLayout | None = None):
+    """Install the mask hooks on `model` for the duration of the block."""
+    handles = install_mask_hooks(model, state, layout)
     try:
         yield state
     finally:
@@ -107,9 +112,7 @@ class DispTrainingModel(nn.Module):
             z_dim=config.z_dim, gru_hidden=config.gru_hidden, offset=config.offset, seed=config.seed,
         )
         self.state = MaskState()
-        self._hooks = masks_applied(self.lm, self.state, self.layout)
-        self._hooks.__enter__()
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self._hooks = install_mask_hooks(self.lm, self.state, self.layout)
 
     @property
     def config(self):  # what the shared loop and reports expect of a model
@@ -125,13 +128,15 @@ class DispTrainingModel(nn.Module):
         return self
 
     def remove_hooks(self) -> None:
-        self._hooks.__exit__(None, None, None)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **_) -> DispOutput:
         logits = self.hypernet()
-        masks = sample_masks(logits, self.disp_config.estimator, self.disp_config.tau,
-                             self.generator if self.device.type == "cpu" else None)
+        # noise from torch's global RNG, which the shared loop seeds and checkpoints (exact resume)
+        masks = sample_masks(logits, self.disp_config.estimator, self.disp_config.tau)
         self.state.masks = masks
         try:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
@@ -143,7 +148,3 @@ class DispTrainingModel(nn.Module):
         loss = out.loss + self.disp_config.lam * reg
         return DispOutput(loss=loss, ce=out.loss.detach(), reg=reg.detach(), kept_ratio=ratio.detach())
 
-
-def log_ratio_bound(kept: float) -> float:
-    """Regulariser value when every channel is kept (training's start): |log(1/p)|."""
-    return abs(math.log(1.0 / kept))

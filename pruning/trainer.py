@@ -80,6 +80,7 @@ def train_disp(model: nn.Module, blocks: torch.Tensor, config: DispConfig, batch
     """Train the DISP hypernetwork on `blocks` [n, T] against the frozen `model`; export a plan."""
     from eval.train import TrainConfig, train
 
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     trainer_model = DispTrainingModel(model, config)
     trainer_model.to(model.device)
     history: dict[str, list[float]] = {"ce": [], "kept_ratio": []}
@@ -101,8 +102,8 @@ def train_disp(model: nn.Module, blocks: torch.Tensor, config: DispConfig, batch
     finally:
         trainer_model.remove_hooks()
     train_time = time.perf_counter() - start
-    for p in model.parameters():  # hand the model back as it came: frozen only during training
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():  # hand the model back as it came: frozen only during training
+        p.requires_grad_(trainable[name])
 
     with torch.no_grad():
         logits = trainer_model.hypernet()
