@@ -1,0 +1,362 @@
+"""Code-generation evaluation: HumanEval-format problems, sampling, sandboxed tests, pass@k.
+
+    problems = load_humaneval()                      # the suite's own problems (offline)
+    report = evaluate_codegen(model, tokenizer, problems, samplers=["greedy", "adapt"], n=20)
+    report["samplers"]["adapt"]["pass_at_k"]["5"]
+
+A problem is one JSON object per line with `task_id`, `prompt` (a function signature and
+docstring), `test` (defining `check(candidate)`), `entry_point` (the function's name) and
+optionally `canonical_solution`, as in HumanEval. A completion is the model's continuation of
+the prompt, cut where the function ends (the first line that starts at column 0). The program
+run in the sandbox is prompt + completion + test + `check(entry_point)`; it passes when it runs
+to its end. pass@k is the unbiased estimator of Chen et al. (2021), averaged over problems.
+
+Samplers: "greedy" (one deterministic completion per problem: its pass@k is its pass@1 for
+every k), "temperature" (plain sampling at one temperature) and "adapt" (AdapT: hard temperature
+at block-body line starts, easy elsewhere; see eval.adapt). Sampling is pure: no top-k/top-p
+truncation, so the temperatures alone decide the distributions being compared. Every sampler
+draws with the same seed per problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from eval.errors import UserInputError
+
+REQUIRED_FIELDS = ("task_id", "prompt", "test", "entry_point")
+SAMPLERS = ("greedy", "temperature", "adapt")
+_PROBLEMS_DIR = Path(__file__).resolve().parent / "problems"
+_FUNCTION_END = re.compile(r"\n(?=\S)")  # a newline followed by a line that starts at column 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str
+    test: str
+    entry_point: str
+    canonical_solution: str | None = None
+
+
+def shipped_problems_path() -> Path:
+    """The suite's own problems: short stdlib-style functions, written for this project."""
+    return _PROBLEMS_DIR / "slimtune_problems.jsonl"
+
+
+def load_humaneval(path: str | os.PathLike | None = None) -> list[Problem]:
+    """Read HumanEval-format JSONL (optionally .gz); default: the shipped problems.
+
+    A missing file, a line that is not a JSON object, a missing or non-string field, or a
+    repeated task_id raises `UserInputError` naming the file, the line and the field.
+    """
+    path = Path(path) if path is not None else shipped_problems_path()
+    if not path.is_file():
+        raise UserInputError(f"problem file not found: {path}; expected HumanEval-format JSONL "
+                             f"(one object per line with {', '.join(REQUIRED_FIELDS)})")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"cannot read problem file {path}: {e}") from e
+    problems, seen = [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise UserInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in REQUIRED_FIELDS:
+            if field not in record:
+                raise UserInputError(f"{where}: missing field {field!r} (each problem needs {', '.join(REQUIRED_FIELDS)})")
+            if not isinstance(record[field], str) or not record[field]:
+                raise UserInputError(f"{where}: field {field!r} must be a non-empty string")
+        if not record["entry_point"].isidentifier():
+            raise UserInputError(f"{where}: entry_point {record['entry_point']!r} is not a Python name")
+        if record["task_id"] in seen:
+            raise UserInputError(f"{where}: task_id {record['task_id']!r} appears twice")
+        seen.add(record["task_id"])
+        solution = record.get("canonical_solution")
+        problems.append(Problem(record["task_id"], record["prompt"], record["test"], record["entry_point"],
+                                solution if isinstance(solution, str) else None))
+    if not problems:
+        raise UserInputError(f"problem file {path} holds no problems")
+    return problems
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserInputError(f"pass_at_k: {name} must be an integer, got {value!r}")
+    if n < 1 or not 0 <= c <= n:
+        raise UserInputError(f"pass_at_k needs n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise UserInputError(f"pass_at_k needs 1 <= k <= n (k samples drawn from n), got k={k}, n={n}")
+    if n - c < k:
+        return 1.0  # every draw of k samples contains a passing one
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def extract_completion(generated: str, prompt: str = "\n") -> str:
+    """The function body in `generated` (the text after `prompt`): up to the first line at column 0.
+
+    When the prompt ends inside a line, the first generated line continues it and never ends the
+    function. Whatever follows the function (another def, a test, `if __name__`) is dropped.
+    """
+    at_line_start = prompt.endswith("\n")
+    text = ("\n" if at_line_start else "") + generated
+    end = _FUNCTION_END.search(text)
+    if end is not None:
+        text = text[: end.start()]
+    return text[1:] if at_line_start else text
+
+
+def build_program(problem: Problem, completion: str) -> str:
+    """The program the sandbox runs: the function, its tests, and the call that runs them."""
+    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn. temperature: the plain sampler's; hard/easy: AdapT's."""
+
+    temperature: float = 0.8
+    hard_temperature: float = 0.8
+    easy_temperature: float = 0.2
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        for name in ("temperature", "hard_temperature", "easy_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise UserInputError(f"{name} must be > 0, got {value!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserInputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+
+def parse_samplers(samplers: str | list[str]) -> list[str]:
+    names = [s.strip() for s in samplers.split(",")] if isinstance(samplers, str) else list(samplers)
+    unknown = [s for s in names if s not in SAMPLERS]
+    if not names or unknown:
+        raise UserInputError(f"unknown sampler(s) {unknown or names}; expected a comma list of {', '.join(SAMPLERS)}")
+    return list(dict.fromkeys(names))
+
+
+class _FunctionEnded:
+    """Stop a row once its generated text has left the function (a line at column 0 began)."""
+
+    def __init__(self, tokenizer, prompt_length: int, prompt: str):
+        self.tokenizer, self.prompt_length, self.prompt = tokenizer, prompt_length, prompt
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = []
+        for row in input_ids:
+            text = self.tokenizer.decode(row[self.prompt_length:], skip_special_tokens=True)
+            done.append(extract_completion(text, self.prompt) != text)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
+                         config: SamplingConfig = SamplingConfig(), seed: int = 0) -> tuple[list[str], dict]:
+    """`n` completions of `prompt` (1 for greedy), cut at the function's end, and sampling stats."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from eval.adapt import AdaptiveTemperatureLogitsProcessor
+
+    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
+    prompt_length = encoded["input_ids"].shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    max_new = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - prompt_length)
+    if max_new < 1:
+        raise UserInputError(f"prompt of {prompt_length} tokens leaves no room in the model's {limit}-token context")
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tokenizer.pad_token_id,
+                              "stopping_criteria": StoppingCriteriaList([_FunctionEnded(tokenizer, prompt_length, prompt)])}
+    stats: dict[str, Any] = {}
+    processor = None
+    if sampler == "greedy":
+        n = 1
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, top_k=0, top_p=1.0, num_return_sequences=n)
+        if sampler == "temperature":
+            kwargs.update(temperature=config.temperature)
+        else:
+            processor = AdaptiveTemperatureLogitsProcessor(tokenizer, config.hard_temperature, config.easy_temperature)
+            kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList([processor]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sequences = model.generate(**encoded, **kwargs)  # [n, prompt_length + new]
+    completions = [extract_completion(tokenizer.decode(row[prompt_length:], skip_special_tokens=True), prompt)
+                   for row in sequences]
+    if processor is not None:
+        stats = {"hard_steps": processor.hard_steps, "total_steps": processor.total_steps}
+    return completions, stats
+
+
+def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | list[str] = SAMPLERS,
+                     n: int = 20, ks: tuple[int, ...] | list[int] = (1, 5, 10),
+                     config: SamplingConfig = SamplingConfig(), timeout_s: float = 5.0, seed: int = 0,
+                     workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Generate, run every completion's tests in the sandbox, and report pass@k per sampler.
+
+    Returns {"samplers": {name: {"pass_at_k": {k: value}, "n": ..., "passed": ..., "samples": ...,
+    "failures": {error_type: count}, ...}}, "problems": [per problem and sampler: n, c],
+    "samples": [every completion with its status and error type], "config": ...}.
+    """
+    from tqdm.auto import tqdm
+
+    from eval.sandbox import run_sandboxed
+
+    samplers = parse_samplers(samplers)
+    ks = sorted({int(k) for k in ks})
+    if not isinstance(n, int) or n < 1:
+        raise UserInputError(f"n (samples per problem) must be a positive integer, got {n!r}")
+    if not ks or ks[0] < 1 or ks[-1] > n:
+        raise UserInputError(f"every k must be in 1..n (n={n}), got {ks}")
+    if not problems:
+        raise UserInputError("no problems to evaluate")
+
+    samples: list[dict[str, Any]] = []
+    sampling_stats: dict[str, Counter] = {s: Counter() for s in samplers}
+    jobs = [(p, s) for p in problems for s in samplers]
+    for index, (problem, sampler) in enumerate(tqdm(jobs, desc="generate", disable=not progress)):
+        problem_seed = seed * 1_000_003 + index // len(samplers)  # same seed for every sampler
+        completions, stats = generate_completions(model, tokenizer, problem.prompt, sampler, n, config, problem_seed)
+        sampling_stats[sampler].update(stats)
+        samples += [{"task_id": problem.task_id, "sampler": sampler, "index": i, "completion": c}
+                    for i, c in enumerate(completions)]
+
+    by_id = {p.task_id: p for p in problems}
+    programs = {build_program(by_id[s["task_id"]], s["completion"]) for s in samples}  # identical ones run once
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {program: pool.submit(run_sandboxed, program, timeout_s) for program in programs}
+        results = {}
+        for program, future in tqdm(futures.items(), desc="run tests", disable=not progress):
+            results[program] = future.result()
+    for s in samples:
+        result = results[build_program(by_id[s["task_id"]], s["completion"])]
+        s.update(status=result.status, error_type=result.error_type)
+
+    return {"samplers": {s: _summarise(s, samples, problems, ks, sampling_stats[s]) for s in samplers},
+            "problems": _per_problem(samples, problems, samplers),
+            "samples": samples,
+            "config": {**asdict(config), "n": n, "ks": ks, "timeout_s": timeout_s, "seed": seed,
+                       "problems": len(problems)}}
+
+
+def _per_problem(samples, problems, samplers) -> list[dict[str, Any]]:
+    rows = []
+    for problem in problems:
+        for sampler in samplers:
+            mine = [s for s in samples if s["task_id"] == problem.task_id and s["sampler"] == sampler]
+            rows.append({"task_id": problem.task_id, "sampler": sampler, "n": len(mine),
+                         "c": sum(s["status"] == "passed" for s in mine)})
+    return rows
+
+
+def _summarise(sampler, samples, problems, ks, stats) -> dict[str, Any]:
+    mine = [s for s in samples if s["sampler"] == sampler]
+    per_problem = []
+    for problem in problems:
+        outcomes = [s["status"] == "passed" for s in mine if s["task_id"] == problem.task_id]
+        per_problem.append((len(outcomes), sum(outcomes)))
+    pass_k = {}
+    for k in ks:
+        # Greedy draws one completion: its pass@k is its pass@1, for every k.
+        values = [pass_at_k(n, c, min(k, n)) for n, c in per_problem]
+        pass_k[str(k)] = sum(values) / len(values)
+    failures = Counter(s["error_type"] for s in mine if s["status"] != "passed")
+    summary = {"pass_at_k": pass_k, "n": per_problem[0][0], "samples": len(mine),
+               "passed": sum(s["status"] == "passed" for s in mine),
+               "problems_solved": sum(c > 0 for _, c in per_problem),
+               "failures": dict(failures.most_common())}
+    if stats.get("total_steps"):
+        summary["hard_token_fraction"] = stats["hard_steps"] / stats["total_steps"]
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: Markdown and plots for eval.report.write_report
+
+
+def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass@k") -> str:
+    """Tables of pass@k and failure types per sampler, as the AdapT paper reports them."""
+    from eval.report import markdown_table
+
+    summaries, config = report["samplers"], report["config"]
+    ks = [str(k) for k in config["ks"]]
+    rows = []
+    for name, s in summaries.items():
+        row = {"sampler": _sampler_label(name, config), "n": s["n"]}
+        row.update({f"pass@{k}": 100 * s["pass_at_k"][k] for k in ks})
+        row.update({"solved": f"{s['problems_solved']}/{config['problems']}",
+                    "hard tokens %": 100 * s["hard_token_fraction"] if "hard_token_fraction" in s else None})
+        rows.append(row)
+    kinds = sorted({t for s in summaries.values() for t in s["failures"]},
+                   key=lambda t: -sum(s["failures"].get(t, 0) for s in summaries.values()))
+    failures = [{"sampler": name, "samples": s["samples"], "passed": s["passed"],
+                 **{t: s["failures"].get(t, 0) for t in kinds}} for name, s in summaries.items()]
+    return (f"# {title}\n\n{config['problems']} problems; pass@k in %, unbiased estimator over n samples per "
+            f"problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox with a "
+            f"{config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
+            + "\n## Failure types (counts over all samples)\n\n" + markdown_table(failures))
+
+
+def _sampler_label(name: str, config: dict[str, Any]) -> str:
+    if name == "temperature":
+        return f"temperature (T={config['temperature']:g})"
+    if name == "adapt":
+        return f"AdapT (a={config['hard_temperature']:g}, b={config['easy_temperature']:g})"
+    return name
+
+
+def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
+    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler) and `failures.png`."""
+    summaries, ks = report["samplers"], [str(k) for k in report["config"]["ks"]]
+    names = list(summaries)
+
+    def grouped(ax, groups, values_of, ylabel, title):
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, values_of(name), width, label=name)
+        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+
+    def pass_plot(ax):
+        grouped(ax, [f"pass@{k}" for k in ks], lambda s: [100 * summaries[s]["pass_at_k"][k] for k in ks],
+                "% of problems", "pass@k per sampler")
+
+    kinds = sorted({t for s in summaries.values() for t in s["failures"]})
+
+    def failure_plot(ax):
+        grouped(ax, kinds or ["none"], lambda s: [100 * summaries[s]["failures"].get(t, 0) / summaries[s]["samples"]
+                                                  for t in kinds] or [0.0], "% of samples", "failure types")
+
+    return {"pass_at_k": pass_plot, "failures": failure_plot}

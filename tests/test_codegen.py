@@ -1,0 +1,220 @@
+"""eval.codegen: pass@k, the problem loader, completion extraction, the evaluation loop, the command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from eval.codegen import (
+    SamplingConfig,
+    build_program,
+    evaluate_codegen,
+    extract_completion,
+    load_humaneval,
+    pass_at_k,
+    shipped_problems_path,
+)
+from eval.errors import UserInputError
+from eval.sandbox import run_sandboxed
+
+
+def _exact(n, c, k):
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))  # math.comb(a, b) == 0 when b > a
+
+
+def test_pass_at_k_matches_exact_combinatorics_everywhere_small():
+    for n in range(1, 16):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(float(_exact(n, c, k)), abs=1e-12), (n, c, k)
+
+
+@pytest.mark.parametrize("n, c, k", [(200, 3, 100), (200, 1, 1), (1000, 7, 10), (500, 499, 2)])
+def test_pass_at_k_is_stable_where_the_binomials_are_huge(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(float(_exact(n, c, k)), rel=1e-10, abs=1e-12)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(10, 0, 5) == 0.0  # nothing passed
+    assert pass_at_k(10, 10, 1) == 1.0  # everything passed
+    assert pass_at_k(10, 6, 5) == 1.0  # n - c < k: every draw of 5 holds a passing sample
+    assert pass_at_k(20, 5, 1) == pytest.approx(5 / 20)  # pass@1 is the pass rate
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, -1, 1), (5, 2, 6), (5, 2, 0), (0, 0, 1), (5, 2.0, 1), (5, True, 1)])
+def test_pass_at_k_rejects_impossible_arguments(n, c, k):
+    with pytest.raises(UserInputError, match="pass_at_k"):
+        pass_at_k(n, c, k)
+
+
+def test_the_shipped_problems_load_and_are_well_formed():
+    problems = load_humaneval()
+    assert 20 <= len(problems) <= 40
+    assert len({p.task_id for p in problems}) == len(problems)
+    for p in problems:
+        assert f"def {p.entry_point}(" in p.prompt and "def check(candidate)" in p.test and p.canonical_solution
+
+
+def _run_all_in_one_sandbox(programs: list[str]) -> list[bool]:
+    # One sandbox run executes many programs (each in a fresh namespace): fast, same semantics.
+    driver = f"import json\nresults = []\nfor source in json.loads({json.dumps(programs)!r}):\n" + (
+        "    try:\n        exec(source, {'__name__': '__main__'})\n        results.append(True)\n"
+        "    except Exception:\n        results.append(False)\nprint(json.dumps(results))\n")
+    result = run_sandboxed(driver, timeout_s=60)
+    assert result.passed, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_canonical_solution_passes_and_an_empty_body_fails():
+    problems = load_humaneval()
+    assert all(_run_all_in_one_sandbox([build_program(p, p.canonical_solution) for p in problems]))
+    assert not any(_run_all_in_one_sandbox([build_program(p, "    pass\n") for p in problems]))
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+PROBLEM = {"task_id": "t/0", "prompt": "def inc(x):\n    \"\"\"x + 1\"\"\"\n", "entry_point": "inc",
+           "test": "def check(candidate):\n    assert candidate(1) == 2\n", "canonical_solution": "    return x + 1\n"}
+
+
+@pytest.mark.parametrize("field", ["task_id", "prompt", "test", "entry_point"])
+def test_a_missing_field_names_the_line_and_the_field(tmp_path, field):
+    broken = {k: v for k, v in PROBLEM.items() if k != field}
+    path = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM, broken])
+    with pytest.raises(UserInputError, match=rf"line 2: missing field '{field}'"):
+        load_humaneval(path)
+
+
+def test_other_bad_problem_files(tmp_path):
+    with pytest.raises(UserInputError, match="not found"):
+        load_humaneval(tmp_path / "absent.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(PROBLEM) + "\n{not json\n")
+    with pytest.raises(UserInputError, match="line 2: not valid JSON"):
+        load_humaneval(tmp_path / "bad.jsonl")
+    with pytest.raises(UserInputError, match="appears twice"):
+        load_humaneval(_write_jsonl(tmp_path / "dup.jsonl", [PROBLEM, PROBLEM]))
+    with pytest.raises(UserInputError, match="'prompt' must be a non-empty string"):
+        load_humaneval(_write_jsonl(tmp_path / "num.jsonl", [{**PROBLEM, "prompt": 3}]))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserInputError, match="no problems"):
+        load_humaneval(tmp_path / "empty.jsonl")
+
+
+def test_gzipped_jsonl_loads_like_humaneval_ships(tmp_path):
+    path = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(PROBLEM) + "\n")
+    [problem] = load_humaneval(path)
+    assert problem.entry_point == "inc" and problem.canonical_solution == "    return x + 1\n"
+
+
+@pytest.mark.parametrize("generated, expected", [
+    ("    return x + 1\n\ndef other():\n    pass\n", "    return x + 1\n"),
+    ("    y = x\n\n    return y\nif __name__ == '__main__':\n", "    y = x\n\n    return y"),
+    ("    return x\n# trailing comment\n", "    return x"),
+    ("    return x", "    return x"),  # cut by the token limit: kept as is
+    ("print(1)\n", ""),  # left the function at once
+])
+def test_extract_completion_stops_at_the_first_line_at_column_zero(generated, expected):
+    assert extract_completion(generated, prompt="def f(x):\n") == expected
+
+
+def test_extract_completion_when_the_prompt_ends_inside_a_line():
+    assert extract_completion("x + 1\nprint(2)", prompt="def f(x):\n    return ") == "x + 1"
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for an LM: `generate` returns the prompt followed by scripted completions."""
+
+    def __init__(self, tokenizer, completions: list[str]):
+        super().__init__()
+        self.tokenizer, self.completions = tokenizer, completions
+        self.config = type("Config", (), {"max_position_embeddings": None})()
+        self.device = torch.device("cpu")
+
+    def generate(self, input_ids, num_return_sequences=1, **kwargs):
+        rows = []
+        for i in range(num_return_sequences):
+            tail = self.tokenizer(self.completions[i % len(self.completions)], add_special_tokens=False)["input_ids"]
+            rows.append(input_ids[0].tolist() + tail)
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [self.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+
+
+def test_evaluation_counts_passes_failures_and_pass_at_k(tiny_tokenizer):
+    problem = load_humaneval()[0]  # add(a, b)
+    scripted = ["    return a + b\n\ndef junk():\n", "    return a - b\n", "    return c\n", "    return a +\n"]
+    model = ScriptedModel(tiny_tokenizer, scripted)
+    report = evaluate_codegen(model, tiny_tokenizer, [problem], ["greedy", "temperature", "adapt"], n=8, ks=[1, 4],
+                              config=SamplingConfig(max_new_tokens=16), progress=False)
+    for sampler in ("temperature", "adapt"):
+        s = report["samplers"][sampler]
+        assert (s["n"], s["samples"], s["passed"]) == (8, 8, 2)
+        assert s["pass_at_k"] == {"1": pytest.approx(pass_at_k(8, 2, 1)), "4": pytest.approx(pass_at_k(8, 2, 4))}
+        assert s["failures"] == {"AssertionError": 2, "NameError": 2, "SyntaxError": 2}
+    greedy = report["samplers"]["greedy"]  # one completion, the first scripted one: passes
+    assert (greedy["n"], greedy["passed"], greedy["pass_at_k"]) == (1, 1, {"1": 1.0, "4": 1.0})
+    assert {s["completion"] for s in report["samples"]} == {"    return a + b\n", "    return a - b\n",
+                                                           "    return c\n", "    return a +\n"}
+
+
+def test_evaluation_of_a_real_tiny_model_runs_end_to_end(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    problems = load_humaneval()[:2]
+    report = evaluate_codegen(model, tokenizer, problems, ["temperature", "adapt"], n=3, ks=[1, 2],
+                              config=SamplingConfig(max_new_tokens=6), progress=False)
+    for s in report["samplers"].values():
+        assert s["samples"] == 6 and s["passed"] + sum(s["failures"].values()) == 6
+    assert 0 < report["samplers"]["adapt"]["hard_token_fraction"] <= 1  # every prompt ends after a ':' line
+
+
+def test_the_command_writes_json_markdown_and_plots(tmp_path, tiny_llama_dir, capsys):
+    from scripts.cli import main
+
+    problems = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM])
+    out = tmp_path / "out"
+    code = main(["codegen-eval", "--model", str(tiny_llama_dir), "--problems", str(problems), "--sampler",
+                 "greedy,adapt", "--n", "2", "--k", "1,2", "--max-new-tokens", "4", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "codegen.json").read_text())
+    assert set(report["samplers"]) == {"greedy", "adapt"} and report["config"]["n"] == 2
+    assert "pass@2" in (out / "codegen.md").read_text()
+    assert (out / "pass_at_k.png").stat().st_size > 0 and (out / "failures.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "beam"], "unknown sampler"),
+    (["--k", "1,50"], "every k must be in 1..n"),
+    (["--k", "one"], "--k must be a comma list"),
+])
+def test_the_command_rejects_bad_arguments_in_one_line(tmp_path, tiny_llama_dir, capsys, extra, message):
+    from scripts.cli import main
+
+    problems = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM])
+    code = main(["codegen-eval", "--model", str(tiny_llama_dir), "--problems", str(problems), "--n", "2",
+                 "--out", str(tmp_path / "out"), *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "codegen.json").exists()
+
+
+def test_the_command_names_a_problem_file_with_a_missing_field(tmp_path, capsys):
+    from scripts.cli import main
+
+    problems = _write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in PROBLEM.items() if k != "test"}])
+    assert main(["codegen-eval", "--problems", str(problems), "--out", str(tmp_path / "o")]) == 2
+    assert "line 1: missing field 'test'" in capsys.readouterr().err
+
+
+def test_the_shipped_problem_file_is_inside_the_package():
+    assert shipped_problems_path().is_file() and shipped_problems_path().parent.parent.name == "eval"
