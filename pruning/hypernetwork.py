@@ -40,7 +40,7 @@ def reinmax_bernoulli(logits: torch.Tensor, tau: float, generator: torch.Generat
     # of the paper, written without the log (which is −inf where p1 underflows to 0).
     pi1 = p1 + p1 * (1 - p1) * (logits - logits.detach())
     pi2 = 2 * pi1 - pi0 / 2
-    return sample + pi2 - pi2.detach()
+    return sample + (pi2 - pi2.detach())  # exactly 0 or 1 forward
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -48,7 +48,7 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, generator: torch.Generator 
     u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     hard = (soft > 0.5).to(logits.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())
 
 
 ESTIMATOR_FUNCTIONS = {"reinmax": reinmax_bernoulli, "gumbel": gumbel_sigmoid}

@@ -1,0 +1,270 @@
+"""DISP-LLM pruning: masks, regulariser, export, save/load, accounting, baselines (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eval.errors import UserInputError
+from pruning import (
+    MASK_NAMES,
+    DispConfig,
+    HyperNetwork,
+    PruningPlan,
+    baseline_prune,
+    block_params,
+    budget_regulariser,
+    deterministic_masks,
+    gumbel_sigmoid,
+    kept_block_params,
+    layout_for,
+    load_pruned,
+    masks_applied,
+    model_geometry,
+    prune_model,
+    reinmax_bernoulli,
+    slicegpt_prune,
+)
+from pruning.baselines import slicegpt_width
+from pruning.masking import MaskState
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def opt(tiny_opt_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_opt_dir).eval()
+
+
+def _random_masks(model, p=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for geo in model_geometry(model):
+        layer = {m: (torch.rand(geo.width(m), generator=g) < p).float() for m in MASK_NAMES}
+        for m in layer.values():
+            m[0] = 1.0  # never empty
+        masks.append(layer)
+    return masks
+
+
+def _masked_logits(model, masks, ids):
+    state = MaskState()
+    with masks_applied(model, state), torch.no_grad():
+        state.masks = masks
+        return model(input_ids=ids).logits
+
+
+def _ids(model, n=2, t=12, seed=0):
+    return torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+# --- masks and geometry -------------------------------------------------------------------------
+
+def test_geometry_and_mask_shapes_llama_gqa(llama):
+    geo = model_geometry(llama)
+    # 4 query heads, 2 key/value heads of 16 dims: q 64 + k 32 + v 32 rows read the attention input
+    assert [(g.hidden, g.intermediate, g.attn_in_rows, g.attn_out_cols, g.n_mlp_in) for g in geo] == [(64, 128, 128, 64, 2)] * 2
+    assert geo[0].dense_block_params() == sum(
+        llama.get_submodule(f"model.layers.0.{p}").weight.numel()
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    net = HyperNetwork([{m: g.width(m) for m in MASK_NAMES} for g in geo], seed=0)
+    logits = net()
+    assert len(logits) == 2
+    assert {m: tuple(t.shape) for m, t in logits[0].items()} == {
+        "attn_in": (64,), "attn_out": (64,), "mlp_in": (64,), "mlp_mid": (128,), "mlp_out": (64,)}
+    assert net.z.shape == (1, 10, 32) and net.gru.bidirectional and net.gru.hidden_size == 64
+
+
+def test_geometry_and_mask_shapes_opt(opt):
+    geo = model_geometry(opt)
+    assert [(g.hidden, g.intermediate, g.attn_in_rows, g.attn_out_cols, g.n_mlp_in) for g in geo] == [(64, 128, 192, 64, 1)] * 2
+    logits = HyperNetwork([{m: g.width(m) for m in MASK_NAMES} for g in geo])()
+    assert tuple(logits[1]["mlp_mid"].shape) == (128,)
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config
+
+    with pytest.raises(UserInputError, match="supported: llama, mistral, opt, qwen2"):
+        layout_for(GPT2Config())
+
+
+def test_config_validation():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(UserInputError, match="kept"):
+            DispConfig(kept=bad)
+    with pytest.raises(UserInputError, match="estimator"):
+        DispConfig(estimator="st")
+    assert DispConfig(kept=1.0).kept == 1.0
+
+
+# --- estimators and regulariser -------------------------------------------------------------------
+
+def test_regulariser_value_and_sign():
+    p = 0.5
+    for r in (0.25, 0.5, 0.8):
+        ratio = torch.tensor(r, requires_grad=True)
+        reg = budget_regulariser(ratio, p)
+        reg.backward()
+        assert reg.item() == pytest.approx(abs(torch.log(torch.tensor(r / p)).item()), abs=1e-6)
+        assert reg.item() >= 0
+        if r > p:
+            assert ratio.grad.item() > 0  # too many kept: descending lowers the count
+        elif r < p:
+            assert ratio.grad.item() < 0
+    assert budget_regulariser(torch.tensor(0.8), 0.5).item() == pytest.approx(torch.log(torch.tensor(1.6)).item())
+
+
+def test_reinmax_forward_is_binary_and_gradient_matches_the_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2000, requires_grad=True)
+    tau = 0.4
+    mask = reinmax_bernoulli(logits, tau)
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    mask.sum().backward()
+    d = mask.detach()
+    pi0 = torch.sigmoid(logits.detach())
+    pi1 = (d + torch.sigmoid(logits.detach() / tau)) / 2
+    expected = 2 * pi1 * (1 - pi1) - 0.5 * pi0 * (1 - pi0)
+    torch.testing.assert_close(logits.grad, expected)
+    # samples follow Bernoulli(σ(ℓ)): mean close to the mean probability
+    assert abs(d.mean().item() - pi0.mean().item()) < 0.05
+
+
+def test_gumbel_sigmoid_is_binary_with_straight_through_gradient():
+    torch.manual_seed(0)
+    logits = torch.full((4000,), 1.0, requires_grad=True)
+    mask = gumbel_sigmoid(logits, 0.4)
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.05
+    mask.sum().backward()
+    assert (logits.grad >= 0).all() and logits.grad.mean() > 0  # dσ((ℓ+g)/τ)/dℓ, tiny far from 0
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_export_equals_masked_model_and_counts_exactly(name, request):
+    model = request.getfixturevalue(name)
+    masks = _random_masks(model)
+    ids = _ids(model)
+    expected = _masked_logits(model, masks, ids)
+    pruned = prune_model(model, PruningPlan.from_masks("test", masks))
+    with torch.no_grad():
+        got = pruned(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert block_params(pruned) == int(kept_block_params(model_geometry(model), masks))
+    assert block_params(pruned) < block_params(model)
+    # heads stay whole: k/v projections keep num_kv_heads·head_dim rows
+    if name == "llama":
+        assert pruned.model.layers[0].self_attn.k_proj.out_features == 32
+
+
+def test_kept_one_gives_back_the_dense_logits(llama):
+    full = [{m: torch.ones(g.width(m)) for m in MASK_NAMES} for g in model_geometry(llama)]
+    pruned = prune_model(llama, PruningPlan.from_masks("disp", full))
+    ids = _ids(llama)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, llama(input_ids=ids).logits)
+    assert block_params(pruned) == block_params(llama)
+
+
+def test_deterministic_export_meets_budget_without_noise(llama):
+    geo = model_geometry(llama)
+    g = torch.Generator().manual_seed(1)
+    logits = [{m: torch.randn(x.width(m), generator=g) + 2.0 for m in MASK_NAMES} for x in geo]
+    a, t_a = deterministic_masks(logits, geo, kept=0.5)
+    b, t_b = deterministic_masks(logits, geo, kept=0.5)
+    assert t_a == t_b and all(torch.equal(x[m], y[m]) for x, y in zip(a, b) for m in MASK_NAMES)
+    dense = sum(x.dense_block_params() for x in geo)
+    assert abs(float(kept_block_params(geo, a)) / dense - 0.5) <= 0.01 * 0.5
+    # logits already on budget at threshold 0: the rule is exactly "keep iff logit > 0"
+    sharp = [{m: torch.where(x[m] > 0, 5.0, -5.0) for m in MASK_NAMES} for x in a]
+    c, t_c = deterministic_masks(sharp, geo, kept=0.5)
+    assert t_c == 0.0 and all(torch.equal(x[m], y[m]) for x, y in zip(a, c) for m in MASK_NAMES)
+
+
+# --- save / load -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_save_load_round_trip_and_generate(name, request, tmp_path):
+    model = request.getfixturevalue(name)
+    masks = _random_masks(model, seed=3)
+    pruned = prune_model(model, PruningPlan.from_masks("disp", masks))
+    pruned.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["slimtune_pruning"]
+    assert set(saved["layers"][0]) == set(MASK_NAMES)
+    assert saved["layers"][1]["mlp_mid"] == torch.nonzero(masks[1]["mlp_mid"]).flatten().tolist()
+    loaded = load_pruned(tmp_path)
+    assert "PrunedDecoderLayer" in type(loaded.get_submodule(layout_for(loaded.config).layers)[0]).__name__
+    ids = _ids(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, pruned(input_ids=ids).logits)
+    cached = loaded.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = loaded.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 18) and torch.equal(cached, uncached)
+
+
+def test_load_rejects_index_lists_that_do_not_fit(llama, tmp_path):
+    pruned = prune_model(llama, PruningPlan.from_masks("disp", _random_masks(llama)))
+    pruned.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["slimtune_pruning"]["layers"][0]["attn_in"] = config["slimtune_pruning"]["layers"][0]["attn_in"][:-1]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match="don't fit the saved weights"):
+        load_pruned(tmp_path)
+    config["slimtune_pruning"]["layers"][0]["attn_in"] = [5, 3, 999]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match="strictly increasing"):
+        load_pruned(tmp_path)
+
+
+# --- baselines -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_shared_set_baselines_meet_budget(method, name, request):
+    model = request.getfixturevalue(name)
+    blocks = _ids(model, n=4, t=16, seed=2)
+    pruned = baseline_prune(method, model, 0.5, blocks)
+    ratio = block_params(pruned) / block_params(model)
+    # granularity: one residual dim changes the count by ~2 % of this tiny model's blocks
+    assert abs(ratio - 0.5) <= 0.02
+    plan = pruned.config.slimtune_pruning
+    assert plan["layers"][0]["attn_in"] == plan["layers"][1]["mlp_out"]  # one shared residual set
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=blocks).logits).all()
+
+
+def test_slicegpt_meets_budget_counts_rotations_and_is_exact_unsliced(llama, tmp_path):
+    blocks = _ids(llama, n=4, t=16, seed=2)
+    pruned = slicegpt_prune(llama, 0.5, blocks)
+    geo = model_geometry(llama)
+    k = pruned.config.hidden_size
+    assert k == slicegpt_width(geo, 0.5, multiple_of=4) and k % 4 == 0
+    rotations = 2 * k * k * len(geo)
+    assert block_params(pruned) == sum(g.block_params({"attn_in": k, "attn_out": k, "mlp_in": k, "mlp_mid": g.intermediate,
+                                                       "mlp_out": k}) for g in geo) + rotations
+    step = (slicegpt_width(geo, 0.6, 4) - k) or 4  # budget is met to within one width step
+    assert abs(block_params(pruned) / block_params(llama) - 0.5) <= 0.5 * step * 1.1 * (
+        sum(g.attn_in_rows + g.attn_out_cols + 3 * g.intermediate for g in geo) + 4 * 64 * len(geo)) / block_params(llama)
+    pruned.save_pretrained(tmp_path)
+    loaded = load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=blocks).logits, pruned(input_ids=blocks).logits)
+    # no slicing: fold + rotate only, so the logits are the dense model's
+    full = slicegpt_prune(llama, 1.0, blocks, width=64)
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=blocks).logits, llama(input_ids=blocks).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_slicegpt_rejects_layernorm_models(opt):
+    with pytest.raises(UserInputError, match="RMSNorm"):
+        slicegpt_prune(opt, 0.5, _ids(opt))
