@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from eval.errors import UserInputError
+from eval.models import nf4_bytes_per_weight
 
 GB = 1e9
-METHODS = ("full", "lora", "qlora", "lst", "qst")
+METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
+# Methods that add a small trainable set to a frozen 16-bit backbone through which the gradient
+# still flows all the way down: their memory is LoRA's without the LoRA matrices.
+SMALL_TRAINABLE_METHODS = ("adapter", "prefix", "prompt", "bitfit")
 ASSUMPTIONS = ("detailed", "course")
 COMPONENTS = ("cuda_context", "weights", "gradients", "optimizer", "activations")
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
-
-# NF4 with double quantisation (QLoRA): 4 bits per weight, one 8-bit absmax per 64-weight block,
-# and one fp32 scale (plus an fp32 offset) per 256 absmax values.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 8 / (64 * 256)
 
 # Default LoRA recipe, shared with qst.baselines so that the estimate matches what bench trains.
 DEFAULT_LORA_RANK = 16
@@ -73,6 +73,7 @@ def estimate_memory(
     dtype: str = "bfloat16",
     trainable_fraction: float | None = None,
     *,
+    trainable_params: int | None = None,
     assumptions: str = "detailed",
     device: str = "cuda",
     param_count: float | None = None,
@@ -89,7 +90,8 @@ def estimate_memory(
     directory, a transformers config, or a dict of config fields. `dtype` is the backbone's
     (and the activations') dtype. `trainable_fraction` overrides the trainable share
     (for "full": train only that fraction, as in the course's 2 % example; for LoRA/QST:
-    replaces the counted adapter/side size). `attention`: "sdpa" (fused kernel, no
+    replaces the counted adapter/side size); `trainable_params` gives the count directly
+    (adapter, prefix, prompt and bitfit need one of the two, else they count as 0). `attention`: "sdpa" (fused kernel, no
     seq × seq score matrix kept) or "eager" (the scores are kept: heads · seq² per layer).
     Returns ``{"breakdown_gb": {component: GB}, "total_gb", "breakdown_bytes", "total_bytes",
     "params", "trainable_params", "assumptions"}``.
@@ -105,6 +107,11 @@ def estimate_memory(
             raise UserInputError(f"{name} must be a positive integer, got {value!r}")
     if trainable_fraction is not None and not 0 < trainable_fraction <= 1:
         raise UserInputError(f"trainable_fraction must be in (0, 1], got {trainable_fraction!r}")
+    if trainable_params is not None:
+        if trainable_fraction is not None:
+            raise UserInputError("give trainable_fraction or trainable_params, not both")
+        if trainable_params < 0:
+            raise UserInputError(f"trainable_params must be >= 0, got {trainable_params!r}")
     if param_count is not None and param_count <= 0:
         raise UserInputError(f"param_count must be positive, got {param_count!r}")
 
@@ -117,13 +124,13 @@ def estimate_memory(
     if param_count is not None:  # scale every group to the given total
         scale = param_count / counts["total"]
         counts = {k: v * scale if k in ("total", "quantizable") else v for k, v in counts.items()}
+    trainable = _trainable_count(method, counts, trainable_fraction, trainable_params)
 
     if assumptions == "course":
-        parts = _course(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable_fraction, qst_reduction)
+        parts = _course(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable, qst_reduction)
     else:
-        parts = _detailed(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable_fraction,
+        parts = _detailed(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable,
                           qst_reduction, qst_adapter_rank, lora_rank, attention)
-    trainable = parts.pop("_trainable")
 
     on_cuda = str(device).startswith("cuda")
     context_gb = cuda_context_gb if cuda_context_gb is not None else (1.0 if on_cuda else 0.0)
@@ -144,17 +151,26 @@ def estimate_memory(
 # --------------------------------------------------------------------------- the two models
 
 
-def _course(shape, counts, method, batch, seq, nbytes, fraction, reduction) -> dict:
+def _trainable_count(method, counts, fraction, trainable_params) -> float:
+    """How many parameters train: given directly, as a fraction, or counted for the method."""
+    if trainable_params is not None:
+        return float(trainable_params)
+    if fraction is not None:
+        return counts["total"] * fraction
+    if method == "full":
+        return float(counts["total"])
+    if method in ("lora", "qlora"):
+        return float(counts["lora"])
+    if method in ("lst", "qst"):
+        return float(counts["side"])
+    return 0.0  # adapter, prefix, prompt, bitfit: only known when given
+
+
+def _course(shape, counts, method, batch, seq, nbytes, trainable, reduction) -> dict:
     """The course's arithmetic (ANCHORS.md §4), extended to LoRA/QLoRA/QST in the same spirit."""
     total = counts["total"]
     quantized = method in ("qlora", "qst")
     weights = total * (0.5 if quantized else nbytes)  # "QLoRA stores P in 4 bits (0.5P)"
-    if method == "full":
-        trainable = total * (fraction if fraction is not None else 1.0)
-    elif method in ("lora", "qlora"):
-        trainable = total * fraction if fraction is not None else counts["lora"]
-    else:
-        trainable = total * fraction if fraction is not None else counts["side"]
     # fp32 gradients when everything trains (mixed precision); otherwise in the 16-bit dtype.
     grad_bytes = 4 if trainable >= total else nbytes
     hidden_states = nbytes * batch * seq * shape.hidden * shape.layers
@@ -162,18 +178,17 @@ def _course(shape, counts, method, batch, seq, nbytes, fraction, reduction) -> d
         # The side network keeps its own (hidden / r)-wide states; the backbone runs without
         # grad, so of it only one layer's hidden state is alive at a time (the transient).
         hidden_states = nbytes * batch * seq * (shape.hidden // reduction * shape.layers + shape.hidden)
-    if method in ("lora", "qlora", "lst", "qst"):
+    if method != "full":
         weights += trainable * nbytes  # the added adapter / side weights
     return {
         "weights": weights,
         "gradients": trainable * grad_bytes,
         "optimizer": trainable * 4,  # the course's Adam: 26.06 GB for 13.03 GB of 16-bit weights
         "activations": hidden_states,
-        "_trainable": trainable,
     }
 
 
-def _detailed(shape, counts, method, batch, seq, nbytes, fraction, reduction, adapter_rank,
+def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, adapter_rank,
               lora_rank, attention) -> dict:
     tokens = batch * seq
     total, quantizable = counts["total"], counts["quantizable"]
@@ -183,19 +198,18 @@ def _detailed(shape, counts, method, batch, seq, nbytes, fraction, reduction, ad
         # Linear weights of the decoder layers in NF4; embeddings, norms and the LM head stay as
         # they are, except that prepare_model_for_kbit_training (QLoRA) upcasts them to fp32.
         rest_bytes = fp32 if method == "qlora" else nbytes
-        weights = quantizable * NF4_BYTES_PER_PARAM + (total - quantizable) * rest_bytes
+        weights = quantizable * nf4_bytes_per_weight() + (total - quantizable) * rest_bytes
     else:
         weights = total * nbytes
 
     if method == "full":
-        trainable = total * (fraction if fraction is not None else 1.0)
         train_bytes = nbytes  # parameters train in their own dtype
-    elif method in ("lora", "qlora"):
-        trainable = total * fraction if fraction is not None else counts["lora"]
-        train_bytes = fp32  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
-        weights += trainable * fp32
-    else:  # lst, qst
-        trainable = total * fraction if fraction is not None else counts["side"]
+    elif method == "bitfit":
+        train_bytes = nbytes  # the biases live in the backbone's dtype
+        weights += trainable * nbytes
+    else:
+        # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype); so do the hand-written
+        # adapters and QST's side network.
         train_bytes = fp32
         weights += trainable * fp32
 
@@ -225,7 +239,6 @@ def _detailed(shape, counts, method, batch, seq, nbytes, fraction, reduction, ad
         "gradients": trainable * train_bytes,
         "optimizer": trainable * train_bytes * ADAM_STATES,
         "activations": activations,
-        "_trainable": trainable,
     }
 
 
@@ -268,7 +281,8 @@ def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
 
 
 def resolve_config(arch_or_config: Any):
-    """A transformers config from an architecture name, a model directory, a dict or a config."""
+    """A transformers config from an architecture name, "ref-lm", a model directory or hub id
+    (read offline from the local cache), a dict of config fields, or a config."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(arch_or_config, PretrainedConfig):
@@ -277,21 +291,26 @@ def resolve_config(arch_or_config: Any):
         fields = dict(arch_or_config)
         model_type = fields.pop("model_type", "llama")
         return AutoConfig.for_model(model_type, **fields)
-    name = str(arch_or_config)
     from pathlib import Path
 
-    if Path(name).is_dir():
+    from eval.models import ARCHITECTURES, architecture_config
+
+    name = str(arch_or_config)
+    if name in ARCHITECTURES:
+        return architecture_config(name)
+    if name == "ref-lm":
+        from eval.reference import reference_path
+
+        name = str(reference_path("lm"))
+    if Path(name).is_dir() or "/" in name:
         try:
             return AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise UserInputError(f"cannot read a model config from {name}: {e}") from e
-    from eval.models import ARCHITECTURES, architecture_config
-
-    if name not in ARCHITECTURES:
-        raise UserInputError(
-            f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)} or a model directory"
-        )
-    return architecture_config(name)
+            raise UserInputError(f"cannot read a model config from {name!r}: {str(e).splitlines()[0]}") from e
+    raise UserInputError(
+        f"unknown architecture or model {name!r}; expected one of {', '.join(ARCHITECTURES)}, "
+        "'ref-lm', a model directory or a cached hub id"
+    )
 
 
 def _shape(config) -> _Shape:
