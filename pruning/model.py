@@ -252,7 +252,9 @@ def load_pruned(path, device: str | torch.device = "cpu", dtype: torch.dtype | N
                              f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
     if tied:
         model.tie_weights()
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    if dtype is None:  # keep the checkpoint's dtype (e.g. bf16), as from_pretrained does
+        dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    model.to(device=device, dtype=dtype)
     model.eval()
     return model
 

@@ -175,7 +175,7 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
         kept_widths=kept_widths(pruned), dense_widths=kept_widths(model),
         block_size=block_size, calib_blocks=int(blocks.shape[0]), eval_blocks=int(test_blocks.shape[0]),
         eval_text=eval_source, throughput_batch=list(speed_batch.shape), plan_info=plan.info if plan else {},
-        config=config.to_dict(), device=str(model.device),
+        config=config.to_dict() if method == "disp" else None, device=str(model.device),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     )
     report["kept_ratio"] = report["block_params_after"] / report["block_params_before"]

@@ -268,3 +268,21 @@ def test_slicegpt_meets_budget_counts_rotations_and_is_exact_unsliced(llama, tmp
 def test_slicegpt_rejects_layernorm_models(opt):
     with pytest.raises(UserInputError, match="RMSNorm"):
         slicegpt_prune(opt, 0.5, _ids(opt))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_llama_style_families_export_and_reload(family, tmp_path):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    masks = _random_masks(model, seed=5)
+    ids = _ids(model)
+    expected = _masked_logits(model, masks, ids)
+    prune_model(model, PruningPlan.from_masks("disp", masks)).to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = load_pruned(tmp_path)
+    assert loaded.dtype == torch.bfloat16  # the checkpoint's dtype is kept
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.float()(input_ids=ids).logits, expected, atol=0.1, rtol=0.05)
