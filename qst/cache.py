@@ -16,7 +16,8 @@ finished):
 
 - backbone key: hash of the backbone's name or path, its quantization, its config and a
   fingerprint of its weights (every tensor's name, dtype, shape and an evenly strided sample of
-  up to 4096 of its values: packed NF4 bytes and quantization constants included);
+  up to 4096 of its values: packed NF4 bytes and quantization constants included; see
+  `backbone_fingerprint`);
 - data key: hash of the batch's input_ids and attention_mask (shape and values);
 - S: the sequence length (also part of the data key).
 A different backbone, quantization, data or length gives a different key, so a stale entry is
@@ -66,21 +67,46 @@ def default_cache_root() -> Path:
 
 
 def backbone_fingerprint(model: torch.nn.Module, name_or_path: str | None, quantize: str | None) -> str:
-    """A hash that changes when the backbone's identity, weights or quantization change."""
+    """A hash that changes when the backbone's identity, weights or quantization change.
+
+    Reads parameters and buffers directly, never `state_dict()`: for a 4-bit model on CPU that
+    call converts bitsandbytes' CPU weight layout back and re-quantizes the block scales, so it
+    would alter the very weights being fingerprinted. The layout is part of the hash, so the same
+    weights in the two layouts only cost a cache miss, never a wrong hit.
+    """
     h = hashlib.sha256()
     h.update(f"qst-backbone-v{FORMAT_VERSION}|{name_or_path}|{quantize}|".encode())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor):
-            continue
+    tensors = dict(model.named_buffers())
+    for name, p in model.named_parameters():
+        tensors[name] = p
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            h.update(f"|{name}:cpu-packed={getattr(quant_state, 'packing_format_for_cpu', False)}".encode())
+            for part, t in _quant_state_tensors(quant_state).items():
+                tensors[f"{name}.{part}"] = t
+    for name, tensor in sorted(tensors.items()):
         h.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() > _SAMPLE:
-            flat = flat[:: flat.numel() // _SAMPLE][:_SAMPLE]
-        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(_sample_bytes(tensor))
     return h.hexdigest()[:32]
+
+
+def _quant_state_tensors(quant_state) -> dict[str, torch.Tensor]:
+    parts = {"absmax": quant_state.absmax, "code": quant_state.code, "offset": getattr(quant_state, "offset", None)}
+    state2 = getattr(quant_state, "state2", None)
+    if state2 is not None:
+        parts.update({"absmax2": state2.absmax, "code2": state2.code})
+    return {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
+
+
+def _sample_bytes(tensor: torch.Tensor) -> bytes:
+    """Up to 4096 evenly strided values of the tensor, as raw bytes."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > _SAMPLE:
+        flat = flat[:: flat.numel() // _SAMPLE][:_SAMPLE]
+    return flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
 def data_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:

@@ -226,11 +226,30 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     """A linear layer's weight in float32 [out, in]; 4-bit weights are dequantized (one layer at a time)."""
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
+    if quant_state is None:
+        return weight.detach().float()
+    if not getattr(quant_state, "packing_format_for_cpu", False):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, quant_state).float()
-    return weight.detach().float()
+    # bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference pass; read
+    # that layout back through the layer itself: row i of W^T is the layer applied to e_i.
+    return _weight_by_probing(module).float()
+
+
+@torch.no_grad()
+def _weight_by_probing(module: nn.Module, chunk: int = 1024) -> torch.Tensor:
+    in_features = module.in_features
+    dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
+    device = module.weight.device
+    columns = []
+    for start in range(0, in_features, chunk):
+        eye = torch.eye(in_features, dtype=dtype, device=device)[start:start + chunk]
+        out = module(eye).float()
+        if getattr(module, "bias", None) is not None:
+            out = out - module.bias.float()
+        columns.append(out)
+    return torch.cat(columns).T.contiguous()  # [out, in]
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -546,7 +565,10 @@ class _QSTModel(nn.Module):
 def _load_backbone(base, quantize, dtype, device):
     """(model, tokenizer or None, name or path, quantization actually in use)."""
     if isinstance(base, nn.Module):
-        return base, None, getattr(base.config, "_name_or_path", None) or None, _detect_quantization(base)
+        config = getattr(base, "config", None)
+        if config is None:
+            raise UserInputError(f"QST needs a transformers decoder-only causal LM, got {type(base).__name__}")
+        return base, None, getattr(config, "_name_or_path", None) or None, _detect_quantization(base)
     if not isinstance(base, (str, os.PathLike)):
         raise UserInputError(f"base must be a model name, a path or a loaded model, got {type(base).__name__}")
     from eval.models import load_causal_lm
