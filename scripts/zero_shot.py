@@ -1,0 +1,272 @@
+"""`slimtune zero-shot`: lm-eval on any model the suite makes (plain, QST-tuned, pruned, low-rank).
+
+A model is given as a spec:
+    ref-lm | PATH | HUB_ID       a plain causal LM (eval.models.load_causal_lm)
+    qst:DIR                      a QST side network on its backbone (--model, else the one it names)
+    pruned:DIR                   a model written by `slimtune prune` (pruning.load_pruned)
+    lowrank:DIR                  a low-rank-compressed LM (lowrank_vit.load_compressed)
+optionally with a label: `dense=ref-lm`. `--compare A,B,...` evaluates several specs in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import dataclass
+
+METHOD_KINDS = ("qst", "pruned", "lowrank")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    kind: str  # "plain" or one of METHOD_KINDS
+    path: str
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "zero-shot",
+        help="lm-eval zero-/few-shot accuracy of a plain, QST-tuned, pruned or low-rank model",
+        description="Evaluate models with lm-evaluation-harness (its Python API, on the model object as the "
+        "suite left it) on the suite's own task YAMLs, on a folder of your YAMLs (--include-path) and on "
+        "lm-eval's standard tasks whose data is in the local cache. Writes OUT/zero_shot.{json,md} and "
+        "OUT/zero_shot.png. Examples: slimtune zero-shot --model ref-lm --tasks slimtune_module_of_function "
+        "--out runs/zs;  slimtune zero-shot --compare dense=ref-lm,qst:runs/qst,pruned:runs/disp/model "
+        "--out runs/zs-all",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="'ref-lm', a local causal-LM directory or a hub id; with --qst: "
+                   "the backbone (default: the one the QST directory names); default ref-lm")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--qst", default=None, metavar="DIR", help="a QST side network saved by slimtune tune")
+    group.add_argument("--pruned", default=None, metavar="DIR", help="a pruned model saved by slimtune prune")
+    group.add_argument("--lowrank", default=None, metavar="DIR", help="a low-rank-compressed model (lowrank_vit)")
+    group.add_argument("--compare", default=None, metavar="A,B,...",
+                       help="several model specs, each [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR, in one table")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names (default: the suite's own tasks)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (repeatable); the suite's task YAMLs are always included")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (an integer) or a fraction < 1")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def parse_model_specs(args) -> list[ModelSpec]:
+    """The models to evaluate, from --compare or from --model with at most one method flag."""
+    from eval.errors import UserInputError
+
+    if args.compare is not None:
+        if args.qst or args.pruned or args.lowrank:
+            raise UserInputError("--compare lists every model itself; do not combine it with --qst/--pruned/--lowrank")
+        specs = [_parse_spec(item.strip()) for item in args.compare.split(",") if item.strip()]
+        if not specs:
+            raise UserInputError(f"--compare needs a comma list of model specs, got {args.compare!r}")
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise UserInputError(f"--compare labels must be distinct, got {labels}; name them as LABEL=SPEC")
+        return specs
+    for kind, path in (("qst", args.qst), ("pruned", args.pruned), ("lowrank", args.lowrank)):
+        if path:
+            return [ModelSpec(kind, kind, path)]
+    model = args.model or "ref-lm"
+    return [ModelSpec(model, "plain", model)]
+
+
+def _parse_spec(item: str) -> ModelSpec:
+    from eval.errors import UserInputError
+
+    label, _, spec = item.rpartition("=")
+    kind, sep, path = spec.partition(":")
+    if sep and kind in METHOD_KINDS:
+        if not path:
+            raise UserInputError(f"model spec {item!r} names no directory after '{kind}:'")
+        return ModelSpec(label or f"{kind}:{path}", kind, path)
+    if not spec:
+        raise UserInputError(f"empty model spec in {item!r}; expected [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR")
+    return ModelSpec(label or spec, "plain", spec)
+
+
+def load_model(spec: ModelSpec, base: str | None, device: str):
+    """(model, tokenizer) for a spec; method outputs load through their own packages."""
+    from eval.errors import UserInputError
+    from eval.models import load_causal_lm
+
+    if spec.kind == "plain":
+        return load_causal_lm(spec.path, device=device)
+    if spec.kind == "qst":
+        from qst import QSTForCausalLM
+
+        model = QSTForCausalLM.from_pretrained(spec.path, base=base, device=device)
+        tokenizer = getattr(model, "tokenizer", None) or _tokenizer_from(base or "ref-lm")
+        return model.eval(), tokenizer
+    if spec.kind == "pruned":
+        from pruning import load_pruned
+
+        model = load_pruned(spec.path, device=device)
+    elif spec.kind == "lowrank":
+        from lowrank_vit import load_compressed
+
+        model = load_compressed(spec.path, device=device)
+    else:  # pragma: no cover - parse_model_specs only makes the kinds above
+        raise UserInputError(f"unknown model kind {spec.kind!r}")
+    return model.eval(), _tokenizer_from(spec.path, fallback=base or "ref-lm")
+
+
+def _tokenizer_from(path: str, fallback: str | None = None):
+    """The tokenizer saved next to a model, else the one of `fallback` (a model name or directory)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from eval.errors import UserInputError
+
+    if Path(path, "tokenizer_config.json").is_file() or Path(path, "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif fallback is not None:
+        return _tokenizer_from(_model_dir(fallback))
+    else:
+        raise UserInputError(f"no tokenizer found in {path}; save one there or pass --model naming the base model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _model_dir(name: str) -> str:
+    if name == "ref-lm":
+        from eval.reference import reference_path
+
+        return str(reference_path("lm"))
+    return name
+
+
+def run(args) -> int:
+    from eval.errors import UserInputError
+    from eval.lm_eval_bridge import run_lm_eval
+    from eval.report import write_report
+
+    specs = parse_model_specs(args)
+    include_paths = [_suite_task_dir(), *args.include_path]
+    include_paths = [p for p in include_paths if p is not None]
+    tasks = _task_names(args.tasks)
+    if args.num_fewshot < 0 or args.batch_size < 1:
+        raise UserInputError("--num-fewshot must be >= 0 and --batch-size >= 1")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+
+    evaluated = []
+    for spec in specs:
+        print(f"zero-shot: {spec.label} ({spec.kind}: {spec.path}) on {', '.join(tasks)}")
+        model, tokenizer = load_model(spec, args.model, args.device)
+        results = run_lm_eval(model, tokenizer, tasks, include_path=include_paths, num_fewshot=args.num_fewshot,
+                              limit=limit, batch_size=args.batch_size, device=args.device)
+        evaluated.append({"label": spec.label, "kind": spec.kind, "path": spec.path,
+                          "parameters": sum(p.numel() for p in model.parameters()),
+                          "results": results.get("results", {}), "versions": results.get("versions", {}),
+                          "n-samples": results.get("n-samples", {}), "higher_is_better": results.get("higher_is_better", {})})
+        del model
+        gc.collect()
+
+    data = {"models": evaluated, "tasks": tasks,
+            "config": {"num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size,
+                       "include_path": [str(p) for p in include_paths], "device": args.device},
+            "lm_eval_version": _lm_eval_version()}
+    rows, columns = score_rows(evaluated, tasks)
+    from eval.report import markdown_table
+
+    markdown = (f"# Zero-shot evaluation (lm-eval {data['lm_eval_version']}, {args.num_fewshot}-shot)\n\n"
+                "Accuracy in % ± lm-eval's bootstrap standard error; n = examples per task.\n\n"
+                + markdown_table(rows, ["model", "parameters", *columns]))
+    write_report(args.out, "zero_shot", data, markdown, plots={"zero_shot": accuracy_plot(evaluated, tasks)})
+    print(markdown.split("\n\n", 2)[-1].rstrip())
+    print(f"wrote {args.out}/zero_shot.json, zero_shot.md, zero_shot.png")
+    return 0
+
+
+def _suite_task_dir():
+    try:
+        from eval.tasks import task_yaml_dir
+    except ImportError:  # the suite's tasks are not built yet: only user YAMLs and lm-eval's own
+        return None
+    return task_yaml_dir()
+
+
+def _task_names(tasks: str | None) -> list[str]:
+    from eval.errors import UserInputError
+
+    if tasks is None:
+        try:
+            from eval.tasks import TASKS
+        except ImportError as e:
+            raise UserInputError("the suite's own tasks are not available; pass --tasks NAMES") from e
+        return list(TASKS)
+    names = list(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
+    if not names:
+        raise UserInputError(f"--tasks needs a comma list of task names, got {tasks!r}")
+    return names
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def primary_metric(task_results: dict) -> tuple[str, float, float | None] | None:
+    """(name, value, stderr) of a task's headline metric: acc, else acc_norm, else the first one."""
+    metrics = {k.split(",")[0]: v for k, v in task_results.items()
+               if "," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
+    for name in ("acc", "acc_norm", "exact_match", *metrics):
+        if name in metrics:
+            filt = next(k.split(",", 1)[1] for k in task_results if k.split(",")[0] == name)
+            stderr = task_results.get(f"{name}_stderr,{filt}")
+            return name, float(metrics[name]), float(stderr) if isinstance(stderr, (int, float)) else None
+    return None
+
+
+def score_rows(evaluated: list[dict], tasks: list[str]) -> tuple[list[dict], list[str]]:
+    """One row per model, one column per task (headline metric in %, ± stderr, with n)."""
+    rows, columns = [], []
+    for task in tasks:
+        metric = next((primary_metric(m["results"][task])[0] for m in evaluated
+                       if task in m["results"] and primary_metric(m["results"][task])), "acc")
+        columns.append(f"{task} ({metric})")
+    for m in evaluated:
+        row = {"model": m["label"], "parameters": m["parameters"]}
+        for task, column in zip(tasks, columns):
+            scored = primary_metric(m["results"].get(task, {}))
+            if scored is None:
+                row[column] = None
+                continue
+            _, value, stderr = scored
+            n = (m["n-samples"].get(task) or {}).get("effective")
+            row[column] = f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "") + (
+                f" (n={n})" if n is not None else "")
+        rows.append(row)
+    return rows, columns
+
+
+def accuracy_plot(evaluated: list[dict], tasks: list[str]):
+    """Grouped bars: one group per task, one bar per model (headline metric in %)."""
+
+    def draw(ax):
+        width = 0.8 / max(1, len(evaluated))
+        for i, m in enumerate(evaluated):
+            values = []
+            for task in tasks:
+                scored = primary_metric(m["results"].get(task, {}))
+                values.append(100 * scored[1] if scored else 0.0)
+            xs = [t + (i - (len(evaluated) - 1) / 2) * width for t in range(len(tasks))]
+            ax.bar(xs, values, width, label=m["label"])
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20 if len(tasks) > 2 else 0, ha="right" if len(tasks) > 2 else "center")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("zero-shot accuracy")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    return draw
