@@ -254,27 +254,28 @@ def _decoder_layer_activation_values(shape: _Shape) -> int:
 
 
 def _side_shape(shape: _Shape, reduction: int) -> _Shape:
-    """QST's side blocks: width d/r, FFN width ffn/r, the same head count (head_dim shrinks)."""
+    """QST's side blocks: width d/r, FFN width ffn/r, the same head count (head_dim shrinks),
+    full-width keys and values (no grouped-query sharing), always a gated MLP."""
     return _Shape(
         hidden=shape.hidden // reduction, ffn=max(1, shape.ffn // reduction), layers=shape.layers,
-        heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab, gated_mlp=shape.gated_mlp,
+        heads=shape.heads, kv_heads=shape.heads, vocab=shape.vocab, gated_mlp=True,
     )
 
 
 def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
                         adapter_rank: int = DEFAULT_QST_ADAPTER_RANK) -> int:
-    """QST's trainable parameters (ANCHORS.md §1): ~28.6 M for LLaMA-2-7B at r = 16.
+    """QST's trainable parameters (ANCHORS.md §1): 28.68 M for LLaMA-2-7B at r = 16 (paper: 28.6 M).
 
-    (L + 1) adapter downsamplers d → k → d/r (+ biases, LayerNorm), L side decoder blocks of
-    width d/r, (L + 1) per-channel gates, the final norm, the upsampler d/r → d and α.
+    (L + 1) adapter downsamplers d → k → d/r with biases and a LayerNorm; L side decoder blocks
+    of width d/r (q, k, v, o; gated MLP of width ffn/r; two RMSNorm scales); L per-channel gates;
+    the final RMSNorm, the upsampler d/r → d (no bias) and α.
     """
     d, side = shape.hidden, _side_shape(shape, reduction)
-    ds, kv, f = side.hidden, side.kv_heads * (side.hidden // side.heads), side.ffn
+    ds, f = side.hidden, side.ffn
     downsampler = d * adapter_rank + adapter_rank + adapter_rank * ds + ds + 2 * ds
-    attention = 2 * ds * ds + 2 * ds * kv
-    mlp = (3 if side.gated_mlp else 2) * ds * f
-    block = attention + mlp + 2 * ds
-    return (shape.layers + 1) * (downsampler + ds) + shape.layers * block + ds + ds * d + d + 1
+    block = 4 * ds * ds + 3 * ds * f + 2 * ds
+    gate = ds
+    return (shape.layers + 1) * downsampler + shape.layers * (block + gate) + ds + ds * d + 1
 
 
 # --------------------------------------------------------------------------- configs and counts

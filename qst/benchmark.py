@@ -167,8 +167,10 @@ class BenchSettings:
 
         object.__setattr__(self, "methods", tuple(check_methods(self.methods)))
         _check_sizes(self.batch, self.seq, self.steps, self.warmup, self.train_steps)
-        if (self.model is None) == (self.arch is None):
-            raise UserInputError("give exactly one of model (a pretrained model) or arch (random weights)")
+        if self.arch is not None:
+            object.__setattr__(self, "model", None)  # random weights of a named architecture
+        elif self.model is None:
+            raise UserInputError("give a model (pretrained: 'ref-lm', a directory, a hub id) or an arch (random weights)")
         if self.arch is not None and self.task is not None:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
         if self.eval_examples is not None and (not isinstance(self.eval_examples, int) or self.eval_examples < 1):

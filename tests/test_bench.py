@@ -1,0 +1,139 @@
+"""The tuning baselines (only their parameters train) and `slimtune bench` (schema, failures, bad input)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from eval.errors import UserInputError
+from eval.measure import count_parameters
+from qst.baselines import METHODS, build_tuning_model, check_methods
+
+# tiny_llama_dir: hidden 64, FFN 128, 2 layers, 4 heads, 2 key/value heads (k/v width 32).
+# LoRA r=16 on q, k, v, o, gate, up, down: 16 * ((64+64) + 2 * (64+32) + (64+64) + 3 * (64+128)) per layer.
+EXPECTED_TRAINABLE = {
+    "lora": 2 * 16 * (128 + 2 * 96 + 128 + 3 * 192),
+    "qlora": 2 * 16 * (128 + 2 * 96 + 128 + 3 * 192),
+    "adapter": 2 * 2 * (64 * 16 + 16 + 16 * 64 + 64),  # 2 adapters per layer, bottleneck 16
+    "prefix": 16 * 2 * 2 * 32,  # 16 virtual tokens x layers x (key, value) x k/v width
+    "prompt": 16 * 64,  # 16 virtual token embeddings
+    "bitfit": 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64),  # one bias per output of every decoder Linear
+    "qst": 3953,  # the side network (counted by hand in test_memory_estimate's formula)
+    "lst": 3953,
+}
+TRAINABLE_NAME = {
+    "lora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "qlora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "adapter": lambda n: ".houlsby_adapter." in n,
+    "prefix": lambda n: "prompt_encoder" in n,
+    "prompt": lambda n: "prompt_encoder" in n,
+    "bitfit": lambda n: n.endswith(".bias"),
+    "qst": lambda n: n.startswith("side."),
+    "lst": lambda n: n.startswith("side."),
+}
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_only_the_methods_own_parameters_train(tiny_llama_dir, method):
+    model, tokenizer = build_tuning_model(method, model=str(tiny_llama_dir))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(TRAINABLE_NAME[method](n) for n in trainable), trainable
+    assert count_parameters(model, trainable_only=True) == EXPECTED_TRAINABLE[method]
+    # A training step moves only those parameters.
+    ids = torch.tensor(tokenizer(["def f(x):\n    return x"])["input_ids"])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    model.train()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_full_trains_everything(tiny_llama_dir):
+    model, _ = build_tuning_model("full", model=str(tiny_llama_dir))
+    assert count_parameters(model, trainable_only=True) == count_parameters(model) > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "bitfit", "prompt"])
+def test_zero_initialised_methods_start_at_the_backbone(tiny_llama_dir, tiny_tokenizer, method):
+    """LoRA (B = 0), adapters (up = 0) and BitFit's added biases (0) leave the output unchanged at
+    step 0; prompt tuning's logits are trimmed back to the input's length."""
+    from eval.models import load_causal_lm
+
+    base, _ = load_causal_lm(str(tiny_llama_dir))
+    ids = torch.tensor(tiny_tokenizer(["import os\nprint(os.sep)"])["input_ids"])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        model, _ = build_tuning_model(method, model=str(tiny_llama_dir))
+        got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert got.shape == expected.shape
+    if method != "prompt":
+        torch.testing.assert_close(got, expected)
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    with pytest.raises(UserInputError, match="unknown tuning method 'dora'.*full, lora"):
+        check_methods("lora,dora")
+    assert check_methods("all") == list(METHODS)
+    assert check_methods("qst, lora,qst") == ["qst", "lora"]
+
+    from scripts.cli import main
+
+    assert main(["bench", "--arch", "tiny-llama", "--methods", "qst,dora", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown tuning method 'dora'" in err and "\n" not in err
+
+
+def test_a_batch_that_cannot_fit_is_refused_with_the_estimate(tmp_path):
+    from qst.benchmark import BenchSettings, run_bench
+
+    settings = BenchSettings(arch="llama-2-70b", methods="full", batch=64, seq=4096)
+    with pytest.raises(UserInputError, match=r"will not fit.*full ~\d+\.\d+ GB"):
+        run_bench(settings, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+FAILING_WORKER = """
+from qst.benchmark import measure_method
+
+
+def measure(method, **kwargs):
+    if method == "lora":
+        raise RuntimeError("lora exploded on purpose")
+    return measure_method(method, **kwargs)
+"""
+
+
+def test_bench_writes_the_schema_and_reports_a_failing_method(tmp_path):
+    """Two methods on a tiny random model, each in its own process; one raises in its subprocess."""
+    from qst.benchmark import BenchSettings, run_bench
+
+    worker = tmp_path / "failing_worker.py"
+    worker.write_text(textwrap.dedent(FAILING_WORKER))
+    settings = BenchSettings(arch="tiny-llama-gqa", methods="full,lora", batch=2, seq=16, steps=1, warmup=1)
+    lines = []
+    report = run_bench(settings, tmp_path / "out", log=lines.append, method_target=f"{worker}:measure")
+
+    data = json.loads((tmp_path / "out" / "bench_tuning.json").read_text())
+    assert {"model", "device", "batch", "seq", "methods", "floor"} <= set(data)
+    assert (data["model"], data["device"], data["batch"], data["seq"]) == ("tiny-llama-gqa", "cpu", 2, 16)
+    assert list(data["methods"]) == ["full", "lora"]
+    full = data["methods"]["full"]
+    assert set(full) == {"trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
+                         "tokens_per_s", "final_loss", "accuracy"}
+    assert full["trainable_share"] == 1.0 and full["trainable_params"] > 0
+    assert full["peak_memory_bytes"] > 0 and full["step_time_s"] > 0
+    assert full["tokens_per_s"] == pytest.approx(2 * 16 / full["step_time_s"])
+    assert full["accuracy"] is None  # random weights: nothing to score
+    assert set(data["floor"]) >= {"forward_time_s", "forward_peak_memory_bytes"}
+    assert data["floor"]["forward_time_s"] > 0
+
+    lora = data["methods"]["lora"]
+    assert "lora exploded on purpose" in lora["error"] and lora["peak_memory_bytes"] is None
+    markdown = (tmp_path / "out" / "bench_tuning.md").read_text()
+    assert "| full |" in markdown and "lora exploded on purpose" in markdown
+    assert (tmp_path / "out" / "bench_tuning.png").stat().st_size > 0
+    assert report["data"]["methods"] == data["methods"]
+    assert any("[2/2] lora failed" in line for line in lines)
