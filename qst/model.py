@@ -628,8 +628,9 @@ class QSTForCausalLM(_QSTModel):
 
         Accepts the common `transformers` generate arguments: a `LogitsProcessorList` (or list of
         processors), `StoppingCriteriaList`, `max_new_tokens` / `max_length`, `do_sample`,
-        `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`. Returns the token ids
-        [B, prompt + new], finished rows padded with `pad_token_id`.
+        `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `num_return_sequences`.
+        Returns the token ids [B * num_return_sequences, prompt + new], finished rows padded
+        with `pad_token_id`. Beam search is not supported.
         """
         from transformers import (
             LogitsProcessorList,
@@ -641,8 +642,8 @@ class QSTForCausalLM(_QSTModel):
         input_ids = input_ids if input_ids is not None else kwargs.pop("inputs", None)
         if input_ids is None:
             raise UserInputError("generate needs input_ids [batch, prompt length]")
-        if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("num_return_sequences", 1) not in (None, 1):
-            raise UserInputError("QST generate supports greedy and sampled decoding only (num_beams=1, num_return_sequences=1)")
+        if kwargs.get("num_beams", 1) not in (None, 1):
+            raise UserInputError("QST generate supports greedy and sampled decoding only (num_beams=1)")
         if kwargs.get("return_dict_in_generate"):
             raise UserInputError("QST generate returns token ids only (return_dict_in_generate is not supported)")
         gc = generation_config or self.generation_config
@@ -665,6 +666,10 @@ class QSTForCausalLM(_QSTModel):
             # Like transformers: pad tokens in the prompt are padding, unless pad is also EOS.
             infer = pad_token_id is not None and pad not in eos and bool((input_ids == pad).any())
             attention_mask = (input_ids != pad).long() if infer else torch.ones_like(input_ids)
+        copies = kwargs.get("num_return_sequences") or gc.num_return_sequences or 1
+        if copies > 1:  # each prompt `copies` times in a row, as transformers orders them
+            input_ids = input_ids.repeat_interleave(copies, dim=0)
+            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
 
         processors = LogitsProcessorList(logits_processor or [])
         if do_sample:

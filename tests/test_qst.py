@@ -302,6 +302,8 @@ def test_generation_applies_logits_processors(llama, blocks):
     assert banned not in constrained[0, 4:].tolist()
     sampled = qst.generate(blocks[:1, :4], max_new_tokens=5, do_sample=True, top_k=5, temperature=0.7, eos_token_id=None)
     assert sampled.shape == (1, 9)
+    several = qst.generate(blocks[:2, :4], max_new_tokens=3, do_sample=True, num_return_sequences=3, eos_token_id=None)
+    assert several.shape == (6, 7) and torch.equal(several[:3, :4], blocks[[0, 0, 0], :4])
 
 
 def test_generate_matches_backbone_greedy_at_init(llama, blocks):
