@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--lowrank", default=None, metavar="DIR", help="a low-rank-compressed model (lowrank_vit)")
     group.add_argument("--compare", default=None, metavar="A,B,...",
                        help="several model specs, each [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR, in one table")
-    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names (default: the suite's own tasks)")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names; the suite's tasks also by their own names (stdlib-module, docstring-match, def-kind); default: the suite's tasks")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of lm-eval task YAMLs (repeatable); the suite's task YAMLs are always included")
     p.add_argument("--num-fewshot", type=int, default=0)
@@ -146,12 +146,14 @@ def _model_dir(name: str) -> str:
 def run(args) -> int:
     from eval.errors import UserInputError
     from eval.lm_eval_bridge import run_lm_eval
-    from eval.report import write_report
+    from eval.measure import count_parameters
+    from eval.report import markdown_table, write_report
 
     specs = parse_model_specs(args)
-    include_paths = [_suite_task_dir(), *args.include_path]
-    include_paths = [p for p in include_paths if p is not None]
     tasks = _task_names(args.tasks)
+    # The suite's task YAMLs are generated on first use (seconds): only when a suite task is asked for.
+    suite_dir = _suite_task_dir() if set(tasks) & set(_suite_task_names()) else None
+    include_paths = [p for p in (suite_dir, *args.include_path) if p is not None] or None
     if args.num_fewshot < 0 or args.batch_size < 1:
         raise UserInputError("--num-fewshot must be >= 0 and --batch-size >= 1")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
@@ -163,7 +165,7 @@ def run(args) -> int:
         results = run_lm_eval(model, tokenizer, tasks, include_path=include_paths, num_fewshot=args.num_fewshot,
                               limit=limit, batch_size=args.batch_size, device=args.device)
         evaluated.append({"label": spec.label, "kind": spec.kind, "path": spec.path,
-                          "parameters": sum(p.numel() for p in model.parameters()),
+                          "parameters": count_parameters(model),
                           "results": results.get("results", {}), "versions": results.get("versions", {}),
                           "n-samples": results.get("n-samples", {}), "higher_is_better": results.get("higher_is_better", {})})
         del model
@@ -171,13 +173,11 @@ def run(args) -> int:
 
     data = {"models": evaluated, "tasks": tasks,
             "config": {"num_fewshot": args.num_fewshot, "limit": limit, "batch_size": args.batch_size,
-                       "include_path": [str(p) for p in include_paths], "device": args.device},
+                       "include_path": [str(p) for p in include_paths or []], "device": args.device},
             "lm_eval_version": _lm_eval_version()}
     rows, columns = score_rows(evaluated, tasks)
-    from eval.report import markdown_table
-
     markdown = (f"# Zero-shot evaluation (lm-eval {data['lm_eval_version']}, {args.num_fewshot}-shot)\n\n"
-                "Accuracy in % ± lm-eval's bootstrap standard error; n = examples per task.\n\n"
+                "Headline metric per task in % ± lm-eval's standard error; n = examples scored.\n\n"
                 + markdown_table(rows, ["model", "parameters", *columns]))
     write_report(args.out, "zero_shot", data, markdown, plots={"zero_shot": accuracy_plot(evaluated, tasks)})
     print(markdown.split("\n\n", 2)[-1].rstrip())
@@ -186,26 +186,33 @@ def run(args) -> int:
 
 
 def _suite_task_dir():
-    try:
-        from eval.tasks import task_yaml_dir
-    except ImportError:  # the suite's tasks are not built yet: only user YAMLs and lm-eval's own
-        return None
+    from eval.tasks import task_yaml_dir
+
     return task_yaml_dir()
 
 
+def _suite_task_names() -> dict[str, str]:
+    """The suite's tasks: {lm-eval task name: suite name}, e.g. slimtune_def_kind: def-kind."""
+    try:
+        from eval.tasks import TASKS
+    except ImportError:  # pragma: no cover - the harness always ships its tasks
+        return {}
+    # eval.tasks names each task's YAML "slimtune_" + its name with '-' -> '_'.
+    return {"slimtune_" + name.replace("-", "_"): name for name in TASKS}
+
+
 def _task_names(tasks: str | None) -> list[str]:
+    """lm-eval task names; the suite's tasks may also be given by their own names (def-kind)."""
     from eval.errors import UserInputError
 
+    suite = _suite_task_names()
     if tasks is None:
-        try:
-            from eval.tasks import TASKS
-        except ImportError as e:
-            raise UserInputError("the suite's own tasks are not available; pass --tasks NAMES") from e
-        return list(TASKS)
-    names = list(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
+        return list(suite)
+    by_suite_name = {name: lm_eval_name for lm_eval_name, name in suite.items()}
+    names = [by_suite_name.get(t.strip(), t.strip()) for t in tasks.split(",") if t.strip()]
     if not names:
         raise UserInputError(f"--tasks needs a comma list of task names, got {tasks!r}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _lm_eval_version() -> str:
