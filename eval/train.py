@@ -7,7 +7,8 @@ a tqdm bar, periodic evaluation and atomic checkpoints that resume bit-exactly.
 
 It is built on `accelerate.Accelerator`, so `accelerate launch --num_processes N script.py`
 gives data parallelism: the model is wrapped in DistributedDataParallel and process `r` of `N`
-takes micro-batches `r, r+N, r+2N, ...` of every pass over `train_batches`.
+takes micro-batches `r, r+N, r+2N, ...` of every pass over `train_batches` (cut to a multiple
+of N batches, so that all processes take the same number).
 
 Usage:
 
@@ -302,11 +303,21 @@ def _named_trainable(model: nn.Module, groups) -> dict[str, nn.Parameter]:
 def _micro_batches(train_batches, state, seed: int, accelerator) -> Iterator[dict[str, Any]]:
     """Cycle over `train_batches` forever, this process's share only, tracking the position.
 
-    `state["epoch"]` / `state["batch_index"]` count whole passes and batches consumed in the
-    current pass, so a resumed run skips exactly what was already used. Torch's global RNG
-    is re-seeded before each pass, so that a shuffling DataLoader repeats its order on resume.
+    Process `r` of `N` takes batches `r, r+N, ...` of each pass; with several processes the
+    pass is cut to a multiple of `N` batches, so that every process takes the same number per
+    pass and one position (`state["epoch"]`, `state["batch_index"]` = batches this process has
+    taken in the pass) describes all of them; a resumed run skips exactly what was used.
+    Torch's global RNG is re-seeded before each pass, so a shuffling DataLoader repeats its order.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
+    usable = None  # batches per pass that are used (all of them with one process)
+    if world > 1:
+        try:
+            usable = (len(train_batches) // world) * world
+        except TypeError:
+            raise UserInputError("with several processes, train_batches must have a len() (a list or DataLoader)") from None
+        if usable == 0:
+            raise UserInputError(f"train_batches holds {len(train_batches)} batches: too few for {world} processes")
     while True:
         # Start the pass (and draw a shuffling DataLoader's order) under a seed fixed by the
         # pass number, without disturbing the global RNG stream that dropout etc. use.
@@ -316,17 +327,19 @@ def _micro_batches(train_batches, state, seed: int, accelerator) -> Iterator[dic
             first = next(iterator, None)
         if first is None:
             raise UserInputError("train_batches is empty: expected at least one batch")
-        index = 0
-        for batch in itertools.chain([first], iterator):
-            index += 1
-            if index <= state["batch_index"] or (index - 1) % world != rank:
+        taken = 0
+        for index, batch in enumerate(itertools.chain([first], iterator)):
+            if usable is not None and index >= usable:
+                break
+            if index % world != rank:
                 continue
+            taken += 1
+            if taken <= state["batch_index"]:
+                continue  # used before the resume
             if not isinstance(batch, dict):
                 raise UserInputError(f"train_batches must yield dicts of tensors, got {type(batch).__name__}")
-            state["batch_index"] = index
+            state["batch_index"] = taken
             yield batch
-        if index <= rank:
-            raise UserInputError(f"train_batches holds {index} batches: too few for {world} processes")
         state["epoch"] += 1
         state["batch_index"] = 0
 

@@ -194,3 +194,26 @@ def test_hf_causal_lm_with_default_loss(tiny_llama_dir, tiny_tokenizer):
     result = train(model, [batch], TrainConfig(max_steps=5, lr=1e-2, warmup_ratio=0))
     assert result.losses[-1] < result.losses[0]
     assert torch.equal(model.model.embed_tokens.weight, embed)
+
+
+def test_data_parallel_shards_are_disjoint_equal_and_resumable():
+    """Process r of N takes batches r, r+N, ... of a pass cut to a multiple of N; the position
+    saved by the main process resumes every process (the loop's own sharding, no processes)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from eval.train import _micro_batches
+
+    batches = [{"i": i} for i in range(5)]  # 5 batches, 2 processes: the 5th is dropped
+
+    def stream(rank, state):
+        return _micro_batches(batches, state, 0, SimpleNamespace(process_index=rank, num_processes=2))
+
+    fresh = [{"step": 0, "epoch": 0, "batch_index": 0} for _ in range(2)]
+    taken = [[b["i"] for b in itertools.islice(stream(r, fresh[r]), 5)] for r in range(2)]
+    assert taken == [[0, 2, 0, 2, 0], [1, 3, 1, 3, 1]]
+    saved = {"step": 0, "epoch": 1, "batch_index": 1}  # after 3 micro-steps, as on every process
+    resumed = [[b["i"] for b in itertools.islice(stream(r, dict(saved)), 2)] for r in range(2)]
+    assert resumed == [t[3:5] for t in taken]
+    with pytest.raises(UserInputError, match="too few"):
+        next(_micro_batches(batches[:1], dict(saved), 0, SimpleNamespace(process_index=0, num_processes=2)))
