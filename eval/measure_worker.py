@@ -46,13 +46,14 @@ class Measurement:
         # Until the target marks its set-up done, measure from the start of the call.
         self.tracker = measure.RssPeakTracker().start()
         self.setup_marked = False
+        self.setup_peak_rss = None
         self.cuda_used = False
 
     def mark_setup_done(self) -> None:
         if self.setup_marked:
             return  # only the first mark counts
         self.setup_marked = True
-        self.tracker.stop()
+        self.setup_peak_rss = max(self.tracker.stop(), _lifetime_max_rss() or 0)  # before the reset
         self._reset_cuda()
         self.tracker = measure.RssPeakTracker().start()
 
@@ -70,6 +71,8 @@ class Measurement:
             "setup_rss_bytes": self.tracker.start_rss,
             "memory_method": self.tracker.method,
             "setup_marked": self.setup_marked,
+            # peak RSS during set-up (loading transients): not part of the measurement
+            "setup_peak_rss_bytes": self.setup_peak_rss,
         }
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -82,6 +85,15 @@ class Measurement:
         else:
             out["peak_memory_bytes"] = peak - self.tracker.start_rss
         return out
+
+
+def _lifetime_max_rss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def main(argv: list[str]) -> int:
