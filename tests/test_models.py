@@ -97,6 +97,18 @@ def test_ref_lm_resolves_through_the_reference_cache(monkeypatch, tiny_llama_dir
     assert asked == ["lm"] and model.config.num_key_value_heads == 2
 
 
+def test_hub_id_loads_from_the_local_hub_cache(tmp_path, monkeypatch, tiny_llama_dir):
+    # The hub cache layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/COMMIT/...}.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--slimtune-test--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, tokenizer = load_causal_lm("slimtune-test/tiny-llama")
+    assert model.config.num_key_value_heads == 2 and len(tokenizer) == model.config.vocab_size
+
+
 def test_load_causal_lm_errors(tmp_path, monkeypatch, tiny_llama_dir):
     missing = tmp_path / "no-such-model"
     with pytest.raises(UserInputError, match=r"not found\. Tried: local path .*no-such-model \(does not exist\)"):
