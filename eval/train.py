@@ -33,6 +33,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,10 @@ class TrainResult:
     def median_step_time(self) -> float:
         return float(np.median(self.step_times)) if self.step_times else float("nan")
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for reports."""
+        return {**dataclasses.asdict(self), "median_step_time": self.median_step_time}
+
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
     """Factor on `config.lr` for optimizer step `step` (0-based): warm-up, then the schedule."""
@@ -155,8 +160,8 @@ def train(
     - `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`. Under
       `accelerate launch` the model passed in is the DDP wrapper: call it, and reach its
       attributes through `.module` (or close over the unwrapped model for non-forward parts).
-    - `eval_fn(model) -> dict` runs every `eval_every` steps and after the last step, with
-      the unwrapped model in eval mode and gradients off (on every process).
+    - `eval_fn(model) -> dict` runs every `eval_every` steps (if set) and after the last step,
+      with the unwrapped model in eval mode and gradients off (on every process).
     - `param_groups`: AdamW parameter groups (each a dict with "params" and optional "lr",
       "weight_decay"); default: one group with every parameter that requires grad.
     - `out_dir`: checkpoints go to `out_dir/checkpoint/` every `checkpoint_every` steps and
@@ -168,7 +173,7 @@ def train(
 
     if not isinstance(config, TrainConfig):
         raise UserInputError(f"config must be a TrainConfig, got {type(config).__name__}")
-    groups = _param_groups(model, param_groups, config)
+    groups = _param_groups(model, param_groups)
     named_trainable = _named_trainable(model, groups)
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIRNAME if out_dir is not None else None
 
@@ -211,7 +216,7 @@ def train(
             for micro in range(config.grad_accum):
                 batch = send_to_device(next(batches), accelerator.device)
                 # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = accelerator.no_sync(prepared_model) if micro < config.grad_accum - 1 else _nullcontext()
+                sync = accelerator.no_sync(prepared_model) if micro < config.grad_accum - 1 else nullcontext()
                 with sync:
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         loss = compute_loss(prepared_model, batch)
@@ -233,7 +238,7 @@ def train(
                 recent = state["losses"][-config.log_every:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             last = step == config.max_steps
-            if eval_fn is not None and config.eval_every is not None and (step % config.eval_every == 0 or last):
+            if eval_fn is not None and (last or (config.eval_every and step % config.eval_every == 0)):
                 state["eval_history"].append({"step": step, **_evaluate(unwrapped, eval_fn)})
                 bar.set_postfix({k: _short(v) for k, v in state["eval_history"][-1].items() if k != "step"})
             if ckpt_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
@@ -272,7 +277,7 @@ def _check_loss(loss: torch.Tensor, step: int) -> None:
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; lower the learning rate")
 
 
-def _param_groups(model: nn.Module, param_groups, config: TrainConfig) -> list[dict[str, Any]]:
+def _param_groups(model: nn.Module, param_groups) -> list[dict[str, Any]]:
     if param_groups is None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -364,14 +369,6 @@ def _now(device: torch.device) -> float:
 
 def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else v
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -105,8 +106,10 @@ def test_custom_loss_fn_and_param_groups():
     groups = [{"params": [model.head.weight], "lr": 0.1}, {"params": [model.head.bias], "lr": 0.0 + 1e-9}]
     bias = model.head.bias.detach().clone()
     result = train(model, make_batches(), TrainConfig(max_steps=4, grad_accum=3, warmup_ratio=0),
-                   loss_fn=loss_fn, param_groups=groups)
+                   loss_fn=loss_fn, param_groups=groups, eval_fn=lambda m: {"n": 1})
     assert len(calls) == 12 and result.steps == 4
+    assert result.eval_history == [{"step": 4, "n": 1}]  # no eval_every: once, at the end
+    assert json.loads(json.dumps(result.to_dict()))["steps"] == 4
     assert torch.allclose(model.head.bias, bias, atol=1e-6)
 
 
