@@ -236,8 +236,8 @@ def _resolve_model_source(name_or_path, what: str) -> tuple[str, dict[str, Any]]
     """Return (path or hub id, extra from_pretrained kwargs) or raise UserInputError.
 
     A reference name builds/reuses the reference model; an existing path must be a model
-    directory (with config.json); anything else must be in the local hub cache (or, when the
-    hub is not offline, downloadable).
+    directory (with config.json); anything else must be a hub id in the local hub cache (or,
+    when the hub is not offline, downloadable).
     """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
@@ -248,50 +248,65 @@ def _resolve_model_source(name_or_path, what: str) -> tuple[str, dict[str, Any]]
         from eval.reference import reference_path
 
         return str(reference_path(_REFERENCE_NAMES[name_or_path])), {}
-
     local = Path(name_or_path).expanduser()
     if local.exists():
-        if not local.is_dir():
-            raise UserInputError(f"{what}: {local} is a file; expected a model directory holding config.json and weights")
-        if not (local / "config.json").is_file():
-            raise UserInputError(
-                f"{what}: {local} is a directory but holds no config.json, so it is not a transformers model "
-                "directory; expected the folder written by save_pretrained (config.json + *.safetensors)"
-            )
+        _check_model_dir(local, what)
         return str(local), {}
-
     tried = [f"local path {local.resolve()} (does not exist)"]
-    cache_dir = _hub_cache_dir()
-    looks_like_hub_id = name_or_path.count("/") <= 1 and not name_or_path.startswith((".", "/", "~"))
-    if looks_like_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir)
-        except Exception:  # invalid repo id syntax: it can only have been meant as a path
-            cached = None
-            looks_like_hub_id = False
-        if isinstance(cached, str):
-            return name_or_path, {"cache_dir": cache_dir, "local_files_only": _hub_offline()}
-        if looks_like_hub_id:
-            tried.append(f"hub cache {cache_dir} (no cached copy of {name_or_path!r})")
-            if not _hub_offline():
-                # Online: let transformers download it; a failure is reported like a miss below.
-                from transformers import AutoConfig
-
-                try:
-                    AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir)
-                    return name_or_path, {"cache_dir": cache_dir}
-                except Exception as e:  # noqa: BLE001 - any hub failure means "not available"
-                    tried.append(f"the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-            else:
-                tried.append("the Hugging Face hub (not asked: offline, HF_HUB_OFFLINE=1)")
-    if looks_like_hub_id:
+    if _is_hub_id(name_or_path):
+        found = _find_on_hub(name_or_path, tried)
+        if found is not None:
+            return found
         how = _how_to_provide(name_or_path)
     else:
         how = ("Expected an existing model directory (written by save_pretrained: config.json + weights) "
                "or a hub id such as 'meta-llama/Llama-2-7b-hf' that is in the local hub cache")
     raise UserInputError(f"{what}: model {name_or_path!r} not found. Tried: {'; '.join(tried)}. {how}")
+
+
+def _check_model_dir(local: Path, what: str) -> None:
+    if not local.is_dir():
+        raise UserInputError(f"{what}: {local} is a file; expected a model directory holding config.json and weights")
+    if not (local / "config.json").is_file():
+        raise UserInputError(
+            f"{what}: {local} is a directory but holds no config.json, so it is not a transformers model "
+            "directory; expected the folder written by save_pretrained (config.json + *.safetensors)"
+        )
+
+
+def _is_hub_id(name: str) -> bool:
+    """'gpt2' or 'org/name' with the hub's allowed characters; anything else was meant as a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _find_on_hub(repo_id: str, tried: list[str]) -> tuple[str, dict[str, Any]] | None:
+    """The hub id with from_pretrained kwargs if it is cached (or downloadable online); else None,
+    with what was tried appended to `tried`."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = _hub_cache_dir()
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str):
+        return repo_id, {"cache_dir": cache_dir, "local_files_only": _hub_offline()}
+    tried.append(f"hub cache {cache_dir} (no cached copy of {repo_id!r})")
+    if _hub_offline():
+        tried.append("the Hugging Face hub (not asked: offline, HF_HUB_OFFLINE=1)")
+        return None
+    from transformers import AutoConfig
+
+    try:  # online: transformers downloads it into the cache
+        AutoConfig.from_pretrained(repo_id, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - any hub failure means "not available"
+        tried.append(f"the Hugging Face hub ({type(e).__name__}: {_first_line(e)[:160]})")
+        return None
+    return repo_id, {"cache_dir": cache_dir}
 
 
 def _load_config(source: str, extra: dict[str, Any], trust_remote_code: bool, what: str):
