@@ -10,11 +10,15 @@ byte-level BPE merges a newline with the indentation after it ("\\n   " is one t
 or may not split the indentation further. The next token is a *line start* when everything
 after the last newline is whitespace (possibly nothing): the newline and its indentation have
 been emitted, the line's content has not begun. A line start *opens a block body* when the
-nearest non-blank line before it ends with ':' (a trailing `# comment` ignored), or when the
-indentation emitted so far is deeper than that line's. So for `def f(x):` followed by the
-token "\\n   " the next token (" return") is hard; the "\\n   " token itself, sampled while the
-line `def f(x):` was still current, is easy. If a line's indentation arrives in several
-whitespace tokens, each of them is decided by the same rule on the text at that point.
+nearest code line before it ends with ':' (a trailing `# comment` ignored), or when the
+indentation emitted so far is deeper than that line's. "Code line" skips blank lines, comment
+lines and docstrings (string-literal statements, one- or multi-line): a docstring is not code,
+so the first statement of a function body after its docstring, which is where a HumanEval-style
+prompt hands over to the model, still counts as the start of the block `def ...:` opened. So for
+`def f(x):` followed by the token "\n   " the next token (" return") is hard; the "\n   " token
+itself, sampled while the line `def f(x):` was still current, is easy. If a line's indentation
+arrives in several whitespace tokens, each of them is decided by the same rule on the text at
+that point.
 
 Use with `generate(..., do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
 logits_processor=LogitsProcessorList([processor]))`, so that nothing else rescales the logits.
@@ -32,15 +36,72 @@ from eval.errors import UserInputError
 
 def opens_block_body(text: str) -> bool:
     """True when the next token after `text` is the first token of a line that opens a block body."""
+    return _block_body_decision(text, whole=True)[0]
+
+
+class _Undecided(Exception):
+    """The decoded tail is too short: the line the decision depends on starts before it."""
+
+
+def _block_body_decision(text: str, whole: bool) -> tuple[bool, bool]:
+    """(opens a block body, decided). With `whole=False`, `text` is a cut tail whose first line
+    may be partial; `decided` is False when the answer could depend on what was cut."""
     lines = text.split("\n")
-    if len(lines) < 2 or lines[-1].strip():
-        return False  # no line has ended yet, or the current line already has content
-    previous = next((line for line in reversed(lines[:-1]) if line.strip()), None)
+    if lines[-1].strip():
+        return False, True  # mid-line: easy, whatever came before
+    try:
+        previous = _previous_code_line(lines, len(lines) - 2, first=0 if whole else 1)
+    except _Undecided:
+        return False, False
     if previous is None:
-        return False
-    if _strip_comment(previous).rstrip().endswith(":"):
-        return True
-    return _indent_width(lines[-1]) > _indent_width(previous)
+        return False, True  # no code line before this one
+    line = lines[previous]
+    if _strip_comment(line).rstrip().endswith(":"):
+        return True, True
+    return _indent_width(lines[-1]) > _indent_width(line), True
+
+
+def _previous_code_line(lines: list[str], i: int, first: int) -> int | None:
+    """Index of the nearest code line at or before `i`: blank lines, comment lines and docstrings
+    (statements that are only a string literal, one- or multi-line) are skipped. Lines before
+    `first` are unknown (a cut tail's partial first line): needing them raises `_Undecided`."""
+    while i >= 0:
+        if i < first:
+            raise _Undecided
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            i -= 1
+            continue
+        opening = _docstring_start(lines, i, first)
+        if opening is None:
+            return i
+        i = opening - 1
+    if first > 0:
+        raise _Undecided  # the tail began with a newline: what preceded it is unknown
+    return None
+
+
+def _docstring_start(lines: list[str], i: int, first: int) -> int | None:
+    """If lines[i] ends a string-literal statement (a docstring), the index of its first line."""
+    stripped = lines[i].strip()
+    for quote in ('"""', "'''"):
+        if not stripped.endswith(quote):
+            continue
+        body = stripped[: -len(quote)]
+        if _starts_with_string(body, quote) and body.lstrip("rRuUbBfF").count(quote) == 1:
+            return i  # a one-line docstring
+        for j in range(i - 1, -1, -1):
+            if j < first:
+                raise _Undecided
+            if quote in lines[j]:
+                return j if _starts_with_string(lines[j].strip(), quote) else None
+        return None
+    return None
+
+
+def _starts_with_string(stripped: str, quote: str) -> bool:
+    prefix = len(stripped) - len(stripped.lstrip("rRuUbBfF"))
+    return prefix <= 2 and stripped[prefix:].startswith(quote)
 
 
 def _indent_width(line: str) -> int:
@@ -103,23 +164,9 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         """Whether the token that follows `token_ids` is sampled at the hard temperature."""
         window = self.context_tokens
         while True:
-            tail = token_ids[-window:]
-            text = self.tokenizer.decode(tail, skip_special_tokens=True)
-            if window >= len(token_ids) or _previous_line_is_complete(text):
-                return opens_block_body(text)
+            text = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=True)
+            whole = window >= len(token_ids)
+            hard, decided = _block_body_decision(text, whole)
+            if decided or whole:
+                return hard
             window *= 2
-
-
-def _previous_line_is_complete(text: str) -> bool:
-    """True when `text` (a decoded tail) decides `opens_block_body` as the whole sequence would.
-
-    The tail's first line may be cut; the decision only looks at the current line and the nearest
-    non-blank line before it, so that line must be preceded by a newline within the tail.
-    """
-    lines = text.split("\n")
-    if lines[-1].strip():
-        return True  # mid-line: the answer (easy) does not depend on earlier text
-    for i in range(len(lines) - 2, 0, -1):
-        if lines[i].strip():
-            return True  # lines[i] is whole: a newline precedes it within the tail
-    return False

@@ -61,6 +61,25 @@ def test_a_short_decoding_window_grows_until_the_decision_is_exact(pieces):
     assert [narrow.is_hard_position(ids[: i + 1]) for i in range(len(ids))] == [h for _, h in SEQUENCE]
 
 
+DOCSTRING_SEQUENCE = [
+    ("<s>", False), ("def", False), (" f", False), ("(x):", False),
+    ("\n   ", True),
+    (' """', False), ("Doc", False), (".", False),
+    ("\n\n", False), ("    More", False), (".\n   ", False),  # inside the docstring
+    (' """', False),
+    ("\n   ", True),  # the body's first code line: the docstring is skipped back to "def f(x):"
+    (" return", False), (" x", False),
+]
+
+
+@pytest.mark.parametrize("context_tokens", [1, 2, 64])
+def test_the_first_code_line_after_a_docstring_is_hard_whatever_the_window(context_tokens):
+    tokenizer = PieceTokenizer(sorted({p for p, _ in DOCSTRING_SEQUENCE if p != "<s>"}))
+    ids = [0] + tokenizer.encode([p for p, _ in DOCSTRING_SEQUENCE[1:]])
+    processor = AdaptiveTemperatureLogitsProcessor(tokenizer, 2.0, 0.5, context_tokens=context_tokens)
+    assert [processor.is_hard_position(ids[: i + 1]) for i in range(len(ids))] == [h for _, h in DOCSTRING_SEQUENCE]
+
+
 def test_each_row_of_a_batch_gets_its_own_temperature(pieces):
     hard_row = [1, 1, 1, 0] + pieces.encode(["def", " f", "(x):", "\n   "])  # left-padded
     easy_row = [1, 1, 0] + pieces.encode(["def", " f", "(x):", "\n   ", " if"])
@@ -89,6 +108,11 @@ def test_each_row_of_a_batch_gets_its_own_temperature(pieces):
     ("no newline yet:", False),
     ("", False),
     ("\n    ", False),  # no previous non-blank line to compare with
+    ('def f(x):\n    """Doc."""\n', True),  # docstrings are not code: the body starts after them
+    ('def f(x):\n    """Doc.\n\n    More.\n    """\n    ', True),
+    ("def f(x):\n    # a comment line\n    ", True),
+    ('x = 1\n"""a string statement"""\n', False),
+    ('y = """\nabc"""\n', False),  # the end of an assigned string is code, not a docstring
 ])
 def test_opens_block_body(text, hard):
     assert opens_block_body(text) is hard
