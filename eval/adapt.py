@@ -15,7 +15,7 @@ indentation emitted so far is deeper than that line's. "Code line" skips blank l
 lines and docstrings (string-literal statements, one- or multi-line): a docstring is not code,
 so the first statement of a function body after its docstring, which is where a HumanEval-style
 prompt hands over to the model, still counts as the start of the block `def ...:` opened. So for
-`def f(x):` followed by the token "\n   " the next token (" return") is hard; the "\n   " token
+`def f(x):` followed by the token "\\n   " the next token (" return") is hard; the "\\n   " token
 itself, sampled while the line `def f(x):` was still current, is easy. If a line's indentation
 arrives in several whitespace tokens, each of them is decided by the same rule on the text at
 that point.
