@@ -108,6 +108,20 @@ def inspect_backbone(model: nn.Module) -> BackboneSpec:
     )
 
 
+def avoid_bnb_cpu_repacking_failure(backbone: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first
+    inference pass, which fails (AssertionError / RuntimeError) unless out_features is a multiple
+    of 32 and in_features a multiple of the quantization block (64): ref-lm's 688-wide MLP
+    fails both. Such layers keep the generic 4-bit path: same weights, same math, no repacking."""
+    for module in backbone.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        quant_state = getattr(module.weight, "quant_state", None)
+        block = getattr(quant_state, "blocksize", 64) or 64
+        if module.out_features % 32 or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+
+
 def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -369,6 +383,7 @@ class _QSTModel(nn.Module):
             raise UserInputError(f"config must be a QSTConfig, got {type(config).__name__}")
         backbone.eval()
         backbone.requires_grad_(False)
+        avoid_bnb_cpu_repacking_failure(backbone)
         self.backbone = backbone
         self.qst_config = config
         self.backbone_spec = backbone_spec or inspect_backbone(backbone)
@@ -606,14 +621,26 @@ class QSTForCausalLM(_QSTModel):
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, cache=None,
                 use_cache: bool = False, past_key_values=None, logits_to_keep: int = 0, **kwargs):
         """`.loss` (when `labels`: [B, S], -100 ignored), `.logits` [B, S, vocab] and, with
-        `use_cache=True`, `.cache` (pass it back with the next tokens)."""
+        `use_cache=True`, `.cache` (pass it back with the next tokens).
+
+        In training mode with `labels`, only labelled positions reach the LM head and `.logits`
+        is None (the loss is the same; the [B, S, vocab] logits are never built)."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         cache = cache if cache is not None else past_key_values
         mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache)
+        head = self.lm_head
+        if labels is not None and self.training:
+            # Training: only the positions that predict a label go through the vocabulary
+            # projection ([n, d_out] -> [n, vocab] instead of [B, S, vocab]; task batches label a
+            # few answer tokens per example). Same loss; `.logits` is None.
+            targets = labels[:, 1:]
+            keep = targets != -100
+            logits = head(mixed[:, :-1][keep].to(head.weight.dtype))
+            loss = F.cross_entropy(logits.float(), targets[keep])
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         if logits_to_keep:
             mixed = mixed[:, -logits_to_keep:]
-        head = self.lm_head
         logits = head(mixed.to(head.weight.dtype))
         loss = _causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

@@ -11,7 +11,9 @@ the training checkpoint (`checkpoint/`: a rerun with the same arguments resumes)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -66,6 +68,8 @@ def add_parser(subparsers) -> None:
                             "run only the side network")
     cache.add_argument("--cache-dir", type=Path, default=None,
                        help="feature cache location (default: $SLIMTUNE_CACHE/qst-features)")
+    train.add_argument("--train-examples", type=int, default=None,
+                       help="train on a fixed random subset of this many examples (default: the whole train split)")
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--eval-examples", type=int, default=None, help="cap on test examples (default: all)")
     evaluation.add_argument("--eval-batch", type=int, default=8)
@@ -110,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
     )
     task = load_task(args.task)
+    if args.train_examples is not None:
+        _positive("train-examples", args.train_examples)
+        subset = random.Random(args.seed).sample(task.train, min(args.train_examples, len(task.train)))
+        task = dataclasses.replace(task, train=subset)
     if args.head == "classifier" and task.kind != "classification":
         raise UserInputError(f"--head classifier needs a classification task; {task.name} is {task.kind}")
 
@@ -153,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     data = {
         "method": args.method, "model": args.model, "task": task.name, "head": args.head,
         "quantize": quantize, "device": device, "qst_config": config.to_dict(), "train_config": train_config.to_dict(),
-        "batch": args.batch, "seq": args.seq, "train_batches_per_epoch": per_epoch,
+        "batch": args.batch, "seq": args.seq, "train_examples": len(task.train), "train_batches_per_epoch": per_epoch,
         "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
         "backbone_bytes": parameter_bytes(model.backbone),
         "accuracy_before": before, "accuracy_after": after,

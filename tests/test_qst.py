@@ -99,6 +99,20 @@ def test_logits_equal_nf4_backbone_at_init(llama_nf4, blocks):
     assert torch.equal(got, expected)
 
 
+def test_nf4_backbone_with_odd_mlp_width(tmp_path, tiny_tokenizer):
+    # bitsandbytes' CPU kernel cannot repack layers whose width is not a multiple of 32 (ref-lm: 688)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    qst = QSTForCausalLM.from_base(str(tmp_path), QSTConfig(r=4), quantize="nf4")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(qst(input_ids=ids).logits, qst.backbone(input_ids=ids).logits)
+
+
 def test_training_leaves_nf4_backbone_untouched_and_gradient_free(llama_nf4, blocks):
     model, _ = llama_nf4
     qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample="linear"))
@@ -209,6 +223,21 @@ def test_pruned_init_copies_backbone_weights(request, name, blocks):
 
 
 # --- training, save / load -----------------------------------------------------------------
+
+
+def test_training_loss_on_labelled_positions_equals_full_loss(llama, blocks):
+    model, _ = llama
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4))
+    _perturb(qst)
+    labels = blocks[:2].clone()
+    labels[:, :15] = -100  # a prompt, then the answer
+    qst.train()
+    train_out = qst(input_ids=blocks[:2], labels=labels)
+    assert train_out.logits is None
+    qst.eval()
+    full = qst(input_ids=blocks[:2], labels=labels)
+    assert full.logits.shape == (2, 24, model.config.vocab_size)
+    torch.testing.assert_close(train_out.loss, full.loss)
 
 
 def test_loss_falls(backbone, blocks):

@@ -31,14 +31,16 @@ def tiny_task(monkeypatch, tiny_texts):
 def test_tune_writes_side_network_and_report(tiny_task, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["tune", "--model", str(tiny_llama_dir), "--task", "tiny", "--out", str(out), "--steps", "6",
-            "--batch", "4", "--seq", "32", "--r", "4", "--lr", "1e-2", "--cache-backbone",
+            "--batch", "4", "--seq", "32", "--r", "4", "--lr", "1e-2", "--cache-backbone", "--train-examples", "12",
             "--cache-dir", str(tmp_path / "features")]
     assert main(argv) == 0
     report = json.loads((out / "tune_report.json").read_text())
     assert report["quantize"] == "nf4" and report["steps"] == 6 and len(report["losses"]) == 6
     assert 0 < report["trainable_share"] < 1 and report["trainable_parameters"] > 0
     assert 0 <= report["accuracy_before"] <= 1 and 0 <= report["accuracy_after"] <= 1
-    assert report["feature_cache"]["hits"] == 0 and report["feature_cache"]["misses"] == 6  # 6 batches per epoch
+    # 12 examples = 3 batches per epoch: the first epoch fills the cache, the second reads it
+    assert report["train_batches_per_epoch"] == 3
+    assert report["feature_cache"]["misses"] == 3 and report["feature_cache"]["hits"] == 3
     assert {"tune_report.md", "loss.png", "qst_config.json", "side_network.safetensors"} <= {p.name for p in out.iterdir()}
     assert "trainable parameters" in capsys.readouterr().out
     model = QSTForCausalLM.from_pretrained(out, base=str(tiny_llama_dir))
