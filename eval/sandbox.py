@@ -240,7 +240,7 @@ def _run(argv: list[str], workdir: Path, base: Path, nonce: str, timeout_s: floa
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            _kill_everything(proc)
+            _kill_everything(proc, running=proc.returncode is None)
         duration = time.monotonic() - start
         stdout, stderr = _tail(out), _tail(err)
     status, error_type = _classify(proc.returncode, stderr, nonce, timed_out)
@@ -248,12 +248,14 @@ def _run(argv: list[str], workdir: Path, base: Path, nonce: str, timeout_s: floa
     return SandboxResult(status, error_type, proc.returncode, duration, stdout, stderr, isolation)
 
 
-def _kill_everything(proc: subprocess.Popen) -> None:
+def _kill_everything(proc: subprocess.Popen, running: bool) -> None:
     """SIGKILL the process, every descendant and every member of its process group; wait for them.
 
     Killing is asynchronous, so we wait (a few seconds at most) until each is gone or a zombie.
+    Descendants are looked up only while the process is still running and unreaped (its pid
+    cannot have been reused); once it has ended, its orphans are still found by process group.
     """
-    victims = _descendants(proc.pid)  # found while the leader lives: orphans leave its tree
+    victims = _descendants(proc.pid) if running else []
     _kill_group(proc.pid)
     proc.wait()
     try:
