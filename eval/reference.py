@@ -141,6 +141,15 @@ class LMRecipe:
     seed: int = 0
     version: int = 1
 
+    def __post_init__(self):
+        _validate_recipe(self)
+        if self.hidden_size % self.num_attention_heads:
+            raise UserInputError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                 f"num_attention_heads={self.num_attention_heads}")
+        if self.block_size > self.max_position_embeddings:
+            raise UserInputError(f"block_size={self.block_size} is longer than "
+                                 f"max_position_embeddings={self.max_position_embeddings}")
+
 
 @dataclass(frozen=True)
 class ViTRecipe:
@@ -164,6 +173,23 @@ class ViTRecipe:
     max_train_images: int | None = None
     seed: int = 0
     version: int = 1
+
+    def __post_init__(self):
+        _validate_recipe(self)
+        if self.image_size % self.patch_size:
+            raise UserInputError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+
+
+def _validate_recipe(recipe) -> None:
+    """Integers are positive (seed, shift and warm-up non-negative), rates positive."""
+    for field in dataclasses.fields(recipe):
+        value = getattr(recipe, field.name)
+        if value is None:
+            continue
+        allow_zero = field.name in ("seed", "max_shift", "warmup_steps", "warmup_epochs", "weight_decay", "min_lr")
+        if isinstance(value, (int, float)) and (value < 0 or (value == 0 and not allow_zero)):
+            raise UserInputError(f"{type(recipe).__name__}.{field.name}={value} must be "
+                                 f"{'>= 0' if allow_zero else 'positive'}")
 
 
 def lm_recipe(seed: int = 0, steps: int | None = None, tiny: bool = False) -> LMRecipe:
@@ -380,11 +406,12 @@ def build_reference_lm(out_dir: str | os.PathLike, seed: int = 0, steps: int | N
     return out_dir
 
 
-def _limit(docs: list[Document], n: int | None) -> list[Document]:
+def _limit(docs: list[Document], n: int | None, max_chars: int = 2000) -> list[Document]:
     if n is None:
         return docs
-    # Tiny builds: the shortest documents, so that tokenizing and training take no time.
-    return sorted(docs, key=lambda d: (len(d.text), d.name))[:n]
+    # Tiny builds: the n shortest documents, each cut short, so that everything takes no time.
+    shortest = sorted(docs, key=lambda d: (len(d.text), d.name))[:n]
+    return [Document(d.name, d.text[:max_chars]) for d in shortest]
 
 
 def _train_lm_tokenizer(docs: list[Document], recipe: LMRecipe):

@@ -1,0 +1,188 @@
+"""eval.reference: corpus split, cache mechanics (tiny builds), loading, ref-vit data, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval.reference as ref
+from eval.errors import UserInputError
+
+# ------------------------------------------------------------------------------------- corpus
+
+
+def test_split_is_by_file_disjoint_and_covers_the_corpus():
+    splits = {s: [d.name for d in ref.reference_corpus(s)] for s in ref.SPLITS}
+    names = [n for s in ref.SPLITS for n in splits[s]]
+    assert len(names) == len(set(names)) == len(ref._all_documents())
+    for split, docs in splits.items():
+        assert all(ref.split_of(name) == split for name in docs)
+    assert 0.8 < len(splits["train"]) / len(names) < 0.97
+    assert splits["validation"] and splits["test"]
+
+
+def test_split_of_is_a_fixed_function_of_the_name():
+    # Pinned: changing the hashing would silently move files between splits on every machine.
+    assert [ref.split_of(n) for n in ("json/decoder.py", "os.py", "asyncio/tasks.py", "email/utils.py")] == \
+        ["validation", "validation", "train", "train"]
+
+
+def test_corpus_has_sources_and_topics_but_no_tests_or_site_packages():
+    names = [d.name for d in ref._all_documents()]
+    assert "os.py" in names and "asyncio/tasks.py" in names
+    assert any(n.startswith("pydoc_data/topics/") for n in names)
+    assert not any(part in ("site-packages", "test", "tests", "idle_test")
+                   for n in names for part in n.split("/")[:-1])
+    assert "pydoc_data/topics.py" not in names
+
+
+def test_unknown_split_and_kind_are_user_errors():
+    with pytest.raises(UserInputError, match="validation"):
+        ref.reference_corpus("dev")
+    with pytest.raises(UserInputError, match="lm, vit"):
+        ref.reference_path("gpt")
+
+
+def test_recipe_hash_names_the_directory():
+    assert ref.recipe_hash(ref.lm_recipe()) == ref.recipe_hash(ref.lm_recipe(seed=0))
+    assert ref.recipe_hash(ref.lm_recipe(seed=1)) != ref.recipe_hash(ref.lm_recipe())
+    assert ref.recipe_hash(ref.lm_recipe(steps=5)) != ref.recipe_hash(ref.lm_recipe())
+    assert ref.reference_dir("lm", seed=1) != ref.reference_dir("lm")
+    assert ref.reference_dir("lm").parent == ref.cache_root()
+    with pytest.raises(UserInputError, match="seed"):
+        ref.lm_recipe(seed=-1)
+    with pytest.raises(UserInputError, match="steps"):
+        ref.lm_recipe(steps=0)
+
+
+def test_unigram_perplexity_by_hand():
+    # counts + 1 = [3, 2, 1] over 6: P(0) = 1/2, P(2) = 1/6.
+    ppl = ref.unigram_perplexity(torch.tensor([0, 0, 1]), torch.tensor([[0, 2]]), vocab_size=3)
+    assert ppl == pytest.approx(math.sqrt(12))
+
+
+# ------------------------------------------------------------------------------------- ref-lm
+
+
+@pytest.fixture
+def tiny_lm_dir():
+    # Function-scoped, so the isolated cache is in place; built once per session, then reused.
+    return ref.reference_path("lm", tiny=True)
+
+
+def test_tiny_lm_build_is_finished_and_loads_with_auto_classes(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    card = json.loads((tiny_lm_dir / ref.CARD_NAME).read_text())
+    assert card["model"] == "ref-lm" and card["tiny"] and card["recipe_hash"] in tiny_lm_dir.name
+    assert card["test_perplexity"] > 1 and card["unigram_test_perplexity"] > 1
+    assert set(card["corpus"]["documents"]) == set(ref.SPLITS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.vocab_size == len(tokenizer)
+    ids = tokenizer("def f(x):\n    return x", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_second_call_reuses_the_cache(tiny_lm_dir, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a finished reference model")
+
+    monkeypatch.setattr(ref, "build_reference_lm", no_build)
+    assert ref.reference_path("lm", tiny=True) == tiny_lm_dir
+    assert ref.reference_path("lm", build=False, tiny=True) == tiny_lm_dir
+
+
+def test_missing_model_with_build_false_says_how_to_build():
+    with pytest.raises(UserInputError, match="slimtune reference lm"):
+        ref.reference_path("lm", build=False, seed=7, tiny=True)
+
+
+def test_interrupted_build_leaves_nothing_that_looks_finished(monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during evaluation")
+
+    final = ref.reference_dir("lm", seed=3, tiny=True)
+    with monkeypatch.context() as patch:  # (not monkeypatch.undo: that would drop the isolated cache)
+        patch.setattr(ref, "_evaluate_lm", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            ref.reference_path("lm", seed=3, tiny=True)
+    assert not final.exists()
+    assert not list(final.parent.glob(f".{final.name}.tmp-*"))
+    with pytest.raises(UserInputError):
+        ref.reference_path("lm", build=False, seed=3, tiny=True)
+
+    # A temporary directory left by a killed process (no clean-up) is removed by the next build.
+    stale = final.parent / f".{final.name}.tmp-killed"
+    (stale / "half").mkdir(parents=True)
+    assert ref.reference_path("lm", seed=3, tiny=True) == final
+    assert ref.is_finished(final) and not stale.exists()
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    a = ref.build_reference_lm(tmp_path / "a", seed=5, tiny=True)
+    b = ref.build_reference_lm(tmp_path / "b", seed=5, tiny=True)
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+# ------------------------------------------------------------------------------------- ref-vit
+
+
+def test_digits_split_is_stratified_and_matches_the_png_folder():
+    from eval.data import load_image_folder
+
+    train_x, train_y = ref.reference_image_split("train")
+    test_x, test_y = ref.reference_image_split("test")
+    assert train_x.shape[1:] == test_x.shape[1:] == (3, 32, 32)
+    assert len(train_y) + len(test_y) == 1797 and len(test_y) == 360
+    per_class = torch.bincount(test_y, minlength=10).float() / torch.bincount(train_y, minlength=10).float()
+    assert per_class.min() > 0.2 and per_class.max() < 0.3  # stratified 80/20
+    assert float(test_x.min()) == -1.0 and float(test_x.max()) == 1.0
+
+    folder = ref.reference_image_folder()
+    assert ref.reference_image_folder(build=False) == folder
+    dataset = load_image_folder(folder / "test", ref.digits_image_processor())
+    assert dataset.classes == list(ref.DIGIT_CLASSES) and len(dataset) == len(test_y)
+    # Same images: the folder lists each class's files sorted by dataset index.
+    _, _, indices = ref.reference_digit_images("test")
+    order = sorted(range(len(test_y)), key=lambda i: (int(test_y[i]), indices[i]))
+    for position in (0, 100, 359):
+        pixels, label = dataset[position]
+        assert label == int(test_y[order[position]])
+        assert torch.allclose(pixels, test_x[order[position]], atol=1e-6)
+    assert len(ref.reference_vit_split("train")) == len(train_y)
+
+
+def test_tiny_vit_build_loads_with_auto_classes():
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    path = ref.reference_path("vit", tiny=True)
+    card = json.loads((path / ref.CARD_NAME).read_text())
+    assert card["model"] == "ref-vit" and 0.0 <= card["test_accuracy"] <= 1.0
+    model = AutoModelForImageClassification.from_pretrained(path)
+    processor = AutoImageProcessor.from_pretrained(path)
+    assert model.config.id2label[3] == "3"
+    images, _, _ = ref.reference_digit_images("test")
+    pixels = processor(images=images[:2], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, ref.reference_image_split("test")[0][:2], atol=1e-6)
+    assert model(pixel_values=pixels).logits.shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_the_model_directory_last(capsys, tiny_lm_dir):
+    from scripts.cli import main
+
+    assert main(["reference", "lm", "--tiny"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(tiny_lm_dir)
+    assert "perplexity" in lines[0]
