@@ -52,11 +52,17 @@ _EXPORTS = {
     "median_step_time": "eval.measure",
     "peak_memory": "eval.measure",
     "run_in_fresh_process": "eval.measure",
+    "mark_setup_done": "eval.measure",
+    "tokens_per_second": "eval.measure",
     "estimate_memory": "eval.memory_estimate",
     # training and reports
     "TrainConfig": "eval.train",
+    "TrainResult": "eval.train",
     "train": "eval.train",
     "write_report": "eval.report",
+    "markdown_table": "eval.report",
+    "bar_chart": "eval.report",
+    "line_chart": "eval.report",
     # code generation
     "AdaptiveTemperatureLogitsProcessor": "eval.adapt",
     "pass_at_k": "eval.codegen",
