@@ -378,3 +378,23 @@ def test_model_without_hidden_states_is_refused():
         QSTForCausalLM.from_base(NoStates(), QSTConfig())
     with pytest.raises(UserInputError, match="base must be"):
         QSTForCausalLM.from_base(123, QSTConfig())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "qwen2", "phi"])
+def test_other_architectures_need_no_special_code(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if arch == "qwen2":
+        sizes["num_key_value_heads"] = 2
+    if arch == "gpt2":
+        sizes = dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **sizes)).eval()
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4))
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(qst(input_ids=ids).logits, model(input_ids=ids).logits)
+    _perturb(qst)
+    kwargs = dict(max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(qst.generate(ids, **kwargs), qst.generate(ids, use_cache=False, **kwargs))
