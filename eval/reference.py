@@ -156,12 +156,12 @@ class ViTRecipe:
     """Everything that determines ref-vit; its hash names the cache directory."""
 
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     intermediate_size: int = 256
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-5
