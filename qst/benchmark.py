@@ -3,8 +3,9 @@
 `measure_method` builds one tuning method (see `qst.baselines`), marks set-up done, trains
 with the shared loop (`eval.train.train`) for `max(train_steps, warmup + steps)` steps on the
 task's training batches, times steps `warmup .. warmup + steps`, and scores the task's test
-split. `measure_forward_floor` times a no-grad forward pass of the 4-bit backbone: a QST step
-runs that forward and then only the side network, so it cannot cost less.
+split. `measure_forward_floor` times a no-grad forward pass of the 4-bit backbone's decoder stack
+(all hidden states kept, no LM head): a QST step runs exactly that and then only the side
+network and the LM head on the labelled positions, so it cannot cost less.
 
 Both are `eval.measure.run_in_fresh_process` targets: keyword arguments and results are plain
 JSON. Memory: on CUDA `max_memory_allocated` (weights included); on CPU the process's peak RSS
@@ -112,7 +113,7 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
 def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None, task: str | None = None,
                           batch: int = 16, seq: int = 512, steps: int = 5, warmup: int = 2,
                           device: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """Median time and peak memory of one no-grad forward pass of the 4-bit NF4 backbone."""
+    """Median time and peak memory of one no-grad forward pass of the 4-bit NF4 backbone's decoder."""
     from eval.measure import mark_setup_done, median_step_time, parameter_bytes
     from qst.baselines import load_backbone
 
@@ -127,8 +128,11 @@ def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None,
     use_bf16 = backbone.device.type == "cuda"  # as eval.train's "auto" mixed precision
 
     def forward():
+        # The decoder stack with every layer's output kept: exactly what a QST step must compute
+        # before its side network. Not the LM head: QST (training on labelled answer tokens)
+        # projects only the labelled positions to the vocabulary, never all B x S of them.
         with torch.no_grad(), torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            backbone(**inputs)
+            backbone.base_model(**inputs, output_hidden_states=True)
 
     forward_time = median_step_time(forward, warmup=warmup, repeats=steps)
     return {"forward_time_s": forward_time, "parameter_bytes": weights_bytes}
@@ -231,7 +235,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
     methods, details = {}, {}
     for i, method in enumerate(settings.methods, 1):
         log(f"bench: [{i}/{len(settings.methods)}] {method}: build, {total_steps} training steps"
-            + (", test accuracy" if task else ""))
+            + (", test accuracy" if task and settings.train_steps else ""))
         raw = run_in_fresh_process(
             method_target,
             {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
@@ -394,7 +398,7 @@ def format_markdown(data: dict) -> str:
                    if data["task"] else " (random weights: no accuracy)") + ".",
         "",
         markdown_table(rows, columns, floatfmt=".4g"),
-        f"Floor (no-grad forward of the 4-bit backbone): {_fmt(floor.get('forward_time_s'))} s, "
+        f"Floor (no-grad forward of the 4-bit backbone's decoder, hidden states kept, no LM head): {_fmt(floor.get('forward_time_s'))} s, "
         f"{_fmt(_mb(floor.get('forward_peak_memory_bytes')), '.1f')} MB"
         + (f" — failed: {floor['error']}" if floor.get("error") else "") + ".",
         "",
