@@ -370,8 +370,26 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
             "(tokenizer.json or tokenizer.model + tokenizer_config.json) next to the model, as save_pretrained writes them"
         ) from e
     _ensure_pad_token(model, tokenizer)
+    if quantize == "nf4":
+        avoid_bnb_cpu_repacking_failure(model)
     model.eval()
     return model, tokenizer
+
+
+def avoid_bnb_cpu_repacking_failure(model: nn.Module) -> None:
+    """Keep NF4 layers that bitsandbytes 0.50 cannot repack for its CPU kernel on the generic path.
+
+    On a CPU with AVX512-BF16, `Linear4bit` repacks its weight on the first inference-mode
+    forward; that repacking fails (AssertionError / RuntimeError from inside bitsandbytes) unless
+    out_features is a multiple of 32 and in_features a multiple of the quantization block (64).
+    Such layers keep the generic 4-bit path: same weights, same result, no repacking.
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        block = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or 64
+        if module.out_features % 32 or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
 
 
 def _ensure_pad_token(model, tokenizer) -> None:
@@ -533,6 +551,7 @@ def _build_nf4(config, dtype: torch.dtype, device: torch.device):
     model.tie_weights()  # tied heads (OPT) point at the materialised embedding again
     model.is_loaded_in_4bit = True
     model.config.quantization_config = quant_config
+    avoid_bnb_cpu_repacking_failure(model)
     return model
 
 
@@ -560,6 +579,7 @@ __all__ = [
     "ARCHITECTURES",
     "QUANTIZE_CHOICES",
     "architecture_config",
+    "avoid_bnb_cpu_repacking_failure",
     "build_model_from_arch",
     "load_causal_lm",
     "load_image_classifier",

@@ -69,6 +69,21 @@ def test_load_causal_lm_full_precision_and_nf4(request, fixture, n_quantized, sa
     assert torch.nn.functional.cosine_similarity(approx.flatten(), reference.flatten(), dim=0) > 0.97
 
 
+def test_nf4_runs_on_cpu_with_widths_bitsandbytes_cannot_repack(tmp_path, tiny_tokenizer, sample_ids):
+    # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first
+    # inference pass and fails for widths like these (96 % 64, 200 % 32); load_causal_lm avoids it.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=96, intermediate_size=200, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_causal_lm(tmp_path, quantize="nf4")
+    for _ in range(2):  # the repacking would happen on the first pass and be reused after
+        assert torch.isfinite(_logits(model, sample_ids)).all()
+
+
 def test_load_causal_lm_dtype_and_pad_token(tmp_path, tiny_llama_dir, tiny_tokenizer):
     model, _ = load_causal_lm(tiny_llama_dir, dtype="bfloat16")
     assert model.dtype == torch.bfloat16
