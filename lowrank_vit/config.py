@@ -21,18 +21,25 @@ class MixedRankConfig:
     method:
         "aa-mixed"   activation-aware (whitened) truncation, ranks chosen per layer by a global
                      greedy under the budget, then sequential layer-wise error compensation
-                     that trains a small residual term (the method of ANCHORS.md §3);
+                     (the method of ANCHORS.md §3): each layer, fed by the already compressed
+                     model, is refit to the dense model's outputs in closed form (`refit`) and,
+                     with compensate_steps > 0, a residual term is trained by Adam on top;
         "aa-uniform" whitened truncation, the same parameter fraction in every layer;
         "asvd"       SVD of W scaled by mean|x|^0.5 per input channel, uniform fraction;
         "svd"        plain truncated SVD of W, uniform fraction.
         The three baselines take no residual term and no compensation: all their budget goes
         to the principal term.
     residual_rank: rank of the compact residual term (a second low-rank pair, starting at
-        zero) that compensation trains; its parameters count in the budget. Only reserved
-        when compensation runs (aa-mixed with compensate_steps > 0).
-    compensate_steps: full-batch Adam steps of layer-wise compensation per layer (0 = none).
+        zero) that gradient-descent compensation trains; its parameters count in the budget.
+        Only reserved when there are training steps (aa-mixed with compensate_steps > 0).
+    compensate_steps: Adam steps of layer-wise compensation per layer (0 = no gradient descent;
+        the default, because at an equal budget the closed-form refit alone measured better:
+        docs/results/lowrank_vit.md).
     compensate_factors: also train the principal factors during compensation (not only the
         residual term).
+    refit: at the start of each layer's compensation, replace its principal factors by the exact
+        rank-r least-squares map from the compressed model's inputs to the dense outputs (closed
+        form: whitened truncation of the least-squares weight); the residual is trained after it.
     lr: Adam learning rate of compensation.
     calib_images: how many calibration samples (images, or token blocks for a causal LM)
         `compress` uses from the batches it is given.
@@ -46,8 +53,9 @@ class MixedRankConfig:
     keep: float = 0.5
     method: str = "aa-mixed"
     residual_rank: int = 4
-    compensate_steps: int = 200
+    compensate_steps: int = 0
     compensate_factors: bool = False
+    refit: bool = True
     lr: float = 1e-3
     calib_images: int = 256
     targets: tuple[str, ...] = ROLES
@@ -81,11 +89,12 @@ class MixedRankConfig:
     @property
     def compensates(self) -> bool:
         """True when this config runs layer-wise error compensation (and reserves the residual)."""
-        return self.method == "aa-mixed" and self.compensate_steps > 0
+        return self.method == "aa-mixed" and (self.compensate_steps > 0 or self.refit)
 
     @property
     def effective_residual_rank(self) -> int:
-        return self.residual_rank if self.compensates else 0
+        """The residual term exists only when there are training steps to fit it."""
+        return self.residual_rank if self.method == "aa-mixed" and self.compensate_steps > 0 else 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

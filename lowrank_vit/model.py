@@ -172,7 +172,7 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
 
     if dense_model is not None:
         results = compensate_sequential(model, dense_model, order, batches, config.compensate_steps, config.lr,
-                                        config.compensate_factors, config.seed, progress)
+                                        config.compensate_factors, config.seed, progress, config.refit)
         for name, r in results.items():
             layer_reports[name]["compensation"] = {"error_before": r.error_before, "error_after": r.error_after, "reverted": r.reverted}
         del dense_model

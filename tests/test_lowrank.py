@@ -30,7 +30,7 @@ from lowrank_vit.allocate import (
 from lowrank_vit.decompose import output_error, plain_svd, whitened_svd
 from lowrank_vit.quantize import quantize_rows_int8
 
-FAST = {"compensate_steps": 10, "calib_images": 64}
+FAST = {"compensate_steps": 10, "calib_images": 64}  # exercises refit and the trained residual
 
 
 def tiny_vit(kind: str = "vit", seed: int = 0) -> nn.Module:
@@ -156,6 +156,23 @@ def test_int8_rows_are_close_and_layer_quantizes():
         assert torch.allclose(layer(x), before, rtol=0.05, atol=0.05)
 
 
+def test_refit_recovers_an_exact_low_rank_map_and_never_hurts():
+    from lowrank_vit.compensate import compensate_layer, refit_principal, relative_error
+
+    g = torch.Generator().manual_seed(0)
+    x = correlated_inputs(300, 12, g).float()
+    true = (torch.randn(10, 3, generator=g) @ torch.randn(3, 12, generator=g))  # rank 3
+    bias = torch.randn(10, generator=g)
+    y = x @ true.T + bias
+    layer = LowRankLinear.from_factors(torch.randn(10, 3, generator=g), torch.randn(3, 12, generator=g), bias)
+    refit_principal(layer, x, y)
+    assert relative_error(layer, x, y) < 1e-8
+    noisy = y + 0.5 * torch.randn(y.shape, generator=g)
+    layer = LowRankLinear.from_factors(torch.randn(10, 2, generator=g), torch.randn(2, 12, generator=g), bias, residual_rank=1)
+    result = compensate_layer(layer, x, noisy, steps=0, lr=1e-3, refit=True)
+    assert result.error_after < result.error_before and not result.reverted
+
+
 # -------------------------------------------------------------------------------- allocation
 
 
@@ -231,16 +248,21 @@ def test_compensation_lowers_block_output_error():
             want = torch.cat([dense(pixel_values=b, output_hidden_states=True).hidden_states[-1] for b in batches])
         return float((got - want).square().sum() / want.square().sum())
 
-    errors = {}
-    for name, lr in (("untrained", 1e-12), ("trained", 3e-3)):  # same ranks, same residual; only training differs
+    def run(**kw):
         model = copy.deepcopy(dense)
-        report = compress(model, batches, MixedRankConfig(keep=0.5, compensate_steps=60, lr=lr, calib_images=64), progress=False)
-        errors[name] = last_block_error(model)
-        if name == "trained":
-            comp = [e["compensation"] for e in report["layers"].values() if "compensation" in e]
-            assert comp and all(c["error_after"] <= c["error_before"] for c in comp)
-            assert sum(c["error_after"] for c in comp) < sum(c["error_before"] for c in comp)
-    assert errors["trained"] < errors["untrained"]
+        report = compress(model, batches, MixedRankConfig(keep=0.5, calib_images=64, **kw), progress=False)
+        return last_block_error(model), [e["compensation"] for e in report["layers"].values() if "compensation" in e]
+
+    # closed-form refit against no compensation: same ranks (no residual in either)
+    plain, _ = run(refit=False, compensate_steps=0)
+    refit, comp = run(refit=True, compensate_steps=0)
+    assert refit < plain
+    assert comp and all(c["error_after"] <= c["error_before"] for c in comp)
+    # gradient descent on the residual: same ranks and residual, only the training differs
+    untrained, _ = run(refit=False, compensate_steps=60, lr=1e-12)
+    trained, comp = run(refit=False, compensate_steps=60, lr=3e-3)
+    assert trained < untrained
+    assert sum(c["error_after"] for c in comp) < sum(c["error_before"] for c in comp)
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit", "swin"])

@@ -1,0 +1,128 @@
+"""Benchmark: aa-mixed against plain SVD, ASVD and aa-uniform at the same budget, on ref-vit
+(top-1 on the digits test split) and on ref-lm's linears (test-split perplexity).
+
+    python -m lowrank_vit.benchmark vit --keeps 0.5 0.4 --out runs/lowrank-bench-vit
+    python -m lowrank_vit.benchmark lm  --keeps 0.8 0.6 0.5 --out runs/lowrank-bench-lm
+
+Every variant starts from the same dense model and the same calibration samples. Variants:
+svd, asvd, aa-uniform (baselines, no compensation), aa-mixed/no-comp (greedy ranks, no
+residual, no compensation: the allocation alone), aa-mixed (the full method) and aa-mixed+int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+
+import torch
+
+from lowrank_vit.config import MixedRankConfig
+from lowrank_vit.model import compress
+
+VARIANTS = {
+    "svd": {"method": "svd"},
+    "asvd": {"method": "asvd"},
+    "aa-uniform": {"method": "aa-uniform"},
+    "aa-mixed/no-comp": {"method": "aa-mixed", "compensate_steps": 0},
+    "aa-mixed": {"method": "aa-mixed"},
+    "aa-mixed+int8": {"method": "aa-mixed", "int8": True},
+}
+
+
+def _variants(names, base: MixedRankConfig, keep: float):
+    for name in names:
+        yield name, dataclasses.replace(base, keep=keep, **VARIANTS[name])
+
+
+def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> dict:
+    from eval.models import load_image_classifier
+    from lowrank_vit.pipeline import (
+        _as_tensor_batches,
+        image_accuracy,
+        image_splits,
+        images_per_second,
+    )
+
+    dense, processor = load_image_classifier("ref-vit")
+    calib_set, calib_idx, eval_set, eval_idx, note = image_splits("ref-vit", None, processor, base.calib_images, base.seed)
+    calib = [p for p, _ in _as_tensor_batches(calib_set, calib_idx, batch_size)]
+    speed_batch = next(_as_tensor_batches(eval_set, eval_idx, batch_size))[0]
+    rows = [{"variant": "dense", "keep": 1.0, "accuracy": image_accuracy(dense, eval_set, eval_idx, batch_size)}]
+    models = {}
+    for keep in keeps:
+        for name, config in _variants(variants, base, keep):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            report = compress(model, calib, config, progress=False)
+            row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
+                   "targeted_params": report["targeted_params_after"], "params": report["params_after"],
+                   "accuracy": image_accuracy(model, eval_set, eval_idx, batch_size),
+                   "compress_time_s": time.perf_counter() - start}
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+            if name == "aa-mixed":
+                models[f"aa-mixed keep {keep}"] = model
+    speed = images_per_second({"dense": dense, **models}, speed_batch)
+    return {"model": "ref-vit", "data": note, "eval_images": len(eval_idx), "rows": rows,
+            "images_per_s": speed, "speed_batch_size": int(speed_batch.shape[0])}
+
+
+def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval_blocks: int = 64) -> dict:
+    from eval.data import pack_token_blocks
+    from eval.metrics import perplexity_of_blocks
+    from eval.models import load_causal_lm
+    from eval.reference import reference_corpus
+
+    dense, tokenizer = load_causal_lm("ref-lm")
+    calib = list(pack_token_blocks(reference_corpus("train"), tokenizer, block_size, max_blocks=base.calib_images).split(8))
+    test = pack_token_blocks(reference_corpus("test"), tokenizer, block_size, max_blocks=eval_blocks)
+    rows = [{"variant": "dense", "keep": 1.0, "perplexity": perplexity_of_blocks(dense, test)}]
+    for keep in keeps:
+        for name, config in _variants(variants, base, keep):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            report = compress(model, calib, config, progress=False)
+            row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
+                   "targeted_params": report["targeted_params_after"], "params": report["params_after"],
+                   "perplexity": perplexity_of_blocks(model, test), "compress_time_s": time.perf_counter() - start}
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    return {"model": "ref-lm", "calib_blocks": base.calib_images, "block_size": block_size,
+            "eval_blocks": int(test.shape[0]), "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lowrank_vit.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["vit", "lm"])
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.4])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--calib", type=int, default=None, help="calibration images (vit, default 256) or blocks (lm, default 64)")
+    p.add_argument("--compensate-steps", type=int, default=MixedRankConfig.compensate_steps)
+    p.add_argument("--residual-rank", type=int, default=MixedRankConfig.residual_rank)
+    p.add_argument("--lr", type=float, default=MixedRankConfig.lr)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    from eval.report import markdown_table, write_report
+
+    base = MixedRankConfig(calib_images=args.calib or (256 if args.model == "vit" else 64),
+                           compensate_steps=args.compensate_steps, residual_rank=args.residual_rank, lr=args.lr)
+    result = (bench_vit if args.model == "vit" else bench_lm)(args.keeps, args.variants, base)
+    result.update(config=base.to_dict(), torch_threads=torch.get_num_threads(), command=" ".join(sys.argv))
+    metric = "accuracy" if args.model == "vit" else "perplexity"
+    md = f"# lowrank_vit benchmark: {result['model']}\n\n" + markdown_table(
+        result["rows"], ["variant", "keep", "keep_achieved", "targeted_params", metric, "compress_time_s"])
+    if "images_per_s" in result:
+        md += f"\n\nimages/s (batch {result['speed_batch_size']}): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in result["images_per_s"].items())
+    write_report(args.out, f"bench_{args.model}", result, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
