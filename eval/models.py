@@ -355,13 +355,7 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
             f"{what}: {source!r} is a {config.model_type!r} model, which transformers cannot load as a causal "
             "language model; expected a decoder LM such as Llama, OPT, Mistral, Qwen2, Phi, GPT-NeoX or GPT-2"
         )
-    kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
-    if quantize == "nf4":
-        kwargs["quantization_config"] = _nf4_config()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev), **kwargs)
-    except Exception as e:  # noqa: BLE001 - missing/corrupt weight files
-        raise UserInputError(f"{what}: could not load the weights of {source!r}: {_first_line(e)}") from e
+    # The tokenizer first: it is cheap, and a missing one should not wait for gigabytes of weights.
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:  # noqa: BLE001
@@ -369,6 +363,13 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
             f"{what}: could not load a tokenizer from {source!r} ({_first_line(e)}); expected tokenizer files "
             "(tokenizer.json or tokenizer.model + tokenizer_config.json) next to the model, as save_pretrained writes them"
         ) from e
+    kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
+    if quantize == "nf4":
+        kwargs["quantization_config"] = _nf4_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev), **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing/corrupt weight files
+        raise UserInputError(f"{what}: could not load the weights of {source!r}: {_first_line(e)}") from e
     _ensure_pad_token(model, tokenizer)
     if quantize == "nf4":
         avoid_bnb_cpu_repacking_failure(model)

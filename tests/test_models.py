@@ -140,6 +140,15 @@ def test_load_causal_lm_errors(tmp_path, monkeypatch, tiny_llama_dir):
     (tmp_path / "not-a-model" / "weights.bin").write_bytes(b"")
     with pytest.raises(UserInputError, match="holds no config.json"):
         load_causal_lm(tmp_path / "not-a-model")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", config_only)
+    with pytest.raises(UserInputError, match="could not load a tokenizer.*expected tokenizer files"):
+        load_causal_lm(config_only)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, config_only)
+    with pytest.raises(UserInputError, match="could not load the weights.*no file named model.safetensors"):
+        load_causal_lm(config_only)
     with pytest.raises(UserInputError, match=r"quantize='int8' is not supported; expected None .* or 'nf4'"):
         load_causal_lm(tiny_llama_dir, quantize="int8")
     with pytest.raises(UserInputError, match="dtype='fp8' is not supported"):
