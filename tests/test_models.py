@@ -160,29 +160,42 @@ def test_load_causal_lm_errors(tmp_path, monkeypatch, tiny_llama_dir):
 
 # ---------------------------------------------------------------------------- image classifiers
 
-@pytest.fixture(scope="module")
-def tiny_vit_dir(tmp_path_factory):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+def _save_image_classifier(path, model_type):
+    import transformers
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8, num_labels=3)
-    path = tmp_path_factory.mktemp("tiny-vit")
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    if model_type == "swin":
+        config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                         window_size=4, num_labels=3)
+    else:
+        config = transformers.AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+    model_class = {"vit": transformers.ViTForImageClassification, "deit": transformers.DeiTForImageClassification,
+                   "swin": transformers.SwinForImageClassification}[model_type]
+    model_class(config).save_pretrained(path)
+    processor = transformers.DeiTImageProcessor if model_type == "deit" else transformers.ViTImageProcessor
+    processor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(path)
     return path
 
 
-def test_load_image_classifier(tiny_vit_dir, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def tiny_vit_dir(tmp_path_factory):
+    return _save_image_classifier(tmp_path_factory.mktemp("tiny-vit"), "vit")
+
+
+@pytest.mark.parametrize("model_type", ["vit", "deit", "swin"])
+def test_load_image_classifier(tmp_path, model_type):
     from PIL import Image
 
-    model, processor = load_image_classifier(tiny_vit_dir)
-    assert not model.training and model.dtype == torch.float32
+    model, processor = load_image_classifier(_save_image_classifier(tmp_path, model_type))
+    assert not model.training and model.dtype == torch.float32 and model.config.model_type == model_type
     pixels = processor(images=Image.new("RGB", (40, 30), (10, 120, 200)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     with torch.no_grad():
         assert model(pixel_values=pixels).logits.shape == (1, 3)
 
+
+def test_model_kind_mismatch_errors(tiny_vit_dir, tiny_llama_dir):
     with pytest.raises(UserInputError, match="'vit' model.*not.*causal language model"):
         load_causal_lm(tiny_vit_dir)
     with pytest.raises(UserInputError, match="'llama' model.*image classifier"):
