@@ -94,6 +94,12 @@ def _take_samples(batches, limit: int) -> list:
     for batch in batches:
         if count >= limit:
             break
+        if isinstance(batch, tuple | list) and batch and torch.is_tensor(batch[0]):
+            batch = batch[0]  # a DataLoader's (inputs, labels)
+        if not (torch.is_tensor(batch) or isinstance(batch, dict)) or (torch.is_tensor(batch) and batch.dim() < 2):
+            raise UserInputError(f"a calibration batch must be a tensor of pixel_values [B, 3, H, W] or input_ids "
+                                 f"[B, T] (or a dict of model inputs); got {type(batch).__name__}"
+                                 + (f" of shape {list(batch.shape)}" if torch.is_tensor(batch) else ""))
         n = batch_size_of(batch)
         if count + n > limit:
             keep = limit - count
@@ -108,8 +114,9 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
     """Compress `model`'s targeted linears in place; returns the report (JSON-ready dict).
 
     calib_batches: iterable of `pixel_values` [B, 3, H, W] (an image classifier) or `input_ids`
-    [B, T] (a causal LM) tensors, or of dicts of model kwargs; the first `config.calib_images`
-    samples are used.
+    [B, T] (a causal LM) tensors, of dicts of model kwargs, or of (inputs, labels) pairs as a
+    DataLoader yields them; the first `config.calib_images` samples are used (the list is kept:
+    compensation runs over it once per layer).
     """
     start = time.perf_counter()
     targets = find_targets(model, config.targets)

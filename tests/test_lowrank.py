@@ -323,6 +323,15 @@ def test_model_without_targets_is_refused():
         compress(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)], MixedRankConfig(), progress=False)
 
 
+def test_calibration_batches_as_dataloader_pairs_and_bad_batches():
+    model, batches = tiny_vit(), image_batches()
+    pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in batches]
+    report = compress(model, pairs, MixedRankConfig(keep=0.5, calib_images=40), progress=False)
+    assert report["calib_samples"] == 40
+    with pytest.raises(UserInputError, match="calibration batch"):
+        compress(tiny_vit(), ["not a tensor"], MixedRankConfig(), progress=False)
+
+
 def test_budget_below_rank_one_everywhere_is_refused():
     with pytest.raises(UserInputError, match="too small"):
         compress(tiny_vit(), image_batches(), MixedRankConfig(keep=0.01, residual_rank=4, calib_images=64), progress=False)
