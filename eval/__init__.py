@@ -25,6 +25,8 @@ _EXPORTS = {
     "load_image_classifier": "eval.models",
     "build_model_from_arch": "eval.models",
     "ARCHITECTURES": "eval.models",
+    "architecture_config": "eval.models",
+    "param_count_of_arch": "eval.models",
     # data
     "load_text_corpus": "eval.data",
     "pack_token_blocks": "eval.data",
