@@ -94,19 +94,12 @@ def load_backbone(method: str, model: str | None = "ref-lm", arch: str | None = 
     backbone's dtype; 4-bit backbones keep their unquantized parts in bfloat16.
     """
     from eval.models import build_model_from_arch, load_causal_lm
-    from qst.model import avoid_bnb_cpu_repacking_failure
 
     quantize = backbone_quantization(method)
     dtype = None if quantize else dtype
     if arch is not None:
-        backbone, tokenizer = build_model_from_arch(arch, dtype=dtype, device=device, quantize=quantize), None
-    else:
-        backbone, tokenizer = load_causal_lm(model, quantize=quantize, dtype=dtype, device=device)
-    if quantize:
-        # bitsandbytes' CPU inference kernel cannot repack layers whose width is not a multiple
-        # of 32 (ref-lm's MLP is 688 wide): scoring a QLoRA model, or the floor, would fail.
-        avoid_bnb_cpu_repacking_failure(backbone)
-    return backbone, tokenizer
+        return build_model_from_arch(arch, dtype=dtype, device=device, quantize=quantize), None
+    return load_causal_lm(model, quantize=quantize, dtype=dtype, device=device)
 
 
 def build_tuning_model(method: str, model: str | None = "ref-lm", arch: str | None = None,

@@ -137,3 +137,19 @@ def test_bench_writes_the_schema_and_reports_a_failing_method(tmp_path):
     assert (tmp_path / "out" / "bench_tuning.png").stat().st_size > 0
     assert report["data"]["methods"] == data["methods"]
     assert any("[2/2] lora failed" in line for line in lines)
+
+
+def test_4bit_methods_score_in_eval_mode_on_widths_bnb_cannot_repack(tmp_path, tiny_tokenizer):
+    """ref-lm's MLP is 688 wide: bitsandbytes' CPU inference kernel cannot repack such layers, so
+    scoring a trained QLoRA model (or timing the floor) must take the generic 4-bit path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = build_tuning_model("qlora", model=str(tmp_path))
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
