@@ -178,22 +178,63 @@ class _FunctionEnded:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _FirstTokenStartsWith:
+    """Token healing: on the first generated step, allow only tokens whose text starts with `prefix`.
+
+    Byte-level BPE merges a newline with the indentation that follows it ("\\n   "), so a prompt
+    that ends in a bare "\\n" token tells the model the next line starts at column 0 (a bare
+    newline token is rarely followed by indentation in training text). We therefore drop the
+    prompt's final newline and let the model emit it, merged as it learned it, as its first token.
+    """
+
+    def __init__(self, tokenizer, prefix: str, prompt_length: int):
+        import torch
+
+        vocab = len(tokenizer)
+        allowed = [i for i in range(vocab) if tokenizer.decode([i]).startswith(prefix)]
+        self.mask = torch.full((vocab,), float("-inf"))
+        self.mask[allowed] = 0.0
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] != self.prompt_length:
+            return scores
+        mask = self.mask.to(scores.device, scores.dtype)
+        if scores.shape[-1] > mask.shape[0]:  # the model's vocabulary may be padded beyond the tokenizer's
+            mask = mask.new_full((scores.shape[-1],), float("-inf")).index_copy(0, self._ids(mask), mask)
+        return scores + mask[: scores.shape[-1]]
+
+    @staticmethod
+    def _ids(mask):
+        import torch
+
+        return torch.arange(mask.shape[0], device=mask.device)
+
+
 def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
                          config: SamplingConfig = SamplingConfig(), seed: int = 0) -> tuple[list[str], dict]:
-    """`n` completions of `prompt` (1 for greedy), cut at the function's end, and sampling stats."""
+    """`n` completions of `prompt` (1 for greedy), cut at the function's end, and sampling stats.
+
+    A prompt ending in a newline is token-healed (see `_FirstTokenStartsWith`): the model reads it
+    without that newline and must begin with a token that starts with one; the completion is the
+    generated text after that newline, so `prompt + completion` is exactly what the model wrote.
+    """
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from eval.adapt import AdaptiveTemperatureLogitsProcessor
 
-    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
+    healed = prompt.endswith("\n")
+    model_prompt = prompt[:-1] if healed else prompt
+    encoded = tokenizer(model_prompt, return_tensors="pt").to(model.device)
     prompt_length = encoded["input_ids"].shape[1]
     limit = getattr(model.config, "max_position_embeddings", None)
     max_new = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - prompt_length)
     if max_new < 1:
         raise UserInputError(f"prompt of {prompt_length} tokens leaves no room in the model's {limit}-token context")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tokenizer.pad_token_id,
-                              "stopping_criteria": StoppingCriteriaList([_FunctionEnded(tokenizer, prompt_length, prompt)])}
+                              "stopping_criteria": StoppingCriteriaList([_FunctionEnded(tokenizer, prompt_length, model_prompt)])}
+    processors = [_FirstTokenStartsWith(tokenizer, "\n", prompt_length)] if healed else []
     stats: dict[str, Any] = {}
     processor = None
     if sampler == "greedy":
@@ -205,12 +246,19 @@ def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
             kwargs.update(temperature=config.temperature)
         else:
             processor = AdaptiveTemperatureLogitsProcessor(tokenizer, config.hard_temperature, config.easy_temperature)
-            kwargs.update(temperature=1.0, logits_processor=LogitsProcessorList([processor]))
+            processors.append(processor)
+            kwargs.update(temperature=1.0)
+    # Healing first: a masked token stays masked whatever temperature divides the logits after.
+    kwargs["logits_processor"] = LogitsProcessorList(processors)
     torch.manual_seed(seed)
     with torch.no_grad():
         sequences = model.generate(**encoded, **kwargs)  # [n, prompt_length + new]
-    completions = [extract_completion(tokenizer.decode(row[prompt_length:], skip_special_tokens=True), prompt)
-                   for row in sequences]
+    completions = []
+    for row in sequences:
+        completion = extract_completion(tokenizer.decode(row[prompt_length:], skip_special_tokens=True), model_prompt)
+        if healed:
+            completion = completion[1:] if completion.startswith("\n") else ""  # "" only if generation stopped at once
+        completions.append(completion)
     if processor is not None:
         stats = {"hard_steps": processor.hard_steps, "total_steps": processor.total_steps}
     return completions, stats

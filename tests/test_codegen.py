@@ -143,7 +143,9 @@ class ScriptedModel(torch.nn.Module):
     def generate(self, input_ids, num_return_sequences=1, **kwargs):
         rows = []
         for i in range(num_return_sequences):
-            tail = self.tokenizer(self.completions[i % len(self.completions)], add_special_tokens=False)["input_ids"]
+            # The prompt arrives without its final newline (token healing): the model writes it.
+            text = "\n" + self.completions[i % len(self.completions)]
+            tail = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             rows.append(input_ids[0].tolist() + tail)
         width = max(len(r) for r in rows)
         return torch.tensor([r + [self.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
@@ -164,6 +166,19 @@ def test_evaluation_counts_passes_failures_and_pass_at_k(tiny_tokenizer):
     assert (greedy["n"], greedy["passed"], greedy["pass_at_k"]) == (1, 1, {"1": 1.0, "4": 1.0})
     assert {s["completion"] for s in report["samples"]} == {"    return a + b\n", "    return a - b\n",
                                                            "    return c\n", "    return a +\n"}
+
+
+def test_token_healing_makes_the_first_token_carry_the_prompts_final_newline(tiny_tokenizer):
+    from eval.codegen import _FirstTokenStartsWith
+
+    heal = _FirstTokenStartsWith(tiny_tokenizer, "\n", prompt_length=5)
+    scores = torch.zeros(2, len(tiny_tokenizer))
+    first = heal(torch.zeros(2, 5, dtype=torch.long), scores.clone())
+    allowed = {i for i in range(len(tiny_tokenizer)) if first[0, i] == 0}
+    assert allowed and all(tiny_tokenizer.decode([i]).startswith("\n") for i in allowed)
+    assert tiny_tokenizer("\n   ", add_special_tokens=False)["input_ids"][0] in allowed  # newline + indentation
+    assert torch.isinf(first[:, tiny_tokenizer("x", add_special_tokens=False)["input_ids"][0]]).all()
+    assert torch.equal(heal(torch.zeros(2, 6, dtype=torch.long), scores.clone()), scores)  # later steps: untouched
 
 
 def test_evaluation_of_a_real_tiny_model_runs_end_to_end(tiny_llama_dir):
