@@ -124,6 +124,28 @@ def test_interrupted_build_leaves_nothing_that_looks_finished(monkeypatch):
     assert ref.is_finished(final) and not stale.exists()
 
 
+def test_concurrent_callers_build_once(monkeypatch):
+    import threading
+
+    builds = []
+    real_build = ref.build_reference_lm
+
+    def counting_build(*args, **kwargs):
+        builds.append(args[0])
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "build_reference_lm", counting_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ref.reference_path("lm", seed=9, tiny=True)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1  # the others waited on the lock, then found it finished
+    assert len(set(results)) == 1 and ref.is_finished(results[0])
+
+
 def test_build_is_deterministic_for_a_seed(tmp_path):
     a = ref.build_reference_lm(tmp_path / "a", seed=5, tiny=True)
     b = ref.build_reference_lm(tmp_path / "b", seed=5, tiny=True)
