@@ -91,11 +91,10 @@ def _all_documents() -> tuple[Document, ...]:
             continue  # a few files are deliberately in other encodings
         if text.strip():
             docs.append(Document(rel.as_posix(), text))
-    docs.extend(_topic_documents())
     if not docs:
         raise UserInputError(f"the reference corpus is empty: no readable .py files under {root}; "
                              "expected a CPython standard library directory")
-    return tuple(docs)
+    return tuple(docs + _topic_documents())
 
 
 def _topic_documents() -> list[Document]:

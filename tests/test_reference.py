@@ -40,6 +40,19 @@ def test_corpus_has_sources_and_topics_but_no_tests_or_site_packages():
     assert "pydoc_data/topics.py" not in names
 
 
+def test_an_empty_stdlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ref, "stdlib_dir", lambda: tmp_path)
+    ref._all_documents.cache_clear()
+    try:
+        with pytest.raises(UserInputError, match="empty"):
+            ref.reference_corpus("train")
+        with pytest.raises(UserInputError, match="empty"):
+            ref.reference_path("lm", seed=11, tiny=True)
+        assert not ref.reference_dir("lm", seed=11, tiny=True).exists()
+    finally:
+        ref._all_documents.cache_clear()
+
+
 def test_unknown_split_and_kind_are_user_errors():
     with pytest.raises(UserInputError, match="validation"):
         ref.reference_corpus("dev")
