@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.errors import UserInputError
+from eval.models import avoid_bnb_cpu_repacking_failure
 from qst.cache import (
     BackboneFeatureCache,
     BackboneFeatures,
@@ -106,20 +107,6 @@ def inspect_backbone(model: nn.Module) -> BackboneSpec:
         model_type=str(config.model_type), hidden_size=hidden, head_input_size=int(last.shape[-1]),
         num_layers=len(states) - 1, num_heads=int(num_heads), ffn_size=int(ffn), vocab_size=int(full.shape[-1]),
     )
-
-
-def avoid_bnb_cpu_repacking_failure(backbone: nn.Module) -> None:
-    """bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first
-    inference pass, which fails (AssertionError / RuntimeError) unless out_features is a multiple
-    of 32 and in_features a multiple of the quantization block (64): ref-lm's 688-wide MLP
-    fails both. Such layers keep the generic 4-bit path: same weights, same math, no repacking."""
-    for module in backbone.modules():
-        if not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        quant_state = getattr(module.weight, "quant_state", None)
-        block = getattr(quant_state, "blocksize", 64) or 64
-        if module.out_features % 32 or module.in_features % block:
-            module.support_avx512bf16_for_cpu = False
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -383,6 +370,8 @@ class _QSTModel(nn.Module):
             raise UserInputError(f"config must be a QSTConfig, got {type(config).__name__}")
         backbone.eval()
         backbone.requires_grad_(False)
+        # A backbone not loaded by eval.models may still hold 4-bit layers that bitsandbytes'
+        # CPU kernel cannot repack (odd widths): keep those on the generic path.
         avoid_bnb_cpu_repacking_failure(backbone)
         self.backbone = backbone
         self.qst_config = config
