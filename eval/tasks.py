@@ -524,6 +524,12 @@ def _is_sequence_classifier(model, tokenizer) -> bool:
     """Does the model return one row of logits per sequence (not per token)?"""
     from eval.metrics import model_device
 
+    kind = type(model).__name__
+    if kind.endswith("ForSequenceClassification"):
+        return True
+    if kind.endswith("ForCausalLM"):
+        return False
+    # Anything else (a wrapper): look at the shape of its logits on one token.
     ids = tokenizer("x", return_tensors="pt")["input_ids"].to(model_device(model))
     with torch.inference_mode():
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dim() == 2
