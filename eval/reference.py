@@ -138,6 +138,7 @@ class LMRecipe:
     # None: the whole split; tiny builds use the first few documents of each split.
     max_documents: int | None = None
     seed: int = 0
+    # Bump when the build code changes what a recipe produces (the hash then names a new directory).
     version: int = 1
 
     def __post_init__(self):

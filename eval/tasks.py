@@ -41,6 +41,7 @@ from eval.errors import UserInputError
 from eval.io import atomic_directory, read_json, write_json
 
 TASKS = ("stdlib-module", "docstring-match", "def-kind")
+# Part of the cache directory's name: bump it whenever generation changes what the examples are.
 TASKS_VERSION = 1
 STDLIB_PACKAGES = ("asyncio", "distutils", "idlelib", "importlib", "multiprocessing", "tkinter", "xml")
 DEF_KINDS = ("function", "method", "generator")
