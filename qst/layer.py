@@ -309,7 +309,8 @@ class SideNetwork(nn.Module):
         return self.upsample.weight.dtype
 
     def _down(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.downsamplers[i](h.to(self.dtype)))
+        # h may sit on another device when the backbone is spread over several GPUs
+        return self.dropout(self.downsamplers[i](h.to(self.alpha.device, self.dtype)))
 
     def _unit(self, i: int, g: torch.Tensor, h: torch.Tensor, cos, sin, mask, cache) -> torch.Tensor:
         # One step of the side path, gate included (the reference code's checkpointing left it out).
@@ -322,10 +323,13 @@ class SideNetwork(nn.Module):
         if len(states) != len(self.blocks) + 1:
             raise ValueError(f"the side network takes {len(self.blocks) + 1} hidden states, got {len(states)}")
         batch, seq = states[0].shape[:2]
-        device = states[0].device
+        device = self.alpha.device
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
         past = cache.length() if cache is not None else 0
         if position_ids is None:
             position_ids = side_position_ids(attention_mask, batch, seq, past, device)
+        position_ids = position_ids.to(device)
         cos, sin = rotary_tables(position_ids, self.spec.head_dim, self.spec.rope_theta, self.dtype)
         mask = side_attention_mask(attention_mask, batch, seq, past, device)
         g = self._down(0, states[0])
@@ -345,4 +349,4 @@ class SideNetwork(nn.Module):
         equals it bit for bit (1 * x + 0 * y == x).
         """
         g = self.side_state(states, attention_mask, position_ids, cache)
-        return self.alpha * last.to(self.dtype) + (1 - self.alpha) * self.upsample(self.final_norm(g))
+        return self.alpha * last.to(self.alpha.device, self.dtype) + (1 - self.alpha) * self.upsample(self.final_norm(g))

@@ -386,7 +386,7 @@ class _QSTModel(nn.Module):
             num_blocks=len(self.side_layer_indices),
         ).to(_module_device(backbone))
         self.base_name_or_path = base_name_or_path or getattr(backbone.config, "_name_or_path", None) or None
-        self.quantize = quantize
+        self.quantize = quantize if quantize is not None else _detect_quantization(backbone)
         self.tokenizer = tokenizer
         self.feature_cache: BackboneFeatureCache | None = None
         forward_params = inspect.signature(backbone.base_model.forward).parameters
@@ -625,13 +625,13 @@ class QSTForCausalLM(_QSTModel):
             # few answer tokens per example). Same loss; `.logits` is None.
             targets = labels[:, 1:]
             keep = targets != -100
-            logits = head(mixed[:, :-1][keep].to(head.weight.dtype))
+            logits = head(mixed[:, :-1][keep].to(head.weight.device, head.weight.dtype))
             loss = F.cross_entropy(logits.float(), targets[keep])
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         if logits_to_keep:
             mixed = mixed[:, -logits_to_keep:]
-        logits = head(mixed.to(head.weight.dtype))
-        loss = _causal_lm_loss(logits, labels) if labels is not None else None
+        logits = head(mixed.to(head.weight.device, head.weight.dtype))
+        loss = _causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     @torch.no_grad()
