@@ -1,8 +1,8 @@
 """Evaluate any in-memory causal LM with lm-evaluation-harness (lm-eval 0.4.x).
 
-    results = run_lm_eval(model, tokenizer, ["slimtune_module_of_function"],
+    results = run_lm_eval(model, tokenizer, ["slimtune_stdlib_module"],
                           include_path=task_yaml_dir(), limit=200)
-    results["results"]["slimtune_module_of_function"]["acc,none"]
+    results["results"]["slimtune_stdlib_module"]["acc,none"]
 
 The model is any `nn.Module` that behaves like a transformers causal LM: it has `.config`
 and returns an object with `.logits` ([batch, seq, vocab]) when called with input ids. It
