@@ -5,23 +5,40 @@
 
 See `qst.config` for the hyperparameters, `qst.layer` for the side network, `qst.model` for the
 wrappers (save / load / generate) and `qst.cache` for the on-disk backbone feature cache.
+
+Public names are imported on first use, so that `import qst` (done by the CLI to list its
+options) does not load torch and transformers.
 """
 
-from qst.cache import BackboneFeatureCache, BackboneFeatures
-from qst.config import DOWNSAMPLERS, SIDE_INITS, QSTConfig
-from qst.layer import SideBlockSpec, SideNetwork, downsampler_parameter_count
-from qst.model import QSTCache, QSTForCausalLM, QSTForSequenceClassification
+from __future__ import annotations
 
-__all__ = [
-    "DOWNSAMPLERS",
-    "SIDE_INITS",
-    "BackboneFeatureCache",
-    "BackboneFeatures",
-    "QSTCache",
-    "QSTConfig",
-    "QSTForCausalLM",
-    "QSTForSequenceClassification",
-    "SideBlockSpec",
-    "SideNetwork",
-    "downsampler_parameter_count",
-]
+import importlib
+
+_EXPORTS = {
+    "BackboneFeatureCache": "qst.cache",
+    "BackboneFeatures": "qst.cache",
+    "DOWNSAMPLERS": "qst.config",
+    "SIDE_INITS": "qst.config",
+    "QSTConfig": "qst.config",
+    "SideBlockSpec": "qst.layer",
+    "SideNetwork": "qst.layer",
+    "downsampler_parameter_count": "qst.layer",
+    "QSTCache": "qst.model",
+    "QSTForCausalLM": "qst.model",
+    "QSTForSequenceClassification": "qst.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qst' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
