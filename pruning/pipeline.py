@@ -110,7 +110,7 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
               steps: int = 300, estimator: str = "reinmax", lam: float = 16.0, lr: float = 1e-3,
               tau: float = 0.4, offset: float = 3.0, block_size: int = 256, batch_size: int = 4,
               calib_blocks: int = 128, eval_blocks: int = 64, recover_steps: int = 0, recover_lr: float = 2e-4,
-              lora_rank: int = 8, seed: int = 0, device: str = "cpu") -> dict:
+              lora_rank: int = 8, seed: int = 0, device: str = "cpu", threads: int | None = None) -> dict:
     """Prune `model_name` with `method` at `kept` of the block parameters; write everything to `out`."""
     from eval.data import pack_token_blocks
     from eval.io import atomic_directory
@@ -128,6 +128,10 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
             raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
     if recover_steps < 0:
         raise UserInputError(f"--recover-steps must be >= 0; got {recover_steps}")
+    if threads is not None:
+        if threads < 1:
+            raise UserInputError(f"--threads must be a positive integer; got {threads}")
+        torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads distort tokens/s
     out = Path(out)
     torch.manual_seed(seed)
 

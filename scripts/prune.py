@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for recovery")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the whole run (default: torch's "
+                   "choice); on a shared machine 1 gives steadier tokens/s")
     p.add_argument("--out", required=True, help="output directory (replaced as a whole when the run succeeds)")
     p.set_defaults(func=run)
 
@@ -55,6 +57,7 @@ def run(args) -> int:
         block_size=args.block_size, batch_size=args.batch_size, calib_blocks=args.calib_blocks,
         eval_blocks=args.eval_blocks, recover_steps=args.recover_steps, recover_lr=args.recover_lr,
         lora_rank=args.lora_rank, seed=args.seed, device=args.device,
+        threads=args.threads,
     )
     print(f"{r['method']}: block params {r['block_params_before']:,} -> {r['block_params_after']:,} "
           f"(kept {r['kept_ratio']:.3f}); perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}"
