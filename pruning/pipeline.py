@@ -74,8 +74,8 @@ def _kept_width_plot(widths: list[dict[str, int]], dense: list[dict[str, int]]):
         ax.set_xticks(range(n), [str(i) for i in range(n)])
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("kept fraction of width")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7, ncol=5, loc="lower center")
+        ax.set_ylim(0, 1.25)
+        ax.legend(fontsize=7, ncol=5, loc="upper center")
         ax.grid(axis="y", alpha=0.3)
     return draw
 
