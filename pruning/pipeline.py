@@ -155,6 +155,9 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
         hypernet = result.hypernet
         report.update(hypernet_train_time_s=result.train_time_s, steps=steps, estimator=estimator,
                       export_threshold=result.plan.info["export_threshold"],
+                      # sampled masks' kept share over the last steps: far from `kept` means the
+                      # export leaned on the threshold fit rather than on converged masks
+                      train_kept_ratio_final=sum(result.kept_ratio[-20:]) / len(result.kept_ratio[-20:]),
                       train_curve={"loss": result.losses, "ce": result.ce, "kept_ratio": result.kept_ratio})
     else:
         pruned = baseline_prune(method, model, kept, blocks, batch_size)
