@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "accuracy_before": before, "accuracy_after": after,
         "losses": history.losses, "steps": history.steps, "resumed_from": history.resumed_from,
         "peak_memory_bytes": peak,
+        "process_peak_rss_bytes": _process_peak_rss(),
         "peak_memory_method": "torch.cuda.max_memory_allocated" if device.startswith("cuda")
         else "peak RSS growth during training (this process)",
         "median_step_time_s": history.median_step_time,
@@ -184,10 +185,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_peak_rss() -> int | None:
+    """Peak resident memory of this whole process so far (backbone, data, training, evaluation)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _mib(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.0f} MiB"
 
 
 def _fmt(x) -> str:
@@ -210,7 +224,8 @@ def _write(out: Path, data: dict) -> None:
         f"| accuracy before → after | {_fmt(data['accuracy_before'])} → {_fmt(data['accuracy_after'])} |",
         f"| steps × batch × seq | {data['steps']} × {data['batch']} × {data['seq']} |",
         f"| final loss (mean of last 10 steps) | {statistics.mean(data['losses'][-10:]):.4f} |",
-        f"| peak memory | {data['peak_memory_bytes'] / 2**20:.1f} MiB ({data['peak_memory_method']}) |",
+        f"| peak memory | {data['peak_memory_bytes'] / 2**20:.1f} MiB ({data['peak_memory_method']}); "
+        f"process peak RSS {_mib(data['process_peak_rss_bytes'])} |",
         f"| median step time | {ms(data['median_step_time_s'])} (first epoch {ms(data['median_step_time_first_epoch_s'])}, "
         f"later epochs {ms(data['median_step_time_later_epochs_s'])}) |",
     ]
