@@ -8,9 +8,11 @@ split. `measure_forward_floor` times a no-grad forward pass of the 4-bit backbon
 network and the LM head on the labelled positions, so it cannot cost less.
 
 Both are `eval.measure.run_in_fresh_process` targets: keyword arguments and results are plain
-JSON. Memory: on CUDA `max_memory_allocated` (weights included); on CPU the process's peak RSS
-after set-up minus its RSS at set-up, to which the parent adds `parameter_bytes` (returned
-here) so that both devices report "weights + training state".
+JSON. Memory of a method is measured around its training only (scoring the test split
+afterwards runs at another batch size and is not part of a training step's cost): on CUDA
+`max_memory_allocated` (weights included); on CPU the peak RSS during training minus the RSS
+at its start, to which the parent adds `parameter_bytes` (returned here) so that both devices
+report "weights + training state".
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     weights_bytes = parameter_bytes(tuned)
     mark_setup_done()
 
-    result = train(
-        tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
-        desc=f"bench {method}",
-    )
+    with _TrainingPeak(tuned.device) as peak:  # training only: scoring afterwards is not part of it
+        result = train(
+            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
+            desc=f"bench {method}",
+        )
     timed = result.step_times[warmup:warmup + steps]
     step_time = statistics.median(timed)
     accuracy = None
@@ -101,6 +104,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "total_params": total,
         "trainable_share": trainable / total,
         "parameter_bytes": weights_bytes,
+        "peak_memory_bytes": peak.bytes,
+        "memory_measure": peak.how,
         "step_time_s": step_time,
         "tokens_per_s": batch * seq / step_time,
         "final_loss": sum(losses) / len(losses) if losses and all(map(math.isfinite, losses)) else None,
@@ -108,6 +113,34 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "steps_trained": result.steps,
         "losses": result.losses,
     }
+
+
+class _TrainingPeak:
+    """Peak memory while the block runs. CUDA: max_memory_allocated (weights included); CPU: peak
+    RSS minus RSS at the start (the weights are already resident: the parent adds them back)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.bytes: int | None = None
+        self.how = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS increment"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            from eval.measure import RssPeakTracker
+
+            self.tracker = RssPeakTracker().start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.bytes = self.tracker.stop() - self.tracker.start_rss
+        return False
 
 
 def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None, task: str | None = None,
@@ -322,7 +355,7 @@ def _peak_bytes(raw: dict) -> int | None:
     peak = raw.get("peak_memory_bytes")
     if peak is None:
         return None
-    if "cuda_max_memory_allocated_bytes" in raw:
+    if "cuda_max_memory_allocated_bytes" in raw or raw.get("memory_measure") == "torch.cuda.max_memory_allocated":
         return int(peak)
     return int(peak + raw.get("parameter_bytes", 0))
 
@@ -335,7 +368,7 @@ def _method_entry(raw: dict) -> tuple[dict, dict]:
     entry = {k: raw.get(k) for k in METHOD_KEYS}
     entry["peak_memory_bytes"] = _peak_bytes(raw)
     details = {k: raw.get(k) for k in ("total_params", "parameter_bytes", "steps_trained", "losses",
-                                       "peak_rss_bytes", "setup_rss_bytes", "memory_method")}
+                                       "memory_measure")}
     details["peak_increment_bytes"] = raw.get("peak_memory_bytes")
     return entry, details
 
@@ -402,8 +435,9 @@ def format_markdown(data: dict) -> str:
         f"{_fmt(_mb(floor.get('forward_peak_memory_bytes')), '.1f')} MB"
         + (f" — failed: {floor['error']}" if floor.get("error") else "") + ".",
         "",
-        "Peak memory = weights + training state (CUDA: max_memory_allocated; CPU: peak RSS after set-up "
-        "minus RSS at set-up, plus the parameters' bytes). Estimate = `slimtune estimate-memory` (detailed "
+        "Peak memory = weights + training state, during training only (scoring afterwards not counted; "
+        "CUDA: max_memory_allocated; CPU: peak RSS during training minus RSS at its start, plus the "
+        "parameters' bytes). Estimate = `slimtune estimate-memory` (detailed "
         "assumptions) with the measured trainable count. Ratios < 1 mean less than QLoRA.",
     ]
     return "\n".join(lines) + "\n"
