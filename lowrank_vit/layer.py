@@ -47,8 +47,10 @@ class LowRankLinear(nn.Module):
             # Shells for loading a quantized checkpoint: int8 factors with float row scales.
             self.register_buffer("down_q", torch.zeros(rank, in_features, dtype=torch.int8, device=device))
             self.register_buffer("down_scale", torch.ones(rank, 1, **kw))
+            self.register_buffer("down_column_scale", torch.ones(1, in_features, **kw))
             self.register_buffer("up_q", torch.zeros(out_features, rank, dtype=torch.int8, device=device))
             self.register_buffer("up_scale", torch.ones(out_features, 1, **kw))
+            self.register_buffer("up_column_scale", torch.ones(1, rank, **kw))
             self.down = self.up = None
         else:
             self.down = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -98,7 +100,9 @@ class LowRankLinear(nn.Module):
         """The principal factors (up [out, r], down [r, in]) as floats (dequantized if int8)."""
         if self.is_int8:
             dtype = self.down_scale.dtype
-            return self.up_q.to(dtype) * self.up_scale, self.down_q.to(dtype) * self.down_scale
+            up = self.up_q.to(dtype) * self.up_scale / self.up_column_scale
+            down = self.down_q.to(dtype) * self.down_scale / self.down_column_scale
+            return up, down
         return self.up, self.down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,18 +143,25 @@ class LowRankLinear(nn.Module):
         self.residual_up = nn.Parameter(self.residual_up.new_zeros(self.out_features, 0))
 
     @torch.no_grad()
-    def quantize_int8(self) -> None:
-        """Store the principal factors as int8 with one symmetric scale per row (merge first)."""
+    def quantize_int8(self, column_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Store the principal factors as int8, one symmetric scale per row (merges the residual first).
+
+        column_scales: (down's [in], up's [rank]) input RMS per column: the factor is quantized
+        as W·diag(c) and dequantized as q·scale / c (see `quantize`). Default: ones."""
         if self.is_int8:
             return
         self.merge_residual()
-        for name in ("down", "up"):
+        down_c, up_c = column_scales if column_scales is not None else (None, None)
+        for name, c in (("down", down_c), ("up", up_c)):
             weight = getattr(self, name).detach()
-            q, scale = quantize_rows_int8(weight)
+            if c is None:
+                c = torch.ones(weight.shape[1], device=weight.device)
+            q, scale = quantize_rows_int8(weight, c)
             delattr(self, name)
             setattr(self, name, None)
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale.to(weight.dtype))
+            self.register_buffer(f"{name}_column_scale", c.reshape(1, -1).to(weight))
 
     def extra_repr(self) -> str:
         return (

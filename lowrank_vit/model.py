@@ -80,11 +80,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def count_weights(model: nn.Module) -> int:
-    """Parameters plus int8 factor elements (quantized factors are buffers)."""
+    """Parameters plus the int8 factors' elements and their float scales (quantized factors are buffers)."""
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         if isinstance(m, LowRankLinear) and m.is_int8:
-            total += m.down_q.numel() + m.up_q.numel()
+            total += sum(b.numel() for b in m.buffers(recurse=False))
     return total
 
 
@@ -188,7 +188,7 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
         if isinstance(module, LowRankLinear):
             module.merge_residual()  # exact: one pair of thin matmuls at inference
     if config.int8:
-        quantize_factors_int8(model)
+        quantize_factors_int8(model, {n: stats[n].xtx / stats[n].count for n in order})
 
     targeted_before = sum(e["params_dense"] for e in layer_reports.values())
     targeted_after = sum(e["params"] for e in layer_reports.values())
