@@ -235,7 +235,6 @@ def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tokenizer.pad_token_id,
                               "stopping_criteria": StoppingCriteriaList([_FunctionEnded(tokenizer, prompt_length, model_prompt)])}
     processors = [_FirstTokenStartsWith(tokenizer, "\n", prompt_length)] if healed else []
-    stats: dict[str, Any] = {}
     processor = None
     if sampler == "greedy":
         n = 1
@@ -253,14 +252,19 @@ def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
     torch.manual_seed(seed)
     with torch.no_grad():
         sequences = model.generate(**encoded, **kwargs)  # [n, prompt_length + new]
-    completions = []
+    completions, unfinished = [], 0
     for row in sequences:
-        completion = extract_completion(tokenizer.decode(row[prompt_length:], skip_special_tokens=True), model_prompt)
+        generated = row[prompt_length:]
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        completion = extract_completion(text, model_prompt)
+        # Unfinished: the token limit came before the function's end and before EOS.
+        unfinished += completion == text and tokenizer.eos_token_id not in generated.tolist()
         if healed:
             completion = completion[1:] if completion.startswith("\n") else ""  # "" only if generation stopped at once
         completions.append(completion)
+    stats = {"unfinished": unfinished}
     if processor is not None:
-        stats = {"hard_steps": processor.hard_steps, "total_steps": processor.total_steps}
+        stats.update(hard_steps=processor.hard_steps, total_steps=processor.total_steps)
     return completions, stats
 
 
@@ -340,7 +344,7 @@ def _summarise(sampler, samples, problems, ks, stats) -> dict[str, Any]:
     summary = {"pass_at_k": pass_k, "n": per_problem[0][0], "samples": len(mine),
                "passed": sum(s["status"] == "passed" for s in mine),
                "problems_solved": sum(c > 0 for _, c in per_problem),
-               "failures": dict(failures.most_common())}
+               "failures": dict(failures.most_common()), "unfinished": stats.get("unfinished", 0)}
     if stats.get("total_steps"):
         summary["hard_token_fraction"] = stats["hard_steps"] / stats["total_steps"]
     return summary
@@ -366,11 +370,13 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
     kinds = sorted({t for s in summaries.values() for t in s["failures"]},
                    key=lambda t: -sum(s["failures"].get(t, 0) for s in summaries.values()))
     failures = [{"sampler": name, "samples": s["samples"], "passed": s["passed"],
-                 **{t: s["failures"].get(t, 0) for t in kinds}} for name, s in summaries.items()]
+                 **{t: s["failures"].get(t, 0) for t in kinds}, "unfinished": s.get("unfinished")}
+                for name, s in summaries.items()]
     return (f"# {title}\n\n{config['problems']} problems; pass@k in %, unbiased estimator over n samples per "
             f"problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox with a "
             f"{config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
-            + "\n## Failure types (counts over all samples)\n\n" + markdown_table(failures))
+            + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
+            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
 
 
 def _sampler_label(name: str, config: dict[str, Any]) -> str:

@@ -162,8 +162,10 @@ def test_evaluation_counts_passes_failures_and_pass_at_k(tiny_tokenizer):
         assert (s["n"], s["samples"], s["passed"]) == (8, 8, 2)
         assert s["pass_at_k"] == {"1": pytest.approx(pass_at_k(8, 2, 1)), "4": pytest.approx(pass_at_k(8, 2, 4))}
         assert s["failures"] == {"AssertionError": 2, "NameError": 2, "SyntaxError": 2}
+        assert s["unfinished"] == 6  # only the first script leaves the function (no EOS in any)
     greedy = report["samplers"]["greedy"]  # one completion, the first scripted one: passes
     assert (greedy["n"], greedy["passed"], greedy["pass_at_k"]) == (1, 1, {"1": 1.0, "4": 1.0})
+    assert greedy["unfinished"] == 0
     assert {s["completion"] for s in report["samples"]} == {"    return a + b\n", "    return a - b\n",
                                                            "    return c\n", "    return a +\n"}
 
