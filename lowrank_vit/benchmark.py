@@ -4,7 +4,8 @@
     python -m lowrank_vit.benchmark vit --keeps 0.5 0.4 --out runs/lowrank-bench-vit
     python -m lowrank_vit.benchmark lm  --keeps 0.8 0.6 0.5 --out runs/lowrank-bench-lm
 
-Every variant starts from the same dense model and the same calibration samples. Variants:
+Every variant starts from the same dense model and the same calibration samples (whose input
+statistics are collected once; `compress_time_s` excludes that shared calibration pass). Variants:
 svd, asvd, aa-uniform (baselines, no compensation), aa-mixed/no-comp (whitening + greedy ranks,
 no compensation: the allocation alone), aa-mixed (the full method: + sequential closed-form
 refit), aa-mixed+gd-residual (+ a rank-4 residual per layer trained by 100 Adam steps, paid from
@@ -24,8 +25,9 @@ import time
 
 import torch
 
+from lowrank_vit.calibration import collect_input_statistics
 from lowrank_vit.config import MixedRankConfig
-from lowrank_vit.model import compress
+from lowrank_vit.model import compress, find_targets
 
 VARIANTS = {
     "svd": {"method": "svd"},
@@ -36,6 +38,12 @@ VARIANTS = {
     "aa-mixed+gd-residual": {"method": "aa-mixed", "compensate_steps": 100, "residual_rank": 4},
     "aa-mixed+int8": {"method": "aa-mixed", "int8": True},
 }
+
+
+def _dense_stats(model, batches, config: MixedRankConfig):
+    # Every variant starts from the same dense model and batches: calibrate once.
+    layers = {name: model.get_submodule(name) for name in find_targets(model, config.targets)}
+    return collect_input_statistics(model, layers, batches, progress=False)
 
 
 def _variants(names, base: MixedRankConfig, keep: float):
@@ -69,11 +77,12 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
     rows = [{"variant": "dense", "keep": 1.0, "accuracy": image_accuracy(dense, eval_set, eval_idx, batch_size),
              "logit_error": 0.0, "agreement": 1.0}]
     models = {}
+    stats = _dense_stats(dense, calib, base)
     for keep in keeps:
         for name, config in _variants(variants, base, keep):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            report = compress(model, calib, config, progress=False)
+            report = compress(model, calib, config, progress=False, input_stats=stats)
             row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
                    "targeted_params": report["targeted_params_after"], "params": report["params_after"],
                    "accuracy": image_accuracy(model, eval_set, eval_idx, batch_size), **fidelity(model),
@@ -97,11 +106,12 @@ def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval
     calib = list(pack_token_blocks(reference_corpus("train"), tokenizer, block_size, max_blocks=base.calib_images).split(8))
     test = pack_token_blocks(reference_corpus("test"), tokenizer, block_size, max_blocks=eval_blocks)
     rows = [{"variant": "dense", "keep": 1.0, "perplexity": perplexity_of_blocks(dense, test)}]
+    stats = _dense_stats(dense, calib, base)
     for keep in keeps:
         for name, config in _variants(variants, base, keep):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            report = compress(model, calib, config, progress=False)
+            report = compress(model, calib, config, progress=False, input_stats=stats)
             row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
                    "targeted_params": report["targeted_params_after"], "params": report["params_after"],
                    "perplexity": perplexity_of_blocks(model, test), "compress_time_s": time.perf_counter() - start}

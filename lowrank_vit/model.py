@@ -110,13 +110,16 @@ def _take_samples(batches, limit: int) -> list:
     return taken
 
 
-def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress: bool = True) -> dict:
+def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress: bool = True,
+             input_stats: dict | None = None) -> dict:
     """Compress `model`'s targeted linears in place; returns the report (JSON-ready dict).
 
     calib_batches: iterable of `pixel_values` [B, 3, H, W] (an image classifier) or `input_ids`
     [B, T] (a causal LM) tensors, of dicts of model kwargs, or of (inputs, labels) pairs as a
     DataLoader yields them; the first `config.calib_images` samples are used (the list is kept:
     compensation runs over it once per layer).
+    input_stats: the dense model's `calibration.collect_input_statistics` over these same
+    batches, to reuse across several compressions of one model (a benchmark); default: collected here.
     """
     start = time.perf_counter()
     targets = find_targets(model, config.targets)
@@ -133,7 +136,13 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
     params_before = count_weights(model)
     layers = {name: model.get_submodule(name) for name in targets}
 
-    stats = collect_input_statistics(model, layers, batches, progress)
+    if input_stats is None:
+        stats = collect_input_statistics(model, layers, batches, progress)
+    else:
+        missing = sorted(set(layers) - set(input_stats))
+        if missing:
+            raise UserInputError(f"input_stats lacks targeted layers {missing[:3]}; collect them for this model and targets")
+        stats = {n: input_stats[n] for n in layers}
     unused = [n for n, s in stats.items() if s.count == 0]
     for name in unused:  # never called in a forward pass: nothing to calibrate on, leave dense
         del targets[name], layers[name], stats[name]
