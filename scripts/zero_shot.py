@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
         description="Evaluate models with lm-evaluation-harness (its Python API, on the model object as the "
         "suite left it) on the suite's own task YAMLs, on a folder of your YAMLs (--include-path) and on "
         "lm-eval's standard tasks whose data is in the local cache. Writes OUT/zero_shot.{json,md} and "
-        "OUT/zero_shot.png. Examples: slimtune zero-shot --model ref-lm --tasks slimtune_module_of_function "
+        "OUT/zero_shot.png. Examples: slimtune zero-shot --model ref-lm --tasks def-kind,docstring-match "
         "--out runs/zs;  slimtune zero-shot --compare dense=ref-lm,qst:runs/qst,pruned:runs/disp/model "
         "--out runs/zs-all",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
