@@ -83,10 +83,11 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             report = compress(model, calib, config, progress=False, input_stats=stats)
+            elapsed = time.perf_counter() - start
             row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
                    "targeted_params": report["targeted_params_after"], "params": report["params_after"],
                    "accuracy": image_accuracy(model, eval_set, eval_idx, batch_size), **fidelity(model),
-                   "compress_time_s": time.perf_counter() - start}
+                   "compress_time_s": elapsed}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
             if name == "aa-mixed":
@@ -112,9 +113,10 @@ def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             report = compress(model, calib, config, progress=False, input_stats=stats)
+            elapsed = time.perf_counter() - start
             row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
                    "targeted_params": report["targeted_params_after"], "params": report["params_after"],
-                   "perplexity": perplexity_of_blocks(model, test), "compress_time_s": time.perf_counter() - start}
+                   "perplexity": perplexity_of_blocks(model, test), "compress_time_s": elapsed}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return {"model": "ref-lm", "calib_blocks": base.calib_images, "block_size": block_size,
