@@ -161,6 +161,3 @@ def kept_widths(model: nn.Module) -> list[dict[str, int]]:
         })
     return out
 
-
-def dense_geometry(model: nn.Module) -> list[LayerGeometry]:
-    return model_geometry(model)
