@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import MASK_NAMES, LayerGeometry, decoder_layers, layout_for, model_geometry
+from .arch import MASK_NAMES, LayerGeometry, decoder_layers, layout_for
 from .config import DispConfig
 from .hypernetwork import HyperNetwork, hard_mask
 from .masking import DispTrainingModel, kept_block_params
