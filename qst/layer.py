@@ -194,14 +194,20 @@ class SideAttention(nn.Module):
         self.o_proj = nn.Linear(w, w, bias=spec.bias)
 
     def forward(self, x, cos, sin, mask, cache: SideKVCache | None, layer: int) -> torch.Tensor:
-        # x: [B, S, w]; mask: bool [B, 1, S, past + S], True = may attend
+        # x: [B, S, w]; mask: [B, 1, S, past + S] (bool, True = may attend, or additive float),
+        # or None for plain causal attention over these S tokens (see `side_attention_mask`)
         split = lambda t: rearrange(t, "b s (h d) -> b h s d", h=self.num_heads)  # noqa: E731
         q = apply_rotary(split(self.q_proj(x)), cos, sin)
         k = apply_rotary(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # is_causal with no mask tensor: nothing [B, 1, S, S] to read, and fully masked key blocks
+        # are skipped (exact only when queries and keys are the same S tokens: no past keys)
+        causal = mask is None and q.shape[2] > 1
+        if causal and q.shape[2] != k.shape[2]:
+            raise ValueError("mask=None means causal attention without past keys; pass a mask when there is a cache")
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
 
 
@@ -256,6 +262,21 @@ class Gate(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The side network
+
+
+def causal_mask_is_exact(attention_mask: torch.Tensor | None, past: int) -> bool:
+    """True when plain causal attention (SDPA `is_causal=True`, no mask tensor) gives the same
+    outputs at every real token as `side_attention_mask`: no past keys, and no padding or right
+    padding only (each row 1..1 0..0). With right padding a real token's causal window holds only
+    real tokens; only the outputs at pad positions change, and nothing reads those (their
+    labels are -100, classification pools the last real token, and causality keeps them out of
+    every real token's window in later blocks)."""
+    if past:
+        return False
+    if attention_mask is None:
+        return True
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def side_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, past: int,
@@ -317,6 +338,15 @@ class SideNetwork(nn.Module):
         side = self.blocks[i](g, cos, sin, mask, cache, i)
         return self.gates[i](self._down(i + 1, h), side)
 
+    def _attention_mask(self, attention_mask, batch: int, seq: int, past: int) -> torch.Tensor | None:
+        """One mask for all side blocks of this forward: None (plain causal) where that is exact,
+        else the additive float form of `side_attention_mask` (0 / -inf, [B, 1, S, past + S]),
+        which SDPA would otherwise rebuild from the bool mask in every block."""
+        if causal_mask_is_exact(attention_mask, past):
+            return None
+        allowed = side_attention_mask(attention_mask, batch, seq, past, self.alpha.device)
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
     def side_state(self, states: Sequence[torch.Tensor], attention_mask=None, position_ids=None,
                    cache: SideKVCache | None = None) -> torch.Tensor:
         """g_N: [B, S, width]."""
@@ -331,7 +361,7 @@ class SideNetwork(nn.Module):
             position_ids = side_position_ids(attention_mask, batch, seq, past, device)
         position_ids = position_ids.to(device)
         cos, sin = rotary_tables(position_ids, self.spec.head_dim, self.spec.rope_theta, self.dtype)
-        mask = side_attention_mask(attention_mask, batch, seq, past, device)
+        mask = self._attention_mask(attention_mask, batch, seq, past)
         g = self._down(0, states[0])
         checkpointing = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i in range(len(self.blocks)):
@@ -342,11 +372,16 @@ class SideNetwork(nn.Module):
         return g
 
     def forward(self, states: Sequence[torch.Tensor], last: torch.Tensor, attention_mask=None,
-                position_ids=None, cache: SideKVCache | None = None) -> torch.Tensor:
-        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, out_size] in the side dtype.
+                position_ids=None, cache: SideKVCache | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, out_size] in the side dtype, or
+        [n, out_size] at the n positions where `select` (bool [B, S]) is True (the mix is per
+        position: training needs it only where there is a label).
 
         `last` (h_N) is exactly what the backbone's LM head consumes, so at alpha = 1 the mix
         equals it bit for bit (1 * x + 0 * y == x).
         """
         g = self.side_state(states, attention_mask, position_ids, cache)
+        if select is not None:
+            g, last = g[select.to(g.device)], last[select.to(last.device)]
         return self.alpha * last.to(self.alpha.device, self.dtype) + (1 - self.alpha) * self.upsample(self.final_norm(g))

@@ -467,8 +467,9 @@ class _QSTModel(nn.Module):
         return [features.hidden_states[0]] + [features.hidden_states[i + 1] for i in self.side_layer_indices]
 
     def mixed_state(self, input_ids, attention_mask=None, position_ids=None, cache: QSTCache | None = None,
-                    use_cache: bool = False) -> tuple[torch.Tensor, QSTCache | None]:
-        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, d_out], and the updated cache."""
+                    use_cache: bool = False, select: torch.Tensor | None = None) -> tuple[torch.Tensor, QSTCache | None]:
+        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, d_out] (or [n, d_out] at the positions
+        where `select`, bool [B, S], is True), and the updated cache."""
         if input_ids is None:
             raise UserInputError("QST models take input_ids (inputs_embeds is not supported)")
         if use_cache and cache is None:
@@ -478,7 +479,7 @@ class _QSTModel(nn.Module):
         if cache is not None and use_cache:
             cache.backbone = features.cache
         mixed = self.side(self.side_states(features), features.last, attention_mask, position_ids,
-                          cache.side if (cache is not None and use_cache) else None)
+                          cache.side if (cache is not None and use_cache) else None, select)
         return mixed, (cache if use_cache else None)
 
     # --- save / load ---------------------------------------------------------------------------
@@ -617,17 +618,19 @@ class QSTForCausalLM(_QSTModel):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         cache = cache if cache is not None else past_key_values
-        mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache)
         head = self.lm_head
         if labels is not None and self.training:
-            # Training: only the positions that predict a label go through the vocabulary
-            # projection ([n, d_out] -> [n, vocab] instead of [B, S, vocab]; task batches label a
-            # few answer tokens per example). Same loss; `.logits` is None.
+            # Training: the output mix and the vocabulary projection only at the positions that
+            # predict a label ([n, d_out] -> [n, vocab] instead of [B, S, vocab]; task batches
+            # label a few answer tokens per example). Same loss; `.logits` is None.
             targets = labels[:, 1:]
-            keep = targets != -100
-            logits = head(mixed[:, :-1][keep].to(head.weight.device, head.weight.dtype))
+            keep = targets != -100  # [B, S - 1]: position s predicts token s + 1
+            predicts = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # [B, S]
+            mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache, predicts)
+            logits = head(mixed.to(head.weight.device, head.weight.dtype))
             loss = F.cross_entropy(logits.float(), targets[keep])
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
+        mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache)
         if logits_to_keep:
             mixed = mixed[:, -logits_to_keep:]
         logits = head(mixed.to(head.weight.device, head.weight.dtype))
