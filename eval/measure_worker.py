@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 import eval.measure as measure
+from eval.console import quiet_library_logs
 from eval.io import write_json
 
 
@@ -98,6 +99,7 @@ def _lifetime_max_rss() -> int | None:
 
 def main(argv: list[str]) -> int:
     target, kwargs_path, result_path = argv
+    quiet_library_logs()
     kwargs = json.loads(Path(kwargs_path).read_text(encoding="utf-8"))
     measurement = Measurement()
     measure._setup_hook = measurement.mark_setup_done

@@ -10,7 +10,7 @@ hash of their recipe (so a recipe change rebuilds), written atomically with a
 `reference_card.json` as the last file (the completion mark), and built under a file lock so
 two processes never build the same model at once.
 
-The corpus (decided here, documented in docs/results/reference.md):
+The corpus (decided here, documented in docs/RESULTS.md):
 - every `.py` file under the stdlib directory, except `site-packages` (third-party code),
   test suites and their data (`test`, `tests`, `idle_test` directories: fixtures, deliberately
   broken files, huge generated tables) and `encodings` (generated codec tables), and

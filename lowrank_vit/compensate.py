@@ -11,7 +11,7 @@ Two ways to fit, used in this order:
    reaches the optimum of this objective at rank r, gradient descent can only add what the
    residual's extra rank brings, and that rank is paid from the same budget; measured on
    ref-vit it did worse than giving those parameters to the principal term, so it is off by
-   default and kept as an option (docs/results/lowrank_vit.md).
+   default and kept as an option (docs/RESULTS.md).
 
 Why a plain loop and not `eval.train.train`: each fit here is a small full-data regression on
 cached tensors (no batches of model inputs, no `.loss` output), run dozens of times in a row; it

@@ -34,7 +34,7 @@ class MixedRankConfig:
         Only reserved when there are training steps (aa-mixed with compensate_steps > 0).
     compensate_steps: Adam steps of layer-wise compensation per layer (0 = no gradient descent;
         the default, because at an equal budget the closed-form refit alone measured better:
-        docs/results/lowrank_vit.md).
+        docs/RESULTS.md).
     compensate_factors: also train the principal factors during compensation (not only the
         residual term).
     refit: at the start of each layer's compensation, replace its principal factors by the exact

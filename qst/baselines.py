@@ -15,7 +15,7 @@
 | prompt  | 16 soft-prompt input embeddings                                    | PEFT |
 | bitfit  | bias terms only                                                    | here (PEFT has none) |
 
-Choices that keep the comparison fair (documented in docs/results/bench.md):
+Choices that keep the comparison fair (documented in docs/RESULTS.md):
 - No gradient checkpointing for any method. `prepare_model_for_kbit_training` turns it on by
   default; we pass `use_gradient_checkpointing=False`, since checkpointing trades step time for
   memory and would move QLoRA along both axes the benchmark compares.

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
+
+from eval.console import quiet_library_logs
 
 # Subcommand modules, in the order `slimtune --help` lists them.
 COMMANDS = [
@@ -46,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-v" in argv or "--verbose" in argv:
+        os.environ["SLIMTUNE_VERBOSE"] = "1"  # also seen by the fresh processes bench measures in
+    quiet_library_logs()  # before the subcommands import the libraries
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if not args.verbose:
-        _quiet_libraries()
     from eval.errors import UserInputError
 
     try:
@@ -63,12 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-def _quiet_libraries() -> None:
-    # Library chatter (hub warnings, bitsandbytes kernel probes) hides the suite's own output.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("transformers", "bitsandbytes", "accelerate", "datasets", "lm_eval", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
