@@ -51,6 +51,26 @@ def _variants(names, base: MixedRankConfig, keep: float):
         yield name, dataclasses.replace(base, keep=keep, **VARIANTS[name])
 
 
+def _compress_variants(dense, calib, base: MixedRankConfig, keeps, variants, score):
+    """Compress a copy of `dense` per (keep, variant); yield (name, keep, model, row).
+
+    `score(model) -> dict` adds the model-specific quality columns to each row. Compression time
+    excludes scoring.
+    """
+    stats = _dense_stats(dense, calib, base)
+    for keep in keeps:
+        for name, config in _variants(variants, base, keep):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            report = compress(model, calib, config, progress=False, input_stats=stats)
+            elapsed = time.perf_counter() - start
+            row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
+                   "targeted_params": report["targeted_params_after"], "params": report["params_after"],
+                   **score(model), "compress_time_s": elapsed}
+            print(row, file=sys.stderr, flush=True)
+            yield name, keep, model, row
+
+
 def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> dict:
     from eval.models import load_image_classifier
     from lowrank_vit.pipeline import (
@@ -74,24 +94,16 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
         return {"logit_error": float((logits - reference).square().sum() / reference.square().sum()),
                 "agreement": float((logits.argmax(-1) == reference.argmax(-1)).double().mean())}
 
+    def score(model) -> dict:
+        return {"accuracy": image_accuracy(model, eval_set, eval_idx, batch_size), **fidelity(model)}
+
     rows = [{"variant": "dense", "keep": 1.0, "accuracy": image_accuracy(dense, eval_set, eval_idx, batch_size),
              "logit_error": 0.0, "agreement": 1.0}]
     models = {}
-    stats = _dense_stats(dense, calib, base)
-    for keep in keeps:
-        for name, config in _variants(variants, base, keep):
-            model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            report = compress(model, calib, config, progress=False, input_stats=stats)
-            elapsed = time.perf_counter() - start
-            row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
-                   "targeted_params": report["targeted_params_after"], "params": report["params_after"],
-                   "accuracy": image_accuracy(model, eval_set, eval_idx, batch_size), **fidelity(model),
-                   "compress_time_s": elapsed}
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
-            if name == "aa-mixed":
-                models[f"aa-mixed keep {keep}"] = model
+    for name, keep, model, row in _compress_variants(dense, calib, base, keeps, variants, score):
+        rows.append(row)
+        if name == "aa-mixed":
+            models[f"aa-mixed keep {keep}"] = model
     speed = images_per_second({"dense": dense, **models}, speed_batch)
     return {"model": "ref-vit", "data": note, "eval_images": len(eval_idx), "rows": rows,
             "images_per_s": speed, "speed_batch_size": int(speed_batch.shape[0])}
@@ -107,18 +119,9 @@ def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval
     calib = list(pack_token_blocks(reference_corpus("train"), tokenizer, block_size, max_blocks=base.calib_images).split(8))
     test = pack_token_blocks(reference_corpus("test"), tokenizer, block_size, max_blocks=eval_blocks)
     rows = [{"variant": "dense", "keep": 1.0, "perplexity": perplexity_of_blocks(dense, test)}]
-    stats = _dense_stats(dense, calib, base)
-    for keep in keeps:
-        for name, config in _variants(variants, base, keep):
-            model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            report = compress(model, calib, config, progress=False, input_stats=stats)
-            elapsed = time.perf_counter() - start
-            row = {"variant": name, "keep": keep, "keep_achieved": report["keep_achieved"],
-                   "targeted_params": report["targeted_params_after"], "params": report["params_after"],
-                   "perplexity": perplexity_of_blocks(model, test), "compress_time_s": elapsed}
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
+    for _, _, _, row in _compress_variants(dense, calib, base, keeps, variants,
+                                           lambda model: {"perplexity": perplexity_of_blocks(model, test)}):
+        rows.append(row)
     return {"model": "ref-lm", "calib_blocks": base.calib_images, "block_size": block_size,
             "eval_blocks": int(test.shape[0]), "rows": rows}
 
