@@ -88,3 +88,32 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_named_tensors_into(params: dict, path: str | os.PathLike, what: str) -> None:
+    """Copy the tensors of a safetensors file into `params` (name -> tensor) in place.
+
+    The file must hold exactly these names with these shapes; anything else is a
+    `UserInputError` naming `what` (e.g. "training checkpoint") and the mismatch.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from eval.errors import UserInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{what} not found: {path}")
+    weights = load_file(path)
+    if set(weights) != set(params):
+        missing, extra = set(params) - set(weights), set(weights) - set(params)
+        raise UserInputError(
+            f"{what} {path} does not match the model's parameters "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if weights[name].shape != p.shape:
+                raise UserInputError(f"{what} {path}: {name} has shape {tuple(weights[name].shape)}, "
+                                     f"the model's is {tuple(p.shape)}")
+            p.copy_(weights[name])

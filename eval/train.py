@@ -436,7 +436,7 @@ def _save_checkpoint(ckpt_dir: Path, state, named_trainable, optimizer, schedule
 def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, config, accelerator) -> dict:
     from safetensors.torch import load_file
 
-    from eval.io import read_json
+    from eval.io import load_named_tensors_into, read_json
 
     state = read_json(ckpt_dir / "state.json", "training checkpoint state")
     saved_config = state.pop("config")
@@ -447,19 +447,7 @@ def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, conf
             f"({', '.join(f'{k}: {saved_config.get(k)!r} -> {getattr(config, k)!r}' for k in sorted(changed))}); "
             "use a new output directory or delete the checkpoint to start over"
         )
-    weights = load_file(ckpt_dir / "trainable.safetensors")
-    if set(weights) != set(named_trainable):
-        missing, extra = set(named_trainable) - set(weights), set(weights) - set(named_trainable)
-        raise UserInputError(
-            f"{ckpt_dir} does not match the model's trainable parameters "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})"
-        )
-    with torch.no_grad():
-        for name, p in named_trainable.items():
-            if weights[name].shape != p.shape:
-                raise UserInputError(f"{ckpt_dir}: parameter {name} has shape {tuple(weights[name].shape)}, "
-                                     f"the model's is {tuple(p.shape)}")
-            p.copy_(weights[name])
+    load_named_tensors_into(named_trainable, ckpt_dir / "trainable.safetensors", "training checkpoint")
     tensors = load_file(ckpt_dir / "optimizer.safetensors")
     optimizer.load_state_dict(_restore_tensors(read_json(ckpt_dir / "optimizer.json"), tensors))
     scheduler.load_state_dict(read_json(ckpt_dir / "scheduler.json"))

@@ -521,9 +521,7 @@ class _QSTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base=None, *, dtype=None, device="cpu"):
         """Load a saved side network onto its backbone (`base`, or the one named in its config)."""
-        from safetensors.torch import load_file
-
-        from eval.io import read_json
+        from eval.io import load_named_tensors_into, read_json
 
         directory = Path(directory)
         saved = read_json(directory / CONFIG_NAME, "QST config")
@@ -548,18 +546,7 @@ class _QSTModel(nn.Module):
         model = cls(backbone, QSTConfig.from_dict(saved["qst"]), base_name_or_path=saved["base_model_name_or_path"] or name,
                     quantize=quant, block_spec=SideBlockSpec(**saved["side_block"]), backbone_spec=spec,
                     tokenizer=tokenizer, **cls._init_kwargs_from_saved(saved))
-        weights = load_file(directory / WEIGHTS_NAME)
-        params = model.side_parameters()
-        if set(weights) != set(params):
-            raise UserInputError(
-                f"{directory / WEIGHTS_NAME} does not match the side network built from its config "
-                f"(missing {sorted(set(params) - set(weights))[:5]}, unexpected {sorted(set(weights) - set(params))[:5]})"
-            )
-        with torch.no_grad():
-            for n, p in params.items():
-                if weights[n].shape != p.shape:
-                    raise UserInputError(f"{directory / WEIGHTS_NAME}: {n} has shape {tuple(weights[n].shape)}, expected {tuple(p.shape)}")
-                p.copy_(weights[n])
+        load_named_tensors_into(model.side_parameters(), directory / WEIGHTS_NAME, "saved side network")
         return model
 
     @classmethod
