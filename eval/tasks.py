@@ -109,15 +109,15 @@ def task_yaml_dir() -> Path:
 
     Usable as lm-eval's `include_path`; written once (atomically, under a lock) per task recipe.
     """
-    from eval.reference import _build_lock, _remove_stale_temporaries, cache_root
+    from eval.reference.common import build_lock, cache_root, remove_stale_temporaries
 
     final = cache_root() / f"tasks-{_tasks_hash()}"
     if (final / _CARD).is_file():
         return final
-    with _build_lock(final):
+    with build_lock(final):
         if (final / _CARD).is_file():
             return final
-        _remove_stale_temporaries(final)
+        remove_stale_temporaries(final)
         with atomic_directory(final) as tmp:
             tasks = generate_tasks()
             for task in tasks.values():

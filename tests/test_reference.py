@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import eval.reference as ref
+import eval.reference.corpus as corpus
+import eval.reference.lm as ref_lm
 from eval.errors import UserInputError
 
 # ------------------------------------------------------------------------------------- corpus
@@ -18,7 +20,7 @@ from eval.errors import UserInputError
 def test_split_is_by_file_disjoint_and_covers_the_corpus():
     splits = {s: [d.name for d in ref.reference_corpus(s)] for s in ref.SPLITS}
     names = [n for s in ref.SPLITS for n in splits[s]]
-    assert len(names) == len(set(names)) == len(ref._all_documents())
+    assert len(names) == len(set(names)) == len(corpus._all_documents())
     for split, docs in splits.items():
         assert all(ref.split_of(name) == split for name in docs)
     assert 0.8 < len(splits["train"]) / len(names) < 0.97
@@ -32,7 +34,7 @@ def test_split_of_is_a_fixed_function_of_the_name():
 
 
 def test_corpus_has_sources_and_topics_but_no_tests_or_site_packages():
-    names = [d.name for d in ref._all_documents()]
+    names = [d.name for d in corpus._all_documents()]
     assert "os.py" in names and "asyncio/tasks.py" in names
     assert any(n.startswith("pydoc_data/topics/") for n in names)
     assert not any(part in ("site-packages", "test", "tests", "idle_test")
@@ -41,8 +43,8 @@ def test_corpus_has_sources_and_topics_but_no_tests_or_site_packages():
 
 
 def test_an_empty_stdlib_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(ref, "stdlib_dir", lambda: tmp_path)
-    ref._all_documents.cache_clear()
+    monkeypatch.setattr(corpus, "stdlib_dir", lambda: tmp_path)
+    corpus._all_documents.cache_clear()
     try:
         with pytest.raises(UserInputError, match="empty"):
             ref.reference_corpus("train")
@@ -50,7 +52,7 @@ def test_an_empty_stdlib_is_a_clear_error(tmp_path, monkeypatch):
             ref.reference_path("lm", seed=11, tiny=True)
         assert not ref.reference_dir("lm", seed=11, tiny=True).exists()
     finally:
-        ref._all_documents.cache_clear()
+        corpus._all_documents.cache_clear()
 
 
 def test_unknown_split_and_kind_are_user_errors():
@@ -122,7 +124,7 @@ def test_interrupted_build_leaves_nothing_that_looks_finished(monkeypatch):
 
     final = ref.reference_dir("lm", seed=3, tiny=True)
     with monkeypatch.context() as patch:  # (not monkeypatch.undo: that would drop the isolated cache)
-        patch.setattr(ref, "_evaluate_lm", crash)
+        patch.setattr(ref_lm, "_evaluate_lm", crash)
         with pytest.raises(RuntimeError, match="killed"):
             ref.reference_path("lm", seed=3, tiny=True)
     assert not final.exists()

@@ -1,0 +1,88 @@
+"""The embedded default: small reference models built here from data every machine has.
+
+- `ref-lm` (`eval.reference.lm`): a LLaMA-architecture causal LM pretrained on real text
+  (`eval.reference.corpus`), with a byte-level BPE tokenizer trained on the same text.
+- `ref-vit` (`eval.reference.vit`): a small ViT trained on real images.
+
+`reference_path(kind)` returns a model's directory, building it once into the cache
+(`eval.reference.common`) when needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.errors import UserInputError
+from eval.io import read_json
+from eval.reference.common import (
+    CARD_NAME,
+    build_lock,
+    cache_root,
+    is_finished,
+    recipe_hash,
+    remove_stale_temporaries,
+)
+from eval.reference.corpus import SPLITS, Document, reference_corpus, split_of, stdlib_dir
+from eval.reference.lm import LMRecipe, build_reference_lm, lm_recipe, unigram_perplexity
+from eval.reference.vit import (
+    DIGIT_CLASSES,
+    ViTRecipe,
+    build_reference_vit,
+    digits_image_processor,
+    reference_digit_images,
+    reference_image_folder,
+    reference_image_split,
+    reference_vit_split,
+    vit_recipe,
+)
+
+KINDS = ("lm", "vit")
+
+
+def _recipe_for(kind: str, seed: int, tiny: bool) -> LMRecipe | ViTRecipe:
+    if kind not in KINDS:
+        raise UserInputError(f"unknown reference model {kind!r}; expected one of {', '.join(KINDS)}")
+    return lm_recipe(seed=seed, tiny=tiny) if kind == "lm" else vit_recipe(seed=seed, tiny=tiny)
+
+
+def reference_dir(kind: str, seed: int = 0, tiny: bool = False) -> Path:
+    """Where the reference model for this recipe lives (or would live) in the cache."""
+    recipe = _recipe_for(kind, seed, tiny)
+    return cache_root() / f"ref-{kind}{'-tiny' if tiny else ''}-{recipe_hash(recipe)}"
+
+
+def reference_path(kind: str, build: bool = True, *, seed: int = 0, tiny: bool = False,
+                   rebuild: bool = False) -> Path:
+    """The directory of reference model `kind` ("lm" or "vit"), built on first use.
+
+    `build=False` raises `UserInputError` when it is not built yet. `tiny=True` is a
+    seconds-long build of a very small model, for tests of the mechanics only.
+    `rebuild=True` builds again even if a finished one is cached.
+    """
+    final = reference_dir(kind, seed=seed, tiny=tiny)
+    if is_finished(final) and not rebuild:
+        return final
+    if not build:
+        raise UserInputError(f"reference model ref-{kind} is not built yet (looked in {final}); "
+                             f"run `slimtune reference {kind}` to build it")
+    with build_lock(final):
+        if is_finished(final) and not rebuild:
+            return final  # another process built it while we waited for the lock
+        remove_stale_temporaries(final)
+        builder = build_reference_lm if kind == "lm" else build_reference_vit
+        builder(final, seed=seed, tiny=tiny)
+    return final
+
+
+def reference_card(kind: str, *, seed: int = 0, tiny: bool = False) -> dict:
+    """The card (corpus stats, metrics, build time) of a cached reference model (built if needed)."""
+    return read_json(reference_path(kind, seed=seed, tiny=tiny) / CARD_NAME, what="reference card")
+
+
+__all__ = [
+    "CARD_NAME", "DIGIT_CLASSES", "KINDS", "SPLITS", "Document", "LMRecipe", "ViTRecipe", "build_reference_lm",
+    "build_reference_vit", "cache_root", "digits_image_processor", "is_finished", "lm_recipe", "recipe_hash",
+    "reference_card", "reference_corpus", "reference_digit_images", "reference_dir", "reference_image_folder",
+    "reference_image_split", "reference_path", "reference_vit_split", "split_of", "stdlib_dir",
+    "unigram_perplexity", "vit_recipe",
+]
