@@ -4,7 +4,14 @@ The side network (see `qst.layer`) reads the frozen backbone's hidden states h_0
 
     g_0 = down_0(h_0)
     g_i = (1 - beta_i) * down_i(h_i) + beta_i * side_i(g_{i-1}),   beta_i = sigmoid(gamma_i)
-    h   = alpha * h_N + (1 - alpha) * up(norm(g_N))          -> the backbone's frozen LM head
+    h   = h_N + up(norm(g_N))                                  -> the backbone's frozen LM head
+
+`output_mix` picks that last line. "additive" (above) starts `up` at zero, as LoRA starts its B
+at zero: the model's output equals the backbone's before the first step, and `up` gets a
+gradient from the first step on. "paper" is the paper's learned mix
+h = alpha * h_N + (1 - alpha) * up(norm(g_N)); at alpha = 1 it starts exactly at the backbone
+too, but then no gradient reaches the side network until alpha has moved, so it can start
+alpha lower (`alpha_init`) and train alpha faster (`alpha_lr`).
 
 `r` shrinks the width d of the backbone to d // r on the side path; `downsample` picks how each
 h_i is brought down to that width (ANCHORS §1, the paper's Table 6).
@@ -21,6 +28,9 @@ from eval.errors import UserInputError
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
 POOLING_DOWNSAMPLERS = ("maxpool", "avgpool")
 SIDE_INITS = ("random", "pruned")
+OUTPUT_MIXES = ("additive", "paper")
+# Saved configs from before `output_mix` existed used the paper's mix.
+LEGACY_OUTPUT_MIX = "paper"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +43,10 @@ class QSTConfig:
     - `adapter_rank`: k of `adapter` and `lora`.
     - `gate_init`: starting gamma of the gates (beta = sigmoid(gamma); 0 -> 0.5).
     - `gate_per_channel`: one gamma per side channel (True) or one scalar per layer.
-    - `alpha_init`: starting weight of the backbone's last state in the output mix; 1 starts
-      training exactly at the backbone's output.
+    - `output_mix`: `"additive"` (h_N + up(norm(g_N)), `up` zero-initialised) or `"paper"`
+      (alpha * h_N + (1 - alpha) * up(norm(g_N)), alpha learned).
+    - `alpha_init`: (paper mix) starting alpha; 1 starts training exactly at the backbone's output.
+    - `alpha_lr`: (paper mix) alpha's learning rate as a multiple of the side network's.
     - `dropout`: dropout on each downsampler's output.
     - `side_init`: `"random"`, or `"pruned"` (side blocks start from the backbone's blocks,
       structurally pruned by weight-norm importance, as LST did).
@@ -48,7 +60,9 @@ class QSTConfig:
     adapter_rank: int = 16
     gate_init: float = 0.0
     gate_per_channel: bool = True
+    output_mix: str = "paper"
     alpha_init: float = 1.0
+    alpha_lr: float = 1.0
     dropout: float = 0.0
     side_init: str = "random"
     side_layers: tuple[int, ...] | None = None
@@ -71,7 +85,17 @@ class QSTConfig:
         if self.side_init not in SIDE_INITS:
             raise UserInputError(f"QSTConfig.side_init must be one of {SIDE_INITS}, got {self.side_init!r}")
         finite("gate_init", self.gate_init)
+        if self.output_mix not in OUTPUT_MIXES:
+            raise UserInputError(f"QSTConfig.output_mix must be one of {OUTPUT_MIXES}, got {self.output_mix!r}")
         finite("alpha_init", self.alpha_init)
+        finite("alpha_lr", self.alpha_lr)
+        if self.alpha_lr <= 0:
+            raise UserInputError(f"QSTConfig.alpha_lr must be positive, got {self.alpha_lr!r}")
+        if self.output_mix != "paper" and (self.alpha_init != 1.0 or self.alpha_lr != 1.0):
+            raise UserInputError(
+                f"QSTConfig.alpha_init and alpha_lr belong to output_mix='paper'; the {self.output_mix!r} mix has "
+                "no alpha (leave them at 1, or set output_mix='paper')"
+            )
         finite("rope_theta", self.rope_theta)
         if self.rope_theta <= 0:
             raise UserInputError(f"QSTConfig.rope_theta must be positive, got {self.rope_theta!r}")
@@ -105,4 +129,4 @@ class QSTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserInputError(f"unknown QSTConfig fields {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return cls(**{"output_mix": LEGACY_OUTPUT_MIX, **d})

@@ -302,7 +302,7 @@ def side_position_ids(attention_mask: torch.Tensor | None, batch: int, seq: int,
 
 
 class SideNetwork(nn.Module):
-    """Downsamplers, side blocks, gates, final norm, upsampler and alpha.
+    """Downsamplers, side blocks, gates, final norm, upsampler and (paper mix only) alpha.
 
     `states` is [h_0, h_{l_1}, ..., h_{l_K}]: the embedding output and the outputs of the K
     backbone layers that feed a side block. There are K + 1 downsamplers and K blocks and gates.
@@ -322,16 +322,27 @@ class SideNetwork(nn.Module):
         )
         self.final_norm = make_norm(spec.norm, spec.width, spec.norm_eps)
         self.upsample = nn.Linear(spec.width, out_size, bias=False)
-        self.alpha = nn.Parameter(torch.tensor(float(config.alpha_init)))
+        self.additive = config.output_mix == "additive"
+        if self.additive:
+            # LoRA's zero B: the mix adds exactly 0 before the first step, yet d loss / d up =
+            # (d loss / d h) norm(g_N)^T is not zero, so the side path trains from step 1.
+            nn.init.zeros_(self.upsample.weight)
+            self.register_parameter("alpha", None)
+        else:
+            self.alpha = nn.Parameter(torch.tensor(float(config.alpha_init)))
         self.gradient_checkpointing = config.gradient_checkpointing
 
     @property
     def dtype(self) -> torch.dtype:
         return self.upsample.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.upsample.weight.device
+
     def _down(self, i: int, h: torch.Tensor) -> torch.Tensor:
         # h may sit on another device when the backbone is spread over several GPUs
-        return self.dropout(self.downsamplers[i](h.to(self.alpha.device, self.dtype)))
+        return self.dropout(self.downsamplers[i](h.to(self.device, self.dtype)))
 
     def _unit(self, i: int, g: torch.Tensor, h: torch.Tensor, cos, sin, mask, cache) -> torch.Tensor:
         # One step of the side path, gate included (the reference code's checkpointing left it out).
@@ -344,7 +355,7 @@ class SideNetwork(nn.Module):
         which SDPA would otherwise rebuild from the bool mask in every block."""
         if causal_mask_is_exact(attention_mask, past):
             return None
-        allowed = side_attention_mask(attention_mask, batch, seq, past, self.alpha.device)
+        allowed = side_attention_mask(attention_mask, batch, seq, past, self.device)
         return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def side_state(self, states: Sequence[torch.Tensor], attention_mask=None, position_ids=None,
@@ -353,7 +364,7 @@ class SideNetwork(nn.Module):
         if len(states) != len(self.blocks) + 1:
             raise ValueError(f"the side network takes {len(self.blocks) + 1} hidden states, got {len(states)}")
         batch, seq = states[0].shape[:2]
-        device = self.alpha.device
+        device = self.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
         past = cache.length() if cache is not None else 0
@@ -374,14 +385,20 @@ class SideNetwork(nn.Module):
     def forward(self, states: Sequence[torch.Tensor], last: torch.Tensor, attention_mask=None,
                 position_ids=None, cache: SideKVCache | None = None,
                 select: torch.Tensor | None = None) -> torch.Tensor:
-        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, out_size] in the side dtype, or
-        [n, out_size] at the n positions where `select` (bool [B, S]) is True (the mix is per
-        position: training needs it only where there is a label).
+        """The output mix, [B, S, out_size] in the side dtype, or [n, out_size] at the n positions
+        where `select` (bool [B, S]) is True (the mix is per position: training needs it only
+        where there is a label). Additive: h_N + up(norm(g_N)); paper: alpha * h_N +
+        (1 - alpha) * up(norm(g_N)).
 
-        `last` (h_N) is exactly what the backbone's LM head consumes, so at alpha = 1 the mix
-        equals it bit for bit (1 * x + 0 * y == x).
+        `last` (h_N) is exactly what the backbone's LM head consumes, so before training the
+        mix equals it bit for bit: x + 0 == x with the zero upsampler, 1 * x + 0 * y == x at
+        alpha = 1.
         """
         g = self.side_state(states, attention_mask, position_ids, cache)
         if select is not None:
             g, last = g[select.to(g.device)], last[select.to(last.device)]
-        return self.alpha * last.to(self.alpha.device, self.dtype) + (1 - self.alpha) * self.upsample(self.final_norm(g))
+        last = last.to(self.device, self.dtype)
+        side = self.upsample(self.final_norm(g))
+        if self.additive:
+            return last + side
+        return self.alpha * last + (1 - self.alpha) * side

@@ -9,7 +9,7 @@ The backbone's base model (`backbone.base_model`) runs under `torch.no_grad()` w
 `output_hidden_states=True`: h_0 (embedding output) .. h_N, and its `last_hidden_state`,
 which is exactly the tensor the backbone's LM head consumes (final norm applied). That last
 tensor is checked once, when wrapping, against the backbone's own logits, so the side path has
-no per-architecture code: at alpha = 1 the QST logits are the backbone's logits bit for bit.
+no per-architecture code: before training the QST logits are the backbone's logits bit for bit.
 Only `side_init="pruned"` reads backbone weights by name, through a small layout table.
 """
 
@@ -402,7 +402,7 @@ class _QSTModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.side.alpha.device
+        return self.side.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -423,6 +423,17 @@ class _QSTModel(nn.Module):
     def side_parameters(self) -> dict[str, nn.Parameter]:
         """Everything that trains (and is saved): the side network and, for classification, the score head."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups for `eval.train.train(param_groups=...)` (every trainer uses these):
+        the side parameters at `lr`; the paper mix's alpha at `alpha_lr * lr` and without weight
+        decay (decay would pull the mix towards the side path, not towards small weights)."""
+        alpha = self.side.alpha
+        rest = [p for p in self.side_parameters().values() if p is not alpha and p.requires_grad]
+        groups = [{"params": rest}]
+        if alpha is not None and alpha.requires_grad:
+            groups.append({"params": [alpha], "lr": lr * self.qst_config.alpha_lr, "weight_decay": 0.0})
+        return groups
 
     # --- the backbone pass ---------------------------------------------------------------------
 
@@ -468,7 +479,7 @@ class _QSTModel(nn.Module):
 
     def mixed_state(self, input_ids, attention_mask=None, position_ids=None, cache: QSTCache | None = None,
                     use_cache: bool = False, select: torch.Tensor | None = None) -> tuple[torch.Tensor, QSTCache | None]:
-        """alpha * h_N + (1 - alpha) * up(norm(g_N)): [B, S, d_out] (or [n, d_out] at the positions
+        """The output mix (see `SideNetwork.forward`): [B, S, d_out] (or [n, d_out] at the positions
         where `select`, bool [B, S], is True), and the updated cache."""
         if input_ids is None:
             raise UserInputError("QST models take input_ids (inputs_embeds is not supported)")
