@@ -6,6 +6,9 @@ exported as a physically smaller model, plus the magnitude / wanda-sp / slicegpt
     pruned = prune_model(model, result.plan)      # index_select / index_add on the residual
     pruned.save_pretrained("out/model")           # safetensors + config.json with the kept indices
     pruned = load_pruned("out/model")             # no trust_remote_code
+
+Importing the package registers the saved model type (`slimtune_pruned`) with transformers, so
+`AutoModelForCausalLM.from_pretrained("out/model")` returns the pruned model too.
 """
 
 from .arch import LAYOUTS, MASK_NAMES, BlockLayout, layout_for, model_geometry
@@ -14,6 +17,7 @@ from .config import DispConfig
 from .hypernetwork import HyperNetwork, gumbel_sigmoid, hard_mask, reinmax_bernoulli
 from .masking import DispTrainingModel, budget_regulariser, kept_block_params, masks_applied
 from .model import (
+    FAMILY,
     PrunedDecoderLayer,
     PruningPlan,
     block_params,
@@ -22,6 +26,8 @@ from .model import (
     pruning_plan,
 )
 from .trainer import DispResult, deterministic_masks, disp_prune, recover_with_lora, train_disp
+
+FAMILY.register()  # AutoConfig knows "slimtune_pruned" from here on
 
 __all__ = [
     "BASELINES", "LAYOUTS", "MASK_NAMES", "BlockLayout", "DispConfig", "DispResult", "DispTrainingModel",

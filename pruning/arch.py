@@ -86,7 +86,8 @@ LAYOUTS: dict[str, BlockLayout] = {
 
 def layout_for(config) -> BlockLayout:
     """The layout for a transformers config; an unsupported model type is a clear error."""
-    model_type = getattr(config, "model_type", None)
+    # a pruned model's config is of type "slimtune_pruned"; its layers are its base model's
+    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
     if model_type not in LAYOUTS:
         raise UserInputError(
             f"DISP pruning does not support model type {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}"

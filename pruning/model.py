@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from eval.errors import UserInputError
+from eval.hf_auto import Family
 
 from .arch import MASK_NAMES, BlockLayout, decoder_layers, layout_for, model_geometry
 
@@ -83,17 +84,26 @@ class PrunedDecoderLayer(nn.Module):
         self.layout = layout
         self.pre_norm = layout.pre_norm(config)
         hidden = config.hidden_size
-        for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
-            # Full-width selections (kept=1.0, SliceGPT) skip the index ops; buffers are rebuilt
-            # from config.json on load, so they are not saved with the weights.
-            full = _is_full(indices[name], hidden)
-            self.register_buffer(f"{name}_idx", None if full else torch.tensor(indices[name], dtype=torch.long),
-                                 persistent=False)
+        # Full-width selections (kept=1.0, SliceGPT) skip the index ops. The lists come from
+        # config.json; their tensors are made on first use on the activations' device (not
+        # buffers: transformers builds models on the meta device and would leave them empty).
+        self._indices = {name: None if _is_full(indices[name], hidden) else list(indices[name])
+                         for name in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+        self._index_tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
         if shortcuts:
             self.attn_shortcut = nn.Linear(hidden, hidden, bias=False)
             self.mlp_shortcut = nn.Linear(hidden, hidden, bias=False)
         else:
             self.attn_shortcut = self.mlp_shortcut = None
+
+    def _index(self, name: str, device: torch.device) -> torch.Tensor | None:
+        if self._indices[name] is None:
+            return None
+        key = (name, device)
+        if key not in self._index_tensors:
+            with torch.inference_mode(False):  # made during an evaluation, still usable in training later
+                self._index_tensors[key] = torch.tensor(self._indices[name], dtype=torch.long, device=device)
+        return self._index_tensors[key]
 
     @staticmethod
     def _select(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -105,20 +115,21 @@ class PrunedDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         x = hidden_states
+        dev = x.device
         attn_norm = self.get_submodule(self.layout.attn_norm)
         mlp_norm = self.get_submodule(self.layout.mlp_norm)
 
         h = attn_norm(x) if self.pre_norm else x
-        a, _ = self.get_submodule(self.layout.attn)(hidden_states=self._select(h, self.attn_in_idx), **kwargs)
+        a, _ = self.get_submodule(self.layout.attn)(hidden_states=self._select(h, self._index("attn_in", dev)), **kwargs)
         residual = x if self.attn_shortcut is None else self.attn_shortcut(x)
-        x = self._add(residual, self.attn_out_idx, a)
+        x = self._add(residual, self._index("attn_out", dev), a)
         if not self.pre_norm:
             x = attn_norm(x)
 
         h = mlp_norm(x) if self.pre_norm else x
-        m = self.layout.mlp(self, self._select(h, self.mlp_in_idx))
+        m = self.layout.mlp(self, self._select(h, self._index("mlp_in", dev)))
         residual = x if self.mlp_shortcut is None else self.mlp_shortcut(x)
-        x = self._add(residual, self.mlp_out_idx, m)
+        x = self._add(residual, self._index("mlp_out", dev), m)
         if not self.pre_norm:
             x = mlp_norm(x)
         return x
@@ -181,11 +192,13 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
         _slice_linear(layer, layout.mlp_out, rows=idx["mlp_out"], cols=idx["mlp_mid"])
         layers[i] = PrunedDecoderLayer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts).to(model.device)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
+    FAMILY.adopt(model)
     return model
 
 
 def _empty_structure(model: nn.Module, plan: PruningPlan) -> None:
-    """Give `model` the pruned shapes of `plan` (uninitialised weights, filled by loading)."""
+    """Give `model` the pruned shapes of `plan` (uninitialised weights, filled by loading), and
+    the pruned model type (so `save_pretrained` writes `model_type: slimtune_pruned`)."""
     layout = layout_for(model.config)
     layers = decoder_layers(model, layout)
     for i, layer in enumerate(layers):
@@ -199,64 +212,91 @@ def _empty_structure(model: nn.Module, plan: PruningPlan) -> None:
             _set_linear(layer, path, torch.empty(out_f, in_f, dtype=lin.weight.dtype),
                         None if lin.bias is None else torch.empty(out_f, dtype=lin.weight.dtype))
         layers[i] = PrunedDecoderLayer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts)
+    if hasattr(model.config, "to_dict") and hasattr(model, "save_pretrained"):
+        FAMILY.adopt(model)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _plan_of(config, where: str) -> PruningPlan:
+    entry = getattr(config, CONFIG_KEY, None)
+    if not isinstance(entry, dict):
+        raise UserInputError(f"{where} has no '{CONFIG_KEY}' entry: not a model written by slimtune prune")
+    try:
+        return PruningPlan.from_dict(entry)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserInputError(f"{where}: malformed '{CONFIG_KEY}' entry ({e})") from e
 
-    single = path / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(path / shard)))
-        return state
-    raise UserInputError(f"no model.safetensors (or its index) in {path}; expected a directory written by save_pretrained")
+
+def _build_from_config(model: nn.Module) -> None:
+    """The pruned model class's `__init__` ends here: the dense base model gets the shapes of the
+    config's plan (weights are filled by loading)."""
+    plan = _plan_of(model.config, "the config")
+    geometry = model_geometry(model)
+    validate_plan(plan, geometry[0].hidden, [g.intermediate for g in geometry], len(geometry), where="config.json")
+    _empty_structure(model, plan)
+
+
+def _write_card(model: nn.Module, directory) -> None:
+    from eval.model_card import write_model_card
+
+    plan = _plan_of(model.config, "the config")
+    card = dict(getattr(model, "slimtune_card", None) or {})
+    dense = card.pop("dense_block_params", None)
+    kept = block_params(model)
+    budget = card.pop("budget", None) or (f"{kept:,} attention + MLP weights kept" + (
+        f" of {dense:,} ({100 * kept / dense:.1f} %)" if dense else ""))
+    write_model_card(
+        directory, title=f"{plan.method} pruned {model.config.base_model_type} model", tags=["pruning", plan.method],
+        method=f"structured pruning ({plan.method}): physically smaller linears, index_select / index_add on the "
+        "residual; the kept channel indices are in config.json under `slimtune_pruning`",
+        pipeline_tag="text-generation", budget=budget,
+        settings={"method": plan.method, **plan.info, **card.pop("settings", {})},
+        load="import pruning  # registers model_type 'slimtune_pruned' with transformers\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(DIR)  # no trust_remote_code",
+        **card,
+    )
+
+
+FAMILY = Family("slimtune_pruned", "pruning", build=_build_from_config, card=_write_card)
 
 
 def load_pruned(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a pruned model saved with `save_pretrained` (no `trust_remote_code`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    """`AutoModelForCausalLM.from_pretrained(path)` (after `import pruning`), in eval mode, on
+    `device`; the checkpoint's dtype unless `dtype`. Also reads directories written before the
+    `slimtune_pruned` model type existed (a plain base config with the `slimtune_pruning` entry)."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserInputError(f"{path} is not a saved pruned model: config.json not found")
-    config = AutoConfig.from_pretrained(path)
-    if not isinstance(getattr(config, CONFIG_KEY, None), dict):
-        raise UserInputError(f"{path}/config.json has no '{CONFIG_KEY}' entry: not a model written by slimtune prune")
-    try:
-        plan = PruningPlan.from_dict(getattr(config, CONFIG_KEY))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserInputError(f"{path}/config.json: malformed '{CONFIG_KEY}' entry ({e})") from e
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    geometry = model_geometry(model)
-    validate_plan(plan, geometry[0].hidden, [g.intermediate for g in geometry], len(geometry), where=f"{path}/config.json")
-    with no_init_weights():
-        _empty_structure(model, plan)
-    state = _read_state_dict(path)
-    expected = model.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)} vs index lists {tuple(expected[k].shape)}"
-             for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise UserInputError(f"{path}: the index lists in config.json don't fit the saved weights: " + "; ".join(wrong[:5]))
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    raw = json.loads((path / "config.json").read_text())
+    _plan_of(_as_attributes(raw), f"{path}/config.json")
+    config = None
+    if raw.get("model_type") != FAMILY.model_type:  # the earlier format
+        config = FAMILY.config_from_base_dict(raw, (raw.get("architectures") or [""])[0])
+    # mismatched shapes are reported by _check_loading (naming the tensors) instead of raised
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto",
+                                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    _check_loading(info, path)
+    return model.to(device).eval()
+
+
+def _as_attributes(d: dict):
+    """The dict's keys as attributes (to read a raw config.json like a config)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**d)
+
+
+def _check_loading(info: dict, path: Path) -> None:
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        raise UserInputError(f"{path}: the index lists in config.json don't fit the saved weights: "
+                             + "; ".join(str(m) for m in mismatched[:5]))
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    if missing or unexpected:
         raise UserInputError(f"{path}: saved weights don't match the pruned structure "
-                             f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
-    if tied:
-        model.tie_weights()
-    if dtype is None:  # keep the checkpoint's dtype (e.g. bf16), as from_pretrained does
-        dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    model.to(device=device, dtype=dtype)
-    model.eval()
-    return model
+                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
 def pruning_plan(model: nn.Module) -> PruningPlan | None:
