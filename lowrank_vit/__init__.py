@@ -2,7 +2,11 @@
 
     from lowrank_vit import MixedRankConfig, compress, save_pretrained, load_compressed
     report = compress(model, calib_batches, MixedRankConfig(keep=0.4))   # in place
-    save_pretrained(model, "out/model"); model = load_compressed("out/model")
+    model.save_pretrained("out/model")      # compress() made it a `slimtune_lowrank` model
+    model = AutoModelForImageClassification.from_pretrained("out/model")   # or load_compressed
+
+Importing the package registers the saved model type (`slimtune_lowrank`) with transformers'
+Auto classes (causal LMs and image classifiers alike); no trust_remote_code.
 
 Pieces: `calibration` (XᵀX per layer, float64, hooks) → `decompose` (whitened / ASVD / plain SVD)
 → `allocate` (global greedy ranks under the budget) → `LowRankLinear` → `compensate`
@@ -12,6 +16,7 @@ Pieces: `calibration` (XᵀX per layer, float64, hooks) → `decompose` (whitene
 from lowrank_vit.config import METHODS, ROLES, MixedRankConfig
 from lowrank_vit.layer import LowRankLinear
 from lowrank_vit.model import (
+    FAMILY,
     compress,
     count_weights,
     find_targets,
@@ -20,3 +25,5 @@ from lowrank_vit.model import (
 )
 
 __all__ = ["METHODS", "ROLES", "MixedRankConfig", "LowRankLinear", "compress", "count_weights", "find_targets", "load_compressed", "save_pretrained"]
+
+FAMILY.register()  # AutoConfig knows "slimtune_lowrank" from here on

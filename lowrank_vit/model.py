@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from eval.errors import UserInputError
-from eval.io import atomic_directory, read_json, write_json
+from eval.hf_auto import Family
+from eval.io import read_json
 from lowrank_vit.allocate import budget, greedy_ranks, uniform_ranks
 from lowrank_vit.calibration import batch_size_of, collect_input_statistics
 from lowrank_vit.compensate import compensate_sequential
@@ -201,7 +201,7 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
 
     targeted_before = sum(e["params_dense"] for e in layer_reports.values())
     targeted_after = sum(e["params"] for e in layer_reports.values())
-    return {
+    report = {
         "method": config.method,
         "config": config.to_dict(),
         "budget": budget_params,
@@ -217,6 +217,8 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
         "skipped_unused_layers": unused,
         "compress_time_s": time.perf_counter() - start,
     }
+    adopt(model, report)  # a transformers model now saves (save_pretrained) and loads (Auto classes) as low-rank
+    return report
 
 
 def _check_enough_tokens(stats, layers, samples: int) -> None:
@@ -244,54 +246,117 @@ def _lowrank_layers(model: nn.Module) -> dict[str, dict]:
     }
 
 
+CONFIG_KEY = "slimtune_lowrank"  # config.json entry: the low-rank layers and how they were made
+
+
+def _entry(model: nn.Module) -> dict:
+    entry = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    entry.update(format=FORMAT, version=2, layers=_lowrank_layers(model))
+    return entry
+
+
+def _build_from_config(model: nn.Module) -> None:
+    """The low-rank model class's `__init__` ends here: `LowRankLinear` shells of the saved ranks
+    replace the dense linears the config names (weights are filled by loading)."""
+    layers = (getattr(model.config, CONFIG_KEY, None) or {}).get("layers")
+    if not isinstance(layers, dict):
+        raise UserInputError(f"the config has no '{CONFIG_KEY}' entry with the low-rank layers: not a model written by lowrank_vit")
+    for name, spec in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise UserInputError(f"config.json names layer {name!r}, which {type(model).__name__} does not have") from e
+        new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["residual_rank"],
+                            bias=spec["bias"], int8=spec["int8"], dtype=old.weight.dtype)
+        _replace(model, name, new)
+
+
+def _refresh_entry(model: nn.Module) -> None:
+    setattr(model.config, CONFIG_KEY, _entry(model))
+
+
+def _write_card(model: nn.Module, directory) -> None:
+    from eval.model_card import write_model_card
+
+    entry = getattr(model.config, CONFIG_KEY, None) or {}
+    made = entry.get("compression") or {}
+    card = dict(getattr(model, "slimtune_card", None) or {})
+    causal = model.config.base_architecture.endswith("ForCausalLM")
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForImageClassification"
+    before, after = made.get("targeted_params_before"), made.get("targeted_params_after")
+    budget = card.pop("budget", None) or (
+        f"{after:,} of {before:,} targeted linear weights kept ({100 * after / before:.1f} %)" if before and after
+        else f"{len(entry.get('layers', {}))} low-rank layers")
+    write_model_card(
+        directory, title=f"low-rank {model.config.base_model_type} model ({made.get('method', 'lowrank_vit')})",
+        tags=["low-rank", str(made.get("method", "lowrank"))],
+        method="activation-aware low-rank factorisation of attention / MLP linears (`LowRankLinear`: "
+        "y = (x·downᵀ)·upᵀ + bias); per-layer ranks are in config.json under `slimtune_lowrank`",
+        pipeline_tag="text-generation" if causal else "image-classification", budget=budget,
+        settings={**(made.get("config") or {}), **card.pop("settings", {})},
+        load=f"import lowrank_vit  # registers model_type 'slimtune_lowrank' with transformers\n"
+        f"from transformers import {auto}\nmodel = {auto}.from_pretrained(DIR)  # no trust_remote_code",
+        **card,
+    )
+
+
+FAMILY = Family("slimtune_lowrank", "lowrank_vit", build=_build_from_config, before_save=_refresh_entry,
+                card=_write_card)
+
+
+def adopt(model: nn.Module, report: dict | None = None) -> None:
+    """Give a compressed transformers model the `slimtune_lowrank` type (its `save_pretrained`
+    then writes the ranks into config.json), recording how it was compressed."""
+    if not (hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_dict")):
+        return  # not a transformers model: nothing to register
+    FAMILY.adopt(model)
+    _refresh_entry(model)
+    if report is not None:
+        getattr(model.config, CONFIG_KEY)["compression"] = {
+            k: report[k] for k in ("method", "config", "targeted_params_before", "targeted_params_after") if k in report}
+
+
 def save_pretrained(model: nn.Module, save_directory, report: dict | None = None) -> Path:
-    """Write a compressed model: config.json (the base transformers config), model.safetensors
-    (all weights; factors of compressed layers) and lowrank_config.json (per-layer ranks)."""
+    """`model.save_pretrained(save_directory)`, written atomically, after `adopt` (an alias kept
+    for earlier callers): config.json (the base config, `model_type: slimtune_lowrank` and the
+    ranks), model.safetensors and a README.md model card."""
+    from eval.io import atomic_directory
+
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise UserInputError(f"save_pretrained needs a transformers model with a .config; got {type(model).__name__}")
+    adopt(model, report)
     save_directory = Path(save_directory)
     with atomic_directory(save_directory) as tmp:
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_NAME))
-        meta = {"format": FORMAT, "version": 1, "architecture": type(model).__name__, "layers": _lowrank_layers(model)}
-        if report is not None:
-            meta["compression"] = {k: report[k] for k in ("method", "config", "targeted_params_before", "targeted_params_after") if k in report}
-        write_json(tmp / LOWRANK_NAME, meta)
+        model.save_pretrained(tmp)
     return save_directory
 
 
 def load_compressed(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the architecture from config.json, swap in `LowRankLinear` shells of the saved ranks,
-    load the safetensors weights (strict). No pickle, no remote code."""
-    import transformers
+    """`AutoModelFor*.from_pretrained(directory)` after `import lowrank_vit` (strict: every weight
+    must match), in eval mode on `device`. Also reads the earlier format (a plain base config
+    plus lowrank_config.json). No pickle, no remote code."""
+    from eval.io import verify_safetensors
 
     directory = Path(directory)
-    meta = read_json(directory / LOWRANK_NAME, "compressed-model description")
-    if meta.get("format") != FORMAT:
-        raise UserInputError(f"{directory / LOWRANK_NAME} is not a slimtune low-rank model description (format {meta.get('format')!r})")
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise UserInputError(f"weights not found: {directory / WEIGHTS_NAME}")
-    config = transformers.AutoConfig.from_pretrained(directory)
-    arch = meta.get("architecture") or (config.architectures or [None])[0]
-    cls = getattr(transformers, arch or "", None)
-    if cls is None or not hasattr(cls, "_from_config"):
-        raise UserInputError(f"unknown architecture {arch!r} in {directory}; expected a transformers model class name")
-    model = cls._from_config(config)
-    for name, spec in meta["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise UserInputError(f"{directory}: layer {name!r} does not exist in {arch}") from e
-        new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["residual_rank"],
-                            bias=spec["bias"], int8=spec["int8"], dtype=old.weight.dtype)
-        _replace(model, name, new)
-    missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
-    if missing or unexpected:
-        raise UserInputError(f"{directory / WEIGHTS_NAME} does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    raw = read_json(directory / "config.json", "model config")
+    verify_safetensors(directory / WEIGHTS_NAME, "weights file")
+    config = None
+    if raw.get("model_type") != FAMILY.model_type:  # the earlier format
+        meta = read_json(directory / LOWRANK_NAME, "compressed-model description")
+        if meta.get("format") != FORMAT:
+            raise UserInputError(f"{directory / LOWRANK_NAME} is not a slimtune low-rank model description "
+                                 f"(format {meta.get('format')!r})")
+        arch = meta.get("architecture") or (raw.get("architectures") or [""])[0]
+        config = FAMILY.config_from_base_dict(raw, arch, **{CONFIG_KEY: {"format": FORMAT, "layers": meta["layers"],
+                                                                          "compression": meta.get("compression")}})
+    _, model_class = FAMILY.classes_for(raw if config is None else config.to_dict())
+    model, info = model_class.from_pretrained(directory, config=config, dtype=dtype or "auto",
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
+    bad = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise UserInputError(f"{directory / WEIGHTS_NAME} does not match the architecture: "
+                             + ", ".join(f"{k.replace('_keys', '')} {v[:5]}" for k, v in bad.items() if v))
+    return model.to(device).eval()
 
 
-__all__ = ["compress", "find_targets", "find_blocks", "save_pretrained", "load_compressed", "count_weights"]
+__all__ = ["FAMILY", "adopt", "compress", "find_targets", "find_blocks", "save_pretrained", "load_compressed", "count_weights"]

@@ -271,6 +271,12 @@ def load_pruned(path, device: str | torch.device = "cpu", dtype: torch.dtype | N
         raise UserInputError(f"{path} is not a saved pruned model: config.json not found")
     raw = json.loads((path / "config.json").read_text())
     _plan_of(_as_attributes(raw), f"{path}/config.json")
+    from eval.io import verify_safetensors
+
+    index = path / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for shard in shards:  # a truncated file is named, not a transformers traceback
+        verify_safetensors(path / shard, "weights file")
     config = None
     if raw.get("model_type") != FAMILY.model_type:  # the earlier format
         config = FAMILY.config_from_base_dict(raw, (raw.get("architectures") or [""])[0])
