@@ -1,5 +1,5 @@
 """Benchmark: aa-mixed against plain SVD, ASVD and aa-uniform at the same budget, on ref-vit
-(top-1 on the digits test split) and on ref-lm's linears (test-split perplexity).
+(top-1 on the glyphs' test split) and on ref-lm's linears (test-split perplexity).
 
     python -m lowrank_vit.benchmark vit --keeps 0.5 0.4 --out runs/lowrank-bench-vit
     python -m lowrank_vit.benchmark lm  --keeps 0.8 0.6 0.5 --out runs/lowrank-bench-lm

@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="'ref-vit' (built on first use) or a local model directory / hub id")
     p.add_argument("--data", default=None, help="ImageNet-style folder (one subfolder per class) for calibration and "
-                   "evaluation; not needed for ref-vit, which brings its digits split")
+                   "evaluation; not needed for ref-vit, which brings its glyph split")
     p.add_argument("--calib", type=int, default=defaults.calib_images, help="calibration images")
     p.add_argument("--keep", type=float, default=defaults.keep,
                    help="fraction of the targeted layers' parameters kept (0.4 = 60%% fewer)")

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         help="build or reuse the reference LM (ref-lm) or ViT (ref-vit); prints the model directory",
         description="Build, or reuse from the cache ($SLIMTUNE_CACHE, default ~/.cache/slimtune), one of the "
         "reference models trained here: 'lm' (a LLaMA-architecture LM pretrained on the CPython standard "
-        "library) or 'vit' (a ViT trained on scikit-learn's digits). Prints a one-line summary, then the "
+        "library) or 'vit' (a ViT trained on glyphs of matplotlib's typefaces). Prints a one-line summary, then the "
         "model directory as the last line of stdout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                    f"{card['test_perplexity']:.2f} (unigram {card['unigram_test_perplexity']:.1f})")
     else:
         summary = (f"ref-vit: {card['parameters'] / 1e6:.2f} M parameters, test accuracy "
-                   f"{card['test_accuracy']:.2%} on {card['data']['images']['test']} digits")
+                   f"{card['test_accuracy']:.2%} on {card['data']['images']['test']} test images")
         if not args.tiny:
             summary += f" (PNG folder: {reference_image_folder()})"
     print(f"{summary}, built in {card['build_seconds']:.0f} s")

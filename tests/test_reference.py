@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import eval.reference as ref
 import eval.reference.corpus as corpus
 import eval.reference.lm as ref_lm
+import eval.reference.vit as ref_vit
 from eval.errors import UserInputError
 
 # ------------------------------------------------------------------------------------- corpus
@@ -173,29 +174,65 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 # ------------------------------------------------------------------------------------- ref-vit
 
 
-def test_digits_split_is_stratified_and_matches_the_png_folder():
+def test_glyph_split_is_by_typeface_with_enough_test_images():
+    from PIL import ImageFont
+
+    keys = {split: ref_vit.glyph_keys(split) for split in ("train", "test")}  # counted, not rendered
+    assert len(keys["test"]) >= 2000 and len(keys["train"]) > 5 * len(keys["test"])
+    fonts = {split: {k[0] for k in split_keys} for split, split_keys in keys.items()}
+    assert fonts["train"] and fonts["test"] and not fonts["train"] & fonts["test"]
+    # Disjoint as typefaces too, not only as files (no "Bold" of a test face in train).
+    families = {split: {ImageFont.truetype(str(ref_vit.font_dir() / f), 10).getname()[0].split()[0]
+                        for f in split_fonts} for split, split_fonts in fonts.items()}
+    assert not families["train"] & families["test"], families
+    for split_keys in keys.values():  # every class in every typeface, equally often
+        per_class = torch.bincount(torch.tensor([k[1] for k in split_keys]), minlength=len(ref.GLYPH_CLASSES))
+        assert per_class.min() == per_class.max() > 0
+    assert {k[2] for k in keys["test"] if k[1] == ref.GLYPH_CLASSES.index("C")} == {"C", "c"}  # a merged class
+
+
+def test_glyph_rendering_is_a_fixed_function_of_font_char_and_render():
+    import numpy as np
+
+    first = np.asarray(ref_vit.render_glyph("DejaVuSerif.ttf", "g", 3))
+    ref_vit._font.cache_clear()
+    assert np.array_equal(first, np.asarray(ref_vit.render_glyph("DejaVuSerif.ttf", "g", 3)))
+    assert first.shape == (32, 32, 3) and int(first.max()) - int(first.min()) > 100  # ink on background
+    assert not np.array_equal(first, np.asarray(ref_vit.render_glyph("DejaVuSerif.ttf", "g", 4)))
+    assert not np.array_equal(first, np.asarray(ref_vit.render_glyph("DejaVuSans.ttf", "g", 3)))
+
+
+def test_glyph_split_matches_the_png_folder(monkeypatch):
     from eval.data import load_image_folder
 
-    train_x, train_y = ref.reference_image_split("train")
-    test_x, test_y = ref.reference_image_split("test")
-    assert train_x.shape[1:] == test_x.shape[1:] == (3, 32, 32)
-    assert len(train_y) + len(test_y) == 1797 and len(test_y) == 360
-    per_class = torch.bincount(test_y, minlength=10).float() / torch.bincount(train_y, minlength=10).float()
-    assert per_class.min() > 0.2 and per_class.max() < 0.3  # stratified 80/20
-    assert float(test_x.min()) == -1.0 and float(test_x.max()) == 1.0
+    monkeypatch.setattr(ref_vit, "_RENDERS", {"train": 1, "test": 1})  # a small folder, quick to write
+    ref_vit._processed_split.cache_clear()
+    try:
+        test_x, test_y = ref.reference_image_split("test")
+        assert test_x.shape == (len(ref_vit.glyph_keys("test")), 3, 32, 32)
+        assert float(test_x.min()) >= -1.0 and float(test_x.max()) <= 1.0
+        folder = ref.reference_image_folder()
+        assert ref.reference_image_folder(build=False) == folder
+        dataset = load_image_folder(folder / "test", ref.vit_image_processor())
+        assert dataset.classes == [ref_vit.class_folder_name(i) for i in range(len(ref.GLYPH_CLASSES))]
+        assert len(dataset) == len(test_y)
+        # Same images: the folder lists each class's files sorted by file name.
+        names = [dataset.samples[i][0].name for i in range(len(dataset))]
+        keys = ref_vit.glyph_keys("test")
+        order = sorted(range(len(keys)), key=lambda i: (keys[i][1], f"{keys[i][0][:-4]}-u{ord(keys[i][2]):04x}"))
+        for position in (0, 100, len(dataset) - 1):
+            pixels, label = dataset[position]
+            assert label == int(test_y[order[position]]) and keys[order[position]][0][:-4] in names[position]
+            assert torch.allclose(pixels, test_x[order[position]], atol=1e-6)
+        assert len(ref.reference_vit_split("test")) == len(test_y)
+    finally:
+        ref_vit._processed_split.cache_clear()
 
-    folder = ref.reference_image_folder()
-    assert ref.reference_image_folder(build=False) == folder
-    dataset = load_image_folder(folder / "test", ref.digits_image_processor())
-    assert dataset.classes == list(ref.DIGIT_CLASSES) and len(dataset) == len(test_y)
-    # Same images: the folder lists each class's files sorted by dataset index.
-    _, _, indices = ref.reference_digit_images("test")
-    order = sorted(range(len(test_y)), key=lambda i: (int(test_y[i]), indices[i]))
-    for position in (0, 100, 359):
-        pixels, label = dataset[position]
-        assert label == int(test_y[order[position]])
-        assert torch.allclose(pixels, test_x[order[position]], atol=1e-6)
-    assert len(ref.reference_vit_split("train")) == len(train_y)
+
+def test_vit_recipe_checks_the_image_size():
+    assert ref.vit_recipe().version == 2
+    with pytest.raises(UserInputError, match="glyph images are 32x32"):
+        ref.ViTRecipe(image_size=64)
 
 
 def test_tiny_vit_build_loads_with_auto_classes():
@@ -204,13 +241,14 @@ def test_tiny_vit_build_loads_with_auto_classes():
     path = ref.reference_path("vit", tiny=True)
     card = json.loads((path / ref.CARD_NAME).read_text())
     assert card["model"] == "ref-vit" and 0.0 <= card["test_accuracy"] <= 1.0
+    assert card["data"]["train_images_used"] == 64 and card["data"]["images"]["test"] >= 2000
     model = AutoModelForImageClassification.from_pretrained(path)
     processor = AutoImageProcessor.from_pretrained(path)
-    assert model.config.id2label[3] == "3"
-    images, _, _ = ref.reference_digit_images("test")
+    assert model.config.id2label[3] == "3" and model.config.id2label[46] == "t"
+    images, _, _ = ref.reference_glyph_images("test", renders=1)
     pixels = processor(images=images[:2], return_tensors="pt")["pixel_values"]
-    assert torch.allclose(pixels, ref.reference_image_split("test")[0][:2], atol=1e-6)
-    assert model(pixel_values=pixels).logits.shape == (2, 10)
+    assert torch.allclose(pixels, ref.reference_image_split("test")[0][:20:10], atol=1e-6)
+    assert model(pixel_values=pixels).logits.shape == (2, len(ref.GLYPH_CLASSES))
 
 
 # ------------------------------------------------------------------------------------- CLI

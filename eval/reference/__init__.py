@@ -25,14 +25,14 @@ from eval.reference.common import (
 from eval.reference.corpus import SPLITS, Document, reference_corpus, split_of, stdlib_dir
 from eval.reference.lm import LMRecipe, build_reference_lm, lm_recipe, unigram_perplexity
 from eval.reference.vit import (
-    DIGIT_CLASSES,
+    GLYPH_CLASSES,
     ViTRecipe,
     build_reference_vit,
-    digits_image_processor,
-    reference_digit_images,
+    reference_glyph_images,
     reference_image_folder,
     reference_image_split,
     reference_vit_split,
+    vit_image_processor,
     vit_recipe,
 )
 
@@ -80,9 +80,9 @@ def reference_card(kind: str, *, seed: int = 0, tiny: bool = False) -> dict:
 
 
 __all__ = [
-    "CARD_NAME", "DIGIT_CLASSES", "KINDS", "SPLITS", "Document", "LMRecipe", "ViTRecipe", "build_reference_lm",
-    "build_reference_vit", "cache_root", "digits_image_processor", "is_finished", "lm_recipe", "recipe_hash",
-    "reference_card", "reference_corpus", "reference_digit_images", "reference_dir", "reference_image_folder",
+    "CARD_NAME", "GLYPH_CLASSES", "KINDS", "SPLITS", "Document", "LMRecipe", "ViTRecipe", "build_reference_lm",
+    "build_reference_vit", "cache_root", "is_finished", "lm_recipe", "recipe_hash",
+    "reference_card", "reference_corpus", "reference_dir", "reference_glyph_images", "reference_image_folder",
     "reference_image_split", "reference_path", "reference_vit_split", "split_of", "stdlib_dir",
-    "unigram_perplexity", "vit_recipe",
+    "unigram_perplexity", "vit_image_processor", "vit_recipe",
 ]

@@ -1,5 +1,6 @@
 """ref-vit: a small ViT trained on an image task made from real images that ship with the
-dependencies."""
+dependencies: glyphs of the typefaces in matplotlib's `mpl-data/fonts/ttf`, rendered with
+seeded affine distortions, blur, contrast and noise, split by typeface."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +34,8 @@ from eval.reference.common import (
 
 @dataclass(frozen=True)
 class ViTRecipe:
-    """Everything that determines ref-vit; its hash names the cache directory."""
+    """Everything that determines ref-vit's model and training; its hash names the cache
+    directory. The data (fonts, renders, distortions) is fixed by `version`."""
 
     image_size: int = 32
     patch_size: int = 8
@@ -40,24 +43,26 @@ class ViTRecipe:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     intermediate_size: int = 256
-    epochs: int = 30
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-5
-    warmup_epochs: int = 2
+    warmup_epochs: int = 1
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
-    # Random translation of the upsampled image by up to this many pixels (train only).
+    # Random translation of each training image by up to this many pixels (on top of the
+    # rendered distortions), so the model does not see one fixed copy of each render.
     max_shift: int = 2
     max_train_images: int | None = None
     seed: int = 0
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self):
         validate_recipe(self)
         if self.image_size % self.patch_size:
             raise UserInputError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-
+        if self.image_size != GLYPH_SIZE:
+            raise UserInputError(f"image_size={self.image_size}; the glyph images are {GLYPH_SIZE}x{GLYPH_SIZE}")
 
 
 def vit_recipe(seed: int = 0, epochs: int | None = None, tiny: bool = False) -> ViTRecipe:
@@ -69,25 +74,42 @@ def vit_recipe(seed: int = 0, epochs: int | None = None, tiny: bool = False) -> 
     return recipe if epochs is None else dataclasses.replace(recipe, epochs=positive(epochs, "epochs"))
 
 
+# ------------------------------------------------------------------------------------- data
 
-DIGIT_CLASSES = tuple(str(d) for d in range(10))
-# The digits' held-out split is data, not model: fixed, whatever seed a model is built with.
-_DIGITS_SPLIT_SEED = 0
-_DIGITS_TEST_FRACTION = 0.2
+# The 47 classes of EMNIST "balanced": 10 digits, 26 capitals, and the 11 lower-case letters
+# whose shape differs from their capital. The other 15 lower-case letters (c i j k l m o p s u
+# v w x y z) are a smaller copy of their capital once a glyph is centred and scaled, so each
+# pair is one class (class "C" is rendered from "C" and "c").
+_MERGED = "CIJKLMOPSUVWXYZ"
+_LOWER = "abdefghnqrt"
+GLYPH_CLASSES = tuple("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") + tuple(_LOWER)
+# Split by typeface: no style of a test typeface is in train. Test: STIX General (a Times-like
+# serif, 4 styles) and Computer Modern Sans Serif; train: DejaVu Sans, Sans Mono, Serif (4 styles
+# each) and Computer Modern Roman, Bold, Text Italic, Typewriter and Math Italic. (cmsy10/cmex10 are symbol fonts, the Display and
+# NonUnicode files hold no letters, LastResort draws boxes: none is used.)
+_FONTS = {
+    "train": ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+              "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+              "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+              "DejaVuSerif-BoldItalic.ttf", "cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmtt10.ttf", "cmmi10.ttf"),
+    "test": ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmss10.ttf"),
+}
+# Renders per (typeface, class): 17 x 47 x 30 = 23,970 train and 5 x 47 x 10 = 2,350 test images.
+_RENDERS = {"train": 30, "test": 10}
+_DATA_SEED = 0  # the data is fixed, whatever seed a model is built with
+GLYPH_SIZE = 32
+_CANVAS = 64  # rendered at twice the size, then box-downsampled: anti-aliased strokes
+_CAP_HEIGHT = 28  # height of "H" on the canvas, in every typeface (so x-height still differs from cap height)
+_DISTORTION = {"rotation_deg": 12.0, "scale": (0.8, 1.15), "shear": 0.25, "shift_px": 3.0,
+               "blur_radius": (0.0, 1.5), "bolden_p": 0.3, "background": (0.0, 0.3), "ink": (0.7, 1.0),
+               "noise_std": (0.0, 0.08)}
 _DATA_CARD = "data_card.json"
-_BACKGROUND = -1.0  # a pixel with no ink after the processor's scaling: (0 / 255 - 0.5) / 0.5
 
 
-@lru_cache(maxsize=1)
-def _digits_split_indices() -> dict[str, tuple[int, ...]]:
-    """Stratified 80/20 split of scikit-learn's 1797 digits into train/test dataset indices."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def font_dir() -> Path:
+    import matplotlib
 
-    labels = load_digits().target
-    train, test = train_test_split(range(len(labels)), test_size=_DIGITS_TEST_FRACTION,
-                                   stratify=labels, random_state=_DIGITS_SPLIT_SEED)
-    return {"train": tuple(sorted(train)), "test": tuple(sorted(test))}
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
 def _vit_split_name(split: str) -> str:
@@ -96,21 +118,81 @@ def _vit_split_name(split: str) -> str:
     return split
 
 
-def reference_digit_images(split: str) -> tuple[list, list[int], list[int]]:
-    """(PIL RGB images 8x8, labels, dataset indices) of one split of the digits."""
+def glyph_keys(split: str, renders: int | None = None) -> list[tuple[str, int, str, int]]:
+    """(font file, class index, character, render index) of every image of a split, in order.
+
+    Counting these is cheap: nothing is rendered. A merged class alternates its two cases.
+    """
+    split = _vit_split_name(split)
+    renders = _RENDERS[split] if renders is None else renders
+    keys = []
+    for font in _FONTS[split]:
+        for label, name in enumerate(GLYPH_CLASSES):
+            chars = name + name.lower() if name in _MERGED else name
+            keys.extend((font, label, chars[r % len(chars)], r) for r in range(renders))
+    return keys
+
+
+@lru_cache(maxsize=64)
+def _font(font_file: str):
+    """The typeface at the size that makes its "H" `_CAP_HEIGHT` pixels tall."""
+    from PIL import ImageFont
+
+    path = font_dir() / font_file
+    if not path.is_file():
+        raise UserInputError(f"ref-vit needs matplotlib's font {path}, which is missing; "
+                             "expected matplotlib's bundled fonts (reinstall matplotlib)")
+    probe = ImageFont.truetype(str(path), 100)
+    _, top, _, bottom = probe.getbbox("H")
+    return ImageFont.truetype(str(path), max(1, round(100 * _CAP_HEIGHT / (bottom - top))))
+
+
+def render_glyph(font_file: str, char: str, render: int):
+    """One distorted 32x32 RGB image of `char` in a typeface; a fixed function of its arguments."""
     import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from PIL import Image, ImageDraw, ImageFilter
 
-    indices = _digits_split_indices()[_vit_split_name(split)]
-    digits = load_digits()
-    # Pixel values are 0..16 ink; scale exactly to 0..255 gray, 3 identical channels.
-    images = [Image.fromarray(np.rint(digits.images[i] * 255.0 / 16.0).astype(np.uint8), mode="L").convert("RGB")
-              for i in indices]
-    return images, [int(digits.target[i]) for i in indices], list(indices)
+    d = _DISTORTION
+    rng = np.random.default_rng([_DATA_SEED, zlib.crc32(font_file.encode()), ord(char), render])
+    font = _font(font_file)
+    left, top, right, bottom = font.getbbox(char)
+    canvas = Image.new("L", (_CANVAS, _CANVAS), 0)
+    half = _CANVAS / 2
+    ImageDraw.Draw(canvas).text((half - (left + right) / 2, half - (top + bottom) / 2), char, font=font, fill=255)
+    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, _inverse_affine(rng, half),
+                              resample=Image.Resampling.BILINEAR)
+    if rng.random() < d["bolden_p"]:
+        canvas = canvas.filter(ImageFilter.MaxFilter(3))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(*d["blur_radius"])))
+    ink = np.asarray(canvas.resize((GLYPH_SIZE, GLYPH_SIZE), Image.Resampling.BOX), dtype=np.float64) / 255.0
+    background, foreground = rng.uniform(*d["background"]), rng.uniform(*d["ink"])
+    gray = background + (foreground - background) * ink + rng.normal(0.0, rng.uniform(*d["noise_std"]), ink.shape)
+    return Image.fromarray(np.rint(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L").convert("RGB")
 
 
-def digits_image_processor(image_size: int = 32):
+def _inverse_affine(rng, center: float) -> tuple[float, ...]:
+    """PIL's AFFINE data (output pixel -> input pixel) of a random rotation, scale, shear and
+    shift about the canvas centre."""
+    import numpy as np
+
+    d = _DISTORTION
+    angle = math.radians(rng.uniform(-d["rotation_deg"], d["rotation_deg"]))
+    scale, shear = rng.uniform(*d["scale"]), rng.uniform(-d["shear"], d["shear"])
+    shift = rng.uniform(-d["shift_px"], d["shift_px"], 2)
+    rotate = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    forward = rotate @ np.array([[1.0, shear], [0.0, 1.0]]) * scale  # input offset -> output offset
+    inverse = np.linalg.inv(forward)
+    offset = np.array([center, center]) - inverse @ (np.array([center, center]) + shift)
+    return (*inverse[0], offset[0], *inverse[1], offset[1])
+
+
+def reference_glyph_images(split: str, renders: int | None = None) -> tuple[list, list[int], list[tuple]]:
+    """(PIL RGB images 32x32, labels, keys from `glyph_keys`) of one split of the glyphs."""
+    keys = glyph_keys(split, renders)
+    return [render_glyph(font, char, r) for font, _, char, r in keys], [k[1] for k in keys], keys
+
+
+def vit_image_processor(image_size: int = GLYPH_SIZE):
     """The processor ref-vit is trained with (and saved with): resize to image_size, scale to [-1, 1]."""
     import warnings
 
@@ -122,36 +204,54 @@ def digits_image_processor(image_size: int = 32):
                                  do_rescale=True, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-@lru_cache(maxsize=2)
-def _processed_split(split: str, image_size: int):
+def _pixel_values(images):
+    """[n, 3, 32, 32] in [-1, 1]: what `vit_image_processor` makes of 32x32 images (a resize to
+    the same size is the identity), without its per-image overhead."""
+    import numpy as np
     import torch
 
-    images, labels, _ = reference_digit_images(split)
-    pixel_values = digits_image_processor(image_size)(images=images, return_tensors="pt")["pixel_values"]
-    return pixel_values.float(), torch.tensor(labels, dtype=torch.long)
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])  # [n, H, W, 3]
+    return (torch.from_numpy(array).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
+
+
+@lru_cache(maxsize=2)
+def _processed_split(split: str, renders: int | None = None):
+    import torch
+
+    images, labels, _ = reference_glyph_images(split, renders)
+    return _pixel_values(images), torch.tensor(labels, dtype=torch.long)
 
 
 def reference_image_split(split: str):
-    """(pixel_values [n, 3, 32, 32], labels [n]) of the ref-vit digits, `split` in train/test.
+    """(pixel_values [n, 3, 32, 32], labels [n]) of the ref-vit glyphs, `split` in train/test.
 
     The same tensors ref-vit's image processor makes from the PNG folder's files.
     """
-    pixel_values, labels = _processed_split(_vit_split_name(split), ViTRecipe().image_size)
+    pixel_values, labels = _processed_split(_vit_split_name(split))
     return pixel_values.clone(), labels.clone()
 
 
 def reference_vit_split(split: str):
-    """The digits split as a `TensorDataset` of (pixel_values [3, 32, 32], label)."""
+    """The glyph split as a `TensorDataset` of (pixel_values [3, 32, 32], label)."""
     from torch.utils.data import TensorDataset
 
     return TensorDataset(*reference_image_split(split))
 
 
-def reference_image_folder(build: bool = True) -> Path:
-    """`<cache>/ref-vit-data`: the digits as `{train,test}/<digit>/<index>.png` (8x8 RGB PNGs).
+def class_folder_name(label: int) -> str:
+    """Folder of a class in the PNG folder; lower-case classes get a suffix so that no two
+    names differ only in case (case-insensitive file systems), and sorted names keep label order."""
+    name = GLYPH_CLASSES[label]
+    return f"{name}_lower" if name.islower() else name
 
-    An ImageNet-style folder, for commands that take `--data DIR`. Written atomically, with
-    `data_card.json` last; rewritten if the split recipe changes.
+
+def reference_image_folder(build: bool = True) -> Path:
+    """`<cache>/ref-vit-data`: the glyphs as `{train,test}/<class>/<font>-<char>-<render>.png`
+    (32x32 RGB PNGs).
+
+    An ImageNet-style folder, for commands that take `--data DIR`; its sorted class folders are
+    ref-vit's label order. Written atomically, with `data_card.json` last; rewritten if the data
+    recipe changes.
     """
     final = cache_root() / "ref-vit-data"
     expected = _data_card()
@@ -166,30 +266,54 @@ def reference_image_folder(build: bool = True) -> Path:
         remove_stale_temporaries(final)
         with atomic_directory(final) as tmp:
             for split in ("train", "test"):
-                images, labels, indices = reference_digit_images(split)
-                for image, label, index in zip(images, labels, indices, strict=True):
-                    folder = tmp / split / DIGIT_CLASSES[label]
+                images, labels, keys = reference_glyph_images(split)
+                for image, label, (font, _, char, render) in zip(images, labels, keys, strict=True):
+                    folder = tmp / split / class_folder_name(label)
                     folder.mkdir(parents=True, exist_ok=True)
-                    image.save(folder / f"{index:04d}.png")
+                    image.save(folder / f"{Path(font).stem}-u{ord(char):04x}-{render:03d}.png")
             write_json(tmp / _DATA_CARD, expected)
     return final
 
 
 def _data_card() -> dict:
-    split = _digits_split_indices()
-    return {"source": "sklearn.datasets.load_digits (UCI handwritten digits, 8x8, 0..16 ink scaled to 0..255)",
-            "split_seed": _DIGITS_SPLIT_SEED, "test_fraction": _DIGITS_TEST_FRACTION,
-            "images": {name: len(idx) for name, idx in split.items()}, "classes": list(DIGIT_CLASSES)}
+    return {"source": "glyphs of the typefaces shipped in matplotlib's mpl-data/fonts/ttf, rendered with PIL "
+                      f"(cap height {_CAP_HEIGHT} px on a {_CANVAS}x{_CANVAS} canvas, box-downsampled to "
+                      f"{GLYPH_SIZE}x{GLYPH_SIZE}, gray replicated to RGB)",
+            "split": "by typeface: train and test fonts are disjoint families",
+            "fonts": {split: list(fonts) for split, fonts in _FONTS.items()},
+            "renders_per_font_and_class": dict(_RENDERS), "distortion": dict(_DISTORTION), "data_seed": _DATA_SEED,
+            "images": {split: len(glyph_keys(split)) for split in _FONTS},
+            "classes": list(GLYPH_CLASSES), "case_merged_classes": list(_MERGED)}
 
 
 def _folder_is_current(folder: Path, expected: dict) -> bool:
     card = folder / _DATA_CARD
-    return card.is_file() and read_json(card, "ref-vit data card") == expected
+    return card.is_file() and read_json(card, "ref-vit data card") == _jsonable(expected)
+
+
+def _jsonable(value):
+    """`value` as it reads back from JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _train_split(recipe: ViTRecipe):
+    """The training tensors; a capped (tiny) recipe renders only a seeded draw of the images."""
+    import numpy as np
+    import torch
+
+    if recipe.max_train_images is None:
+        return _processed_split("train")
+    keys = glyph_keys("train")
+    chosen = np.random.default_rng(recipe.seed).permutation(len(keys))[: recipe.max_train_images]
+    images = [render_glyph(keys[i][0], keys[i][2], keys[i][3]) for i in chosen]
+    return _pixel_values(images), torch.tensor([keys[i][1] for i in chosen], dtype=torch.long)
 
 
 def build_reference_vit(out_dir: str | os.PathLike, seed: int = 0, epochs: int | None = None,
                         tiny: bool = False) -> Path:
-    """Train ref-vit on the digits' train split, evaluate on the test split, write atomically.
+    """Train ref-vit on the train typefaces' glyphs, evaluate on the test typefaces', write atomically.
 
     Writes `save_pretrained` weights + image processor + `reference_card.json` (last).
     """
@@ -199,19 +323,17 @@ def build_reference_vit(out_dir: str | os.PathLike, seed: int = 0, epochs: int |
     out_dir = Path(out_dir)
     started = time.perf_counter()
     with atomic_directory(out_dir) as tmp, single_threaded():
-        train_x, train_y = _processed_split("train", recipe.image_size)
-        test_x, test_y = _processed_split("test", recipe.image_size)
-        if recipe.max_train_images is not None:
-            train_x, train_y = train_x[: recipe.max_train_images], train_y[: recipe.max_train_images]
+        train_x, train_y = _train_split(recipe)
+        test_x, test_y = _processed_split("test")
         torch.manual_seed(recipe.seed)
         model = _new_vit(recipe)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"ref-vit: training {n_params / 1e6:.2f} M parameters for {recipe.epochs} epochs on "
-             f"{len(train_x)} digits")
+            f"{len(train_x)} glyph images")
         losses = _train_vit(model, train_x, train_y, recipe)
         test_accuracy = _vit_accuracy(model, test_x, test_y)
         model.save_pretrained(tmp)
-        digits_image_processor(recipe.image_size).save_pretrained(tmp)
+        vit_image_processor(recipe.image_size).save_pretrained(tmp)
         card = {
             "model": "ref-vit",
             "recipe": dataclasses.asdict(recipe),
@@ -224,6 +346,7 @@ def build_reference_vit(out_dir: str | os.PathLike, seed: int = 0, epochs: int |
             "test_accuracy": test_accuracy,
             "build_seconds": round(time.perf_counter() - started, 1),
             "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
             "versions": versions(),
         }
         write_json(tmp / CARD_NAME, card)  # last: the completion mark
@@ -241,7 +364,7 @@ def _new_vit(recipe: ViTRecipe):
         hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
         num_attention_heads=recipe.num_attention_heads, intermediate_size=recipe.intermediate_size,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        id2label=dict(enumerate(DIGIT_CLASSES)), label2id={c: i for i, c in enumerate(DIGIT_CLASSES)},
+        id2label=dict(enumerate(GLYPH_CLASSES)), label2id={c: i for i, c in enumerate(GLYPH_CLASSES)},
     )
     return ViTForImageClassification(config)
 
@@ -258,7 +381,7 @@ def _train_vit(model, images, labels, recipe: ViTRecipe) -> list[float]:
     optimizer = adamw(model, recipe.lr, recipe.weight_decay)
     model.train()
     losses = []
-    bar = tqdm(total=total, desc="ref-vit train", unit="step", file=sys.stderr)
+    bar = tqdm(total=total, desc="ref-vit train", unit="step", file=sys.stderr, mininterval=10)
     for _ in range(recipe.epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), recipe.batch_size):
@@ -275,21 +398,22 @@ def _train_vit(model, images, labels, recipe: ViTRecipe) -> list[float]:
             optimizer.step()
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     model.eval()
     return losses
 
 
 def _random_shift(images, max_shift: int, generator):
-    """Translate each image by up to `max_shift` pixels each way, filling with background."""
+    """Translate each image by up to `max_shift` pixels each way; the border pixels are repeated
+    (the background is not one fixed value)."""
     import torch
     import torch.nn.functional as F
 
     if max_shift == 0:
         return images
     size = images.shape[-1]
-    padded = F.pad(images, (max_shift,) * 4, value=_BACKGROUND)  # [B, 3, H+2s, W+2s]
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")  # [B, 3, H+2s, W+2s]
     offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
     return torch.stack([p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets.tolist(), strict=True)])
 
