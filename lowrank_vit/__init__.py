@@ -13,6 +13,7 @@ Pieces: `calibration` (XᵀX per layer, float64, hooks) → `decompose` (whitene
 (sequential layer-wise error compensation) → optional `quantize` (int8 factors).
 """
 
+from eval.model_specs import register_spec_loader
 from lowrank_vit.config import METHODS, ROLES, MixedRankConfig
 from lowrank_vit.layer import LowRankLinear
 from lowrank_vit.model import (
@@ -27,3 +28,15 @@ from lowrank_vit.model import (
 __all__ = ["METHODS", "ROLES", "MixedRankConfig", "LowRankLinear", "compress", "count_weights", "find_targets", "load_compressed", "save_pretrained"]
 
 FAMILY.register()  # AutoConfig knows "slimtune_lowrank" from here on
+
+
+def _load_spec(path, base=None, device="cpu"):
+    import lowrank_vit  # through the package attribute, so a replaced load_compressed is the one used
+    from eval.model_specs import check_causal_lm
+
+    model = lowrank_vit.load_compressed(path, device=device)
+    check_causal_lm(model, path)  # the commands that take specs score language models
+    return model
+
+
+register_spec_loader("lowrank", _load_spec, model_types=(FAMILY.model_type,))  # `lowrank:DIR` in the commands

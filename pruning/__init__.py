@@ -11,6 +11,8 @@ Importing the package registers the saved model type (`slimtune_pruned`) with tr
 `AutoModelForCausalLM.from_pretrained("out/model")` returns the pruned model too.
 """
 
+from eval.model_specs import register_spec_loader
+
 from .arch import LAYOUTS, MASK_NAMES, BlockLayout, layout_for, model_geometry
 from .baselines import BASELINES, baseline_prune, magnitude_plan, slicegpt_prune, wanda_sp_plan
 from .config import DispConfig
@@ -28,6 +30,15 @@ from .model import (
 from .trainer import DispResult, deterministic_masks, disp_prune, recover_with_lora, train_disp
 
 FAMILY.register()  # AutoConfig knows "slimtune_pruned" from here on
+
+
+def _load_spec(path, base=None, device="cpu"):
+    import pruning  # through the package attribute, so a replaced load_pruned is the one used
+
+    return pruning.load_pruned(path, device=device)
+
+
+register_spec_loader("pruned", _load_spec, model_types=(FAMILY.model_type,))  # `pruned:DIR` in the commands
 
 __all__ = [
     "BASELINES", "LAYOUTS", "MASK_NAMES", "BlockLayout", "DispConfig", "DispResult", "DispTrainingModel",

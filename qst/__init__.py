@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from eval.model_specs import register_spec_loader
+
 _EXPORTS = {
     "BackboneFeatureCache": "qst.cache",
     "BackboneFeatures": "qst.cache",
@@ -42,3 +44,13 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _load_spec(path, base=None, device="cpu"):
+    from qst.model import QSTForCausalLM
+
+    return QSTForCausalLM.from_pretrained(path, base=base, device=device)
+
+
+# `qst:DIR` (or a directory holding qst_config.json) in the commands; eval.model_specs imports nothing heavy
+register_spec_loader("qst", _load_spec, marker_files=("qst_config.json",))

@@ -7,19 +7,24 @@ import argparse
 
 def add_parser(subparsers) -> None:
     from eval.codegen import SAMPLERS, SamplingConfig
+    from eval.sandbox import ISOLATIONS
 
     defaults = SamplingConfig()
     p = subparsers.add_parser(
         "codegen-eval",
         help="code generation: pass@k of greedy / temperature / AdapT sampling, with sandboxed tests",
         description="Complete each problem's function with a causal LM, run the completion and the problem's "
-        "tests in a sandbox (separate process, time/memory/process limits, no network, throwaway directory) "
+        "tests in a sandbox (bubblewrap: no network, read-only system, private /tmp, uid nobody, time/memory/process "
+        "limits; the tests run apart from the completion, so it cannot fake a pass) "
         "and report pass@k per sampler plus the failure types (NameError, SyntaxError, ...). Writes "
         "OUT/codegen.{json,md}, OUT/pass_at_k.png and OUT/failures.png. "
         "Example: slimtune codegen-eval --model ref-lm --sampler greedy,temperature,adapt --n 20 --out runs/codegen",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="ref-lm", help="'ref-lm' (built on first use) or a local causal-LM directory / hub id")
+    from scripts.specs import SPEC_HELP
+
+    p.add_argument("--model", default="ref-lm", help=SPEC_HELP)
+    p.add_argument("--base", default=None, help="with a QST side network: its backbone (default: the one it names)")
     p.add_argument("--problems", default=None,
                    help="HumanEval-format JSONL (task_id, prompt, test, entry_point; .jsonl or .jsonl.gz); "
                    "default: the suite's own problems")
@@ -33,6 +38,9 @@ def add_parser(subparsers) -> None:
                    help="AdapT: temperature of every other token")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds each completion's tests may run")
+    p.add_argument("--sandbox", default="auto", choices=ISOLATIONS,
+                   help="isolation of generated code; auto: bubblewrap when it works, else a weaker mode with a "
+                   "loud warning (recorded in the report)")
     p.add_argument("--workers", type=int, default=2, help="sandboxed test runs at once")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--seed", type=int, default=0)
@@ -51,8 +59,9 @@ def run(args) -> int:
         parse_samplers,
     )
     from eval.errors import UserInputError
-    from eval.models import load_causal_lm
     from eval.report import write_report
+    from eval.sandbox import SandboxLimits, resolve_isolation
+    from scripts.specs import load_spec
 
     try:
         ks = [int(k) for k in args.k.split(",") if k.strip()]
@@ -61,15 +70,19 @@ def run(args) -> int:
     samplers = parse_samplers(args.sampler)
     config = SamplingConfig(temperature=args.temperature, hard_temperature=args.hard_temperature,
                             easy_temperature=args.easy_temperature, max_new_tokens=args.max_new_tokens)
-    if args.timeout <= 0 or args.workers < 1 or (args.limit is not None and args.limit < 1):
-        raise UserInputError("--timeout, --workers and --limit must be positive")
+    SandboxLimits(timeout_s=args.timeout)  # a positive finite number, checked before any work
+    isolation = resolve_isolation(args.sandbox)
+    if args.workers < 1 or (args.limit is not None and args.limit < 1):
+        raise UserInputError("--workers and --limit must be positive")
     problems = load_humaneval(args.problems)[: args.limit]
-    model, tokenizer = load_causal_lm(args.model, device=args.device)
+    model, tokenizer = load_spec(args.model, base=args.base, device=args.device)
     report = evaluate_codegen(model, tokenizer, problems, samplers, n=args.n, ks=ks, config=config,
-                              timeout_s=args.timeout, seed=args.seed, workers=args.workers)
+                              timeout_s=args.timeout, seed=args.seed, workers=args.workers, isolation=isolation)
     report["config"].update(model=args.model, problems_file=args.problems or "shipped")
     markdown = codegen_markdown(report, title=f"Code generation: pass@k of {args.model}")
     write_report(args.out, "codegen", report, markdown, plots=codegen_plots(report))
-    print(markdown.split("\n## ")[0].split("\n\n", 2)[-1].rstrip())
+    print(markdown.split("\n## ")[0].split("\n\n")[-1].rstrip())
+    if isolation != "bubblewrap":
+        print(f"WARNING: generated code ran with the weak sandbox isolation {isolation!r} (no bubblewrap)")
     print(f"wrote {args.out}/codegen.json, codegen.md, pass_at_k.png, failures.png")
     return 0
