@@ -151,6 +151,86 @@ def tokens_per_second(step_fn: Callable[[], Any], tokens_per_step: int, warmup: 
 
 
 # ---------------------------------------------------------------------------------------------
+# The machine a report measured
+
+# /proc/cpuinfo flags that decide how fast CPU matmuls and bitsandbytes' 4-bit kernels run
+VECTOR_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+
+
+def _cpuinfo() -> tuple[str | None, list[str]]:
+    """(CPU model name, its vector flags out of VECTOR_FLAGS) from /proc/cpuinfo (Linux)."""
+    import platform
+
+    model, flags = None, set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if model is None and key in ("model name", "Model", "cpu model"):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model or platform.processor() or None, [f for f in VECTOR_FLAGS if f in flags]
+
+
+def _bnb_4bit_path(torch) -> str | None:
+    """Which bitsandbytes kernels run 4-bit layers here, as far as can be told without a model:
+    CUDA; on CPU the AVX512-BF16 kernel (inference forwards, weights repacked), the native CPU
+    library (dequantize, then a torch matmul), or its pure-torch fallback. None without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception:  # not installed, or it failed to load: reports still get written
+        return None
+    version = getattr(bnb, "__version__", "?")
+    if torch.cuda.is_available():
+        return f"bitsandbytes {version}: CUDA kernels"
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        return f"bitsandbytes {version}: pure-torch CPU fallback (native library not loaded)"
+    if has_avx512bf16():
+        return f"bitsandbytes {version}: AVX512-BF16 CPU kernel (inference), native CPU dequantize (training)"
+    return f"bitsandbytes {version}: native CPU dequantize + torch matmul (no AVX512-BF16 kernel)"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a timing depends on, for every report: CPU model and vector extensions, torch's
+    CPU kernel level and threads, bitsandbytes' 4-bit path, the GPU if any. Plain JSON."""
+    import platform
+
+    import torch
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "cpu_vector_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bnb_4bit_path": _bnb_4bit_path(torch),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One Markdown line naming the machine of `machine_info()`."""
+    flags = ", ".join(info.get("cpu_vector_flags") or []) or "none found"
+    parts = [f"CPU {info.get('cpu_model') or 'unknown'} ({flags}; torch kernels {info.get('torch_cpu_capability')})",
+             f"{info.get('cpu_cores')} cores, {info.get('torch_threads')} torch threads"]
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']}")
+    parts.append(info.get("bnb_4bit_path") or "bitsandbytes not available")
+    parts.append(f"torch {info.get('torch')}, Python {info.get('python')}")
+    return "Machine: " + "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory within this process
 
 
@@ -292,10 +372,18 @@ def run_in_fresh_process(
         kwargs_path, result_path = Path(tmp) / "kwargs.json", Path(tmp) / "result.json"
         kwargs_path.write_text(payload, encoding="utf-8")
         cmd = [sys.executable, "-m", "eval.measure_worker", target, str(kwargs_path), str(result_path)]
+        # The worker dies with this process (PR_SET_PDEATHSIG, set by the worker, even on kill -9
+        # here; it then removes `tmp` itself) and is stopped on any exception here (Ctrl-C).
+        child_env["SLIMTUNE_MEASURE_PARENT"] = str(os.getpid())
+        proc = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL)
         try:
-            proc = subprocess.run(cmd, env=child_env, timeout=timeout_s, stdin=subprocess.DEVNULL)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            _stop(proc)
             return {"error": f"TimeoutError: {target} did not finish within {timeout_s} s", "traceback": ""}
+        except BaseException:
+            _stop(proc)
+            raise
         if not result_path.is_file():
             return {
                 "error": f"ChildProcessError: the process running {target} exited with status "
@@ -303,3 +391,14 @@ def run_in_fresh_process(
                 "traceback": "",
             }
         return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the worker, then SIGKILL it if it has not exited within `grace_s`; reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -10,9 +10,13 @@ peak RSS is tracked (see eval.measure). Exceptions are written as {"error", "tra
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import json
+import os
+import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -97,8 +101,29 @@ def _lifetime_max_rss() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _die_with_parent(workdir: Path) -> None:
+    """Exit (removing `workdir`, the parent's temporary folder) on SIGTERM, and have the kernel
+    send SIGTERM when the parent process dies, however it dies (Linux PR_SET_PDEATHSIG)."""
+    def on_term(signum, frame):
+        shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    parent = os.environ.get("SLIMTUNE_MEASURE_PARENT")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the parent still stops us on Ctrl-C
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        on_term(signal.SIGTERM, None)
+
+
 def main(argv: list[str]) -> int:
     target, kwargs_path, result_path = argv
+    _die_with_parent(Path(kwargs_path).parent)
     quiet_library_logs()
     kwargs = json.loads(Path(kwargs_path).read_text(encoding="utf-8"))
     measurement = Measurement()

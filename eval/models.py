@@ -183,14 +183,69 @@ def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype | str:
     raise UserInputError(f"dtype={dtype!r} is not supported; expected one of float32, bfloat16, float16, auto")
 
 
-def _resolve_device(device) -> torch.device:
+# How to get bitsandbytes onto a machine without network (scripts/gpu_check.sh, README "GPUs").
+BNB_HOW_TO_PROVIDE = (
+    "on a machine with network run `bash scripts/gpu_check.sh --prepare-wheels` (it writes a "
+    "bitsandbytes wheel holding the CUDA 13 library to build/gpu-wheels/) and carry that folder "
+    "here, then run scripts/gpu_check.sh (it installs the wheel); or `pip install bitsandbytes` "
+    "where there is network"
+)
+
+
+def resolve_device(device, four_bit: bool = False) -> torch.device:
+    """The one check of a device name: 'cpu', 'cuda' or 'cuda:N' that exists here.
+
+    `four_bit`: the caller will build NF4 layers, so on CUDA bitsandbytes and its CUDA library
+    must be there too (`check_bitsandbytes_cuda`); on CPU bitsandbytes' own CPU path is used.
+    Raises `UserInputError` saying what is missing and how to provide it.
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UserInputError(f"device={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"device={device!r} was asked for but CUDA is not available here; use device='cpu'")
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise UserInputError(
+            f"device={device!r} was asked for but CUDA is not available here: {why}; use device='cpu', or run "
+            "on a machine with an NVIDIA GPU and a CUDA build of torch (TORCH_SPEC=torch bash setup.sh)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserInputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if four_bit and dev.type == "cuda":
+        check_bitsandbytes_cuda()
     return dev
+
+
+def check_bitsandbytes_cuda(cuda_version: str | None = None, package_dir: Path | None = None) -> Path:
+    """The bitsandbytes CUDA library this torch will load; `UserInputError` if there is none.
+
+    bitsandbytes picks `libbitsandbytes_cuda<MAJOR><MINOR>.so` for torch's CUDA version, or the
+    nearest one of the same major version. `cuda_version` (default `torch.version.cuda`) and
+    `package_dir` (default the installed bitsandbytes) are parameters so the check can be tested.
+    """
+    cuda_version = cuda_version or torch.version.cuda
+    if cuda_version is None:
+        raise UserInputError("bitsandbytes' CUDA kernels need a CUDA build of torch; this one is CPU-only")
+    if package_dir is None:
+        try:
+            import bitsandbytes
+        except ImportError as e:
+            raise UserInputError(
+                f"bitsandbytes is not installed (import failed: {e}); the 4-bit methods (qlora, qst) need it "
+                f"on CUDA. To provide it: {BNB_HOW_TO_PROVIDE}"
+            ) from e
+        package_dir = Path(bitsandbytes.__file__).parent
+    major = cuda_version.split(".")[0]
+    found = sorted(Path(package_dir).glob(f"libbitsandbytes_cuda{major}[0-9]*.so"))
+    if not found:
+        present = sorted(p.name for p in Path(package_dir).glob("libbitsandbytes_*.so")) or ["none"]
+        raise UserInputError(
+            f"bitsandbytes in {package_dir} has no CUDA {major}.x library (torch uses CUDA {cuda_version}; "
+            f"expected libbitsandbytes_cuda{major}*.so, found: {', '.join(present)}). "
+            f"To provide it: {BNB_HOW_TO_PROVIDE}"
+        )
+    return found[-1]
 
 
 def _nf4_config():
@@ -344,7 +399,7 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
     what = "load_causal_lm"
     _check_quantize(quantize)
     resolved_dtype = _resolve_dtype(dtype, torch.bfloat16 if quantize == "nf4" else torch.float32)
-    dev = _resolve_device(device)
+    dev = resolve_device(device, four_bit=quantize == "nf4")
     source, extra = _resolve_model_source(name_or_path, what)
     config = _load_config(source, extra, trust_remote_code, what)
 
@@ -363,18 +418,46 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
             f"{what}: could not load a tokenizer from {source!r} ({_first_line(e)}); expected tokenizer files "
             "(tokenizer.json or tokenizer.model + tokenizer_config.json) next to the model, as save_pretrained writes them"
         ) from e
+    _verify_weight_files(source, what)
     kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
     if quantize == "nf4":
         kwargs["quantization_config"] = _nf4_config()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev),
+                                                           output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - missing/corrupt weight files
         raise UserInputError(f"{what}: could not load the weights of {source!r}: {_first_line(e)}") from e
+    _check_loading_info(info, source, what)
     _ensure_pad_token(model, tokenizer)
     if quantize == "nf4":
         avoid_bnb_cpu_repacking_failure(model)
     model.eval()
     return model, tokenizer
+
+
+def _verify_weight_files(source: str, what: str) -> None:
+    """A truncated safetensors file in a local model directory is an error naming that file."""
+    from eval.io import verify_safetensors
+
+    if Path(source).is_dir():
+        for path in sorted(Path(source).glob("*.safetensors")):
+            verify_safetensors(path, f"{what}: weights file")
+
+
+def _check_loading_info(info: dict, source: str, what: str) -> None:
+    """Strict loading: a weight the config expects but the files lack (transformers would leave it
+    randomly initialised), an extra one, or one of another shape is an error naming them."""
+    from eval.io import loading_mismatch_message
+
+    mismatched = [f"{m[0]} {tuple(m[1])} vs {tuple(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3 else str(m)
+                  for m in info.get("mismatched_keys") or []]
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    errors = list(info.get("error_msgs") or [])
+    if missing or unexpected or mismatched:
+        raise UserInputError(f"{what}: " + loading_mismatch_message(f"{source!r}", "the weights of", sorted(missing),
+                                                                    sorted(unexpected), mismatched))
+    if errors:
+        raise UserInputError(f"{what}: could not load the weights of {source!r}: {str(errors[0]).splitlines()[0]}")
 
 
 def avoid_bnb_cpu_repacking_failure(model: nn.Module) -> None:
@@ -407,7 +490,7 @@ def load_image_classifier(name_or_path, dtype=None, device="cpu"):
     """Load an image-classification model (ViT, DeiT, Swin, ...) and its image processor, in eval mode."""
     what = "load_image_classifier"
     resolved_dtype = _resolve_dtype(dtype, torch.float32)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     source, extra = _resolve_model_source(name_or_path, what)
     config = _load_config(source, extra, False, what)
 
@@ -418,10 +501,14 @@ def load_image_classifier(name_or_path, dtype=None, device="cpu"):
             f"{what}: {source!r} is a {config.model_type!r} model, which transformers cannot load as an image "
             "classifier; expected e.g. ViT, DeiT or Swin"
         )
+    _verify_weight_files(source, what)
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, dtype=resolved_dtype, **extra).to(dev)
+        model, info = AutoModelForImageClassification.from_pretrained(
+            source, dtype=resolved_dtype, output_loading_info=True, **extra)
     except Exception as e:  # noqa: BLE001
         raise UserInputError(f"{what}: could not load the weights of {source!r}: {_first_line(e)}") from e
+    _check_loading_info(info, source, what)
+    model = model.to(dev)
     try:
         processor = AutoImageProcessor.from_pretrained(source, **extra)
     except Exception as e:  # noqa: BLE001
@@ -509,7 +596,7 @@ def build_model_from_arch(arch: str, dtype=None, device="cpu", quantize=None, vo
         if quantize is not None:
             raise UserInputError("quantize='nf4' needs real weights to quantize; with device='meta' use quantize=None")
         return _empty_model(config, resolved).eval()
-    dev = _resolve_device(device)
+    dev = resolve_device(device, four_bit=quantize == "nf4")
     _check_fits(arch, config, resolved, dev, quantize)
     if quantize == "nf4":
         return _build_nf4(config, resolved, dev).eval()
@@ -582,9 +669,11 @@ __all__ = [
     "architecture_config",
     "avoid_bnb_cpu_repacking_failure",
     "build_model_from_arch",
+    "check_bitsandbytes_cuda",
     "load_causal_lm",
     "load_image_classifier",
     "nf4_bytes_per_weight",
     "param_breakdown_of_arch",
     "param_count_of_arch",
+    "resolve_device",
 ]

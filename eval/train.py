@@ -152,6 +152,7 @@ def train(
     out_dir: str | Path | None = None,
     desc: str = "train",
     param_groups: list[dict[str, Any]] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.max_steps` optimizer steps and return the history.
 
@@ -165,7 +166,10 @@ def train(
     - `param_groups`: AdamW parameter groups (each a dict with "params" and optional "lr",
       "weight_decay"); default: one group with every parameter that requires grad.
     - `out_dir`: checkpoints go to `out_dir/checkpoint/` every `checkpoint_every` steps and
-      after the last step; an existing one is resumed from.
+      after the last step; an existing one is resumed from, only if it belongs to the same
+      run: the same config (up to `_RESUMABLE_CHANGES`), the same `run` description (JSON-able,
+      e.g. model, task, method, batch, seq) and the same data (a hash of `train_batches` when
+      it is a list); anything else is a `UserInputError` saying what differs.
     """
     from accelerate import Accelerator
     from accelerate.utils import send_to_device
@@ -190,8 +194,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))
     state = {"step": 0, "epoch": 0, "batch_index": 0, "losses": [], "eval_history": [], "step_times": []}
     resumed_from = None
+    identity = _run_identity(run, train_batches) if ckpt_dir is not None else None
     if ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
-        state = _load_checkpoint(ckpt_dir, named_trainable, optimizer, scheduler, config, accelerator)
+        state = _load_checkpoint(ckpt_dir, named_trainable, optimizer, scheduler, config, identity)
         resumed_from = state["step"]
 
     # The scheduler is deliberately not prepared: accelerate would step it once per process.
@@ -242,7 +247,8 @@ def train(
                 state["eval_history"].append({"step": step, **_evaluate(unwrapped, eval_fn)})
                 bar.set_postfix({k: _short(v) for k, v in state["eval_history"][-1].items() if k != "step"})
             if ckpt_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                _save_checkpoint(ckpt_dir, state, named_trainable, optimizer, scheduler, config, accelerator)
+                _save_checkpoint(ckpt_dir, state, named_trainable, optimizer, scheduler, config, accelerator,
+                                 identity)
     finally:
         bar.close()
         batches.close()
@@ -413,7 +419,8 @@ def _set_rng_state(per_process: list[dict[str, Any]], rank: int) -> None:
 #   checkpoint/scheduler.json, checkpoint/state.json (step, data position, curves, RNG, config)
 
 
-def _save_checkpoint(ckpt_dir: Path, state, named_trainable, optimizer, scheduler, config, accelerator) -> None:
+def _save_checkpoint(ckpt_dir: Path, state, named_trainable, optimizer, scheduler, config, accelerator,
+                     identity: dict) -> None:
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
@@ -429,16 +436,50 @@ def _save_checkpoint(ckpt_dir: Path, state, named_trainable, optimizer, schedule
             write_json(tmp / "optimizer.json", _extract_tensors(optimizer.state_dict(), "optim", tensors))
             save_file(tensors, tmp / "optimizer.safetensors")
             write_json(tmp / "scheduler.json", scheduler.state_dict())
-            write_json(tmp / "state.json", {**state, "rng": rng, "config": config.to_dict()})
+            write_json(tmp / "state.json", {**state, "rng": rng, "config": config.to_dict(), "run": identity})
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, config, accelerator) -> dict:
-    from safetensors.torch import load_file
+def _run_identity(run: dict | None, train_batches) -> dict:
+    """What defines the run besides the config: the caller's description and the data's hash."""
+    identity = json.loads(json.dumps(run or {}, default=str))  # as it reads back from JSON
+    identity["data"] = _data_fingerprint(train_batches)
+    return identity
 
-    from eval.io import load_named_tensors_into, read_json
+
+def _data_fingerprint(train_batches) -> str | None:
+    """sha256 of every tensor of a list of batches (order, names, shapes, values); None for
+    other iterables (a DataLoader is not read twice just for this)."""
+    import hashlib
+
+    if not isinstance(train_batches, (list, tuple)):
+        return None
+    h = hashlib.sha256()
+    for batch in train_batches:
+        for name, value in sorted(batch.items()) if isinstance(batch, dict) else ():
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _check_same_run(ckpt_dir: Path, saved: dict | None, identity: dict) -> None:
+    saved = saved or {}
+    differs = [f"{k}: {saved.get(k, '(not recorded)')!r} -> {identity.get(k)!r}"
+               for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+    if differs:
+        raise UserInputError(
+            f"{ckpt_dir} holds the checkpoint of a different run ({'; '.join(differs)}), so it is not resumed; "
+            f"to start fresh use a new output directory or delete {ckpt_dir}"
+        )
+
+
+def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, config, identity: dict) -> dict:
+    from eval.io import load_named_tensors_into, load_safetensors, read_json
 
     state = read_json(ckpt_dir / "state.json", "training checkpoint state")
+    _check_same_run(ckpt_dir, state.pop("run", None), identity)
     saved_config = state.pop("config")
     changed = {k for k, v in config.to_dict().items() if saved_config.get(k) != v} - _RESUMABLE_CHANGES
     if changed:
@@ -448,7 +489,7 @@ def _load_checkpoint(ckpt_dir: Path, named_trainable, optimizer, scheduler, conf
             "use a new output directory or delete the checkpoint to start over"
         )
     load_named_tensors_into(named_trainable, ckpt_dir / "trainable.safetensors", "training checkpoint")
-    tensors = load_file(ckpt_dir / "optimizer.safetensors")
+    tensors = load_safetensors(ckpt_dir / "optimizer.safetensors", "training checkpoint")
     optimizer.load_state_dict(_restore_tensors(read_json(ckpt_dir / "optimizer.json"), tensors))
     scheduler.load_state_dict(read_json(ckpt_dir / "scheduler.json"))
     if state["step"] > config.max_steps:

@@ -3,7 +3,7 @@
 Kept out of `scripts/` (which only parses arguments) and out of `model.py` (which only knows
 about modules): this is the measurement around `compress()`.
 
-Data: `ref-vit` brings its own digits split (calibrate on train images, evaluate on the test
+Data: `ref-vit` brings its own glyph split (calibrate on train images, evaluate on the test
 split). Any other model reads an ImageNet-style folder through `eval.data.load_image_folder`
 with its own image processor; calibration images are a seeded random draw from the folder
 and are left out of the accuracy evaluation, so the two never overlap.
@@ -52,7 +52,7 @@ def image_splits(model_name: str, data: str | None, image_processor, calib: int,
             raise UserInputError(f"--calib {calib} is more than the {len(train)} ref-vit training images")
         calib_idx = torch.randperm(len(train), generator=generator)[:calib].tolist()
         eval_idx = list(range(len(test)))[: eval_limit or None]
-        return train, calib_idx, test, eval_idx, f"ref-vit digits: {calib} train images to calibrate, {len(eval_idx)} test images"
+        return train, calib_idx, test, eval_idx, f"ref-vit glyphs: {calib} train images to calibrate, {len(eval_idx)} test images"
     from eval.data import load_image_folder
 
     folder = load_image_folder(data, image_processor)
@@ -100,17 +100,22 @@ def images_per_second(models: dict[str, nn.Module], pixels: torch.Tensor, rounds
 def run_compress_vit(model_name: str, out: str | Path, config: MixedRankConfig, data: str | None = None,
                      batch_size: int = 64, eval_limit: int | None = None, device: str = "cpu") -> dict:
     """Load, measure, compress, measure again; write the model and the report under `out`."""
-    from eval.io import atomic_directory
+    from eval.io import prepare_output_dir
+
+    with prepare_output_dir(out, "compress-vit", signature=f"{REPORT_NAME}.json"):
+        return _run_compress_vit(model_name, Path(out), config, data, batch_size, eval_limit, device)
+
+
+def _run_compress_vit(model_name: str, out: Path, config: MixedRankConfig, data: str | None,
+                      batch_size: int, eval_limit: int | None, device: str) -> dict:
+    from eval.io import atomic_contents
     from eval.models import load_image_classifier
     from eval.report import markdown_table, write_report
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / f"{REPORT_NAME}.json").is_file())):
-        raise UserInputError(f"--out {out} exists and is not an earlier compress-vit output; expected a new or empty "
-                             "directory (it is replaced as a whole)")
     model, processor = load_image_classifier(model_name, device=device)
     calib_set, calib_idx, eval_set, eval_idx, data_note = image_splits(
         model_name, data, processor, config.calib_images, config.seed, eval_limit)
+    _check_labels(model, calib_set, data)
     calib_batches = [pixels for pixels, _ in _as_tensor_batches(calib_set, calib_idx, batch_size, "calibration images")]
     speed_batch = next(_as_tensor_batches(eval_set, eval_idx, batch_size))[0].to(device)
 
@@ -144,11 +149,20 @@ def run_compress_vit(model_name: str, out: str | Path, config: MixedRankConfig, 
         "ranks": report["ranks"],
         "compression": report,
     }
-    with atomic_directory(out) as tmp:
+    with atomic_contents(out) as tmp:
         save_pretrained(model, tmp / "model", report)
         processor.save_pretrained(tmp / "model")
         write_report(tmp, REPORT_NAME, summary, report_markdown(summary, markdown_table), plots={"ranks": ranks_plot(report)})
     return summary
+
+
+def _check_labels(model: nn.Module, dataset, data: str | None) -> None:
+    """An image folder must have as many classes as the model has labels (accuracy is meaningless otherwise)."""
+    classes = getattr(dataset, "classes", None)
+    labels = getattr(model.config, "num_labels", None)
+    if data is not None and classes is not None and labels is not None and len(classes) != labels:
+        raise UserInputError(f"--data {data} has {len(classes)} class folders but the model has {labels} labels; "
+                             "expected one subfolder per model label, in label order")
 
 
 def report_markdown(s: dict, markdown_table) -> str:

@@ -8,6 +8,8 @@ OUT/kept_width.png; the whole directory appears at once (nothing half-written on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import shutil
 import statistics
@@ -111,28 +113,49 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
               tau: float = 0.4, offset: float = 3.0, block_size: int = 256, batch_size: int = 4,
               calib_blocks: int = 128, eval_blocks: int = 64, recover_steps: int = 0, recover_lr: float = 2e-4,
               lora_rank: int = 8, seed: int = 0, device: str = "cpu", threads: int | None = None) -> dict:
-    """Prune `model_name` with `method` at `kept` of the block parameters; write everything to `out`."""
-    from eval.data import pack_token_blocks
-    from eval.io import atomic_directory
-    from eval.measure import count_parameters
-    from eval.metrics import model_context_length, perplexity_of_blocks
-    from eval.models import load_causal_lm
-    from eval.report import write_report
+    """Prune `model_name` with `method` at `kept` of the block parameters; write everything to `out`.
 
+    `out` follows `eval.io.prepare_output_dir`: new, empty or an earlier prune output; nothing
+    else in it is ever deleted.
+    """
+    from eval.io import prepare_output_dir
+
+    _check_args(method, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, lora_rank, threads)
+    DispConfig(kept=kept, steps=steps, estimator=estimator, lam=lam, lr=lr, tau=tau, offset=offset, seed=seed)
+    with prepare_output_dir(out, "prune", signature="prune_report.json"):
+        return _run_prune(method, model_name, Path(out), kept, calib, eval_text, steps, estimator, lam, lr, tau,
+                          offset, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, recover_lr,
+                          lora_rank, seed, device, threads)
+
+
+def _check_args(method, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, lora_rank, threads) -> None:
     if method not in METHODS:
         raise UserInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    config = DispConfig(kept=kept, steps=steps, estimator=estimator, lam=lam, lr=lr, tau=tau, offset=offset, seed=seed)
     for name, value in (("block_size", block_size), ("batch_size", batch_size), ("calib_blocks", calib_blocks),
                         ("eval_blocks", eval_blocks)):
         if value < 1:
             raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
     if recover_steps < 0:
         raise UserInputError(f"--recover-steps must be >= 0; got {recover_steps}")
+    if recover_steps and lora_rank < 1:
+        raise UserInputError(f"--lora-rank must be a positive integer for LoRA recovery; got {lora_rank}")
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads must be a positive integer; got {threads}")
+
+
+def _run_prune(method, model_name, out: Path, kept, calib, eval_text, steps, estimator, lam, lr, tau, offset,
+               block_size, batch_size, calib_blocks, eval_blocks, recover_steps, recover_lr, lora_rank, seed,
+               device, threads) -> dict:
+    from eval.data import pack_token_blocks
+    from eval.io import atomic_contents
+    from eval.measure import count_parameters
+    from eval.metrics import model_context_length, perplexity_of_blocks
+    from eval.models import load_causal_lm
+    from eval.report import write_report
+
+    config = DispConfig(kept=kept, steps=steps, estimator=estimator, lam=lam, lr=lr, tau=tau, offset=offset, seed=seed)
     if threads is not None:
-        if threads < 1:
-            raise UserInputError(f"--threads must be a positive integer; got {threads}")
         torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads distort tokens/s
-    out = Path(out)
     torch.manual_seed(seed)
 
     model, tokenizer = load_causal_lm(model_name, device=device)
@@ -144,7 +167,10 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
 
     ppl_before = perplexity_of_blocks(model, test_blocks, batch_size=batch_size)
     report: dict = {"method": method, "model": model_name, "kept": kept}
-    checkpoint_dir = out.parent / f".{out.name}.disp-checkpoint"
+    # Inside OUT (kept if interrupted; a rerun of the same command resumes), named by everything
+    # that defines the hypernetwork's training, so that a different run never resumes it.
+    run_key = json.dumps([model_name, calib, block_size, batch_size, calib_blocks, config.to_dict()], default=str)
+    checkpoint_dir = out / f".disp-checkpoint-{hashlib.sha256(run_key.encode()).hexdigest()[:12]}"
     start = time.perf_counter()
     hypernet = None
     if method == "disp":
@@ -190,7 +216,7 @@ def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, 
         report["kept_widths"] = [{m: (w[m] if m == "mlp_mid" else plan.info["kept_residual"]) for m in MASK_NAMES}
                                  for w in report["kept_widths"]]
 
-    with atomic_directory(out) as tmp:
+    with atomic_contents(out) as tmp:
         pruned.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         if hypernet is not None:

@@ -184,6 +184,12 @@ def _open_array(path: Path, dtype: torch.dtype, shape: list[int]) -> np.memmap:
 
 def _read_array(path: Path, dtype_name: str, shape: list[int]) -> torch.Tensor:
     np_dtype, torch_dtype = _BY_NAME[dtype_name]
+    expected, size = int(np.prod(shape)) * np.dtype(np_dtype).itemsize, path.stat().st_size if path.is_file() else 0
+    if size != expected:
+        from eval.errors import UserInputError
+
+        raise UserInputError(f"feature-cache entry {path} is truncated or missing ({size} of {expected} bytes); "
+                             f"delete {path.parent} and rerun to rebuild it")
     # mode "c" (copy-on-write) gives a writable view, so torch does not warn; nothing is copied
     # until the side network reads the values.
     array = np.memmap(path, dtype=np_dtype, mode="c", shape=tuple(shape))

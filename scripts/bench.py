@@ -67,8 +67,21 @@ def _cuda_available() -> bool:
         return False
 
 
-def run(args) -> int:
+def _check_seq(settings) -> None:
     from eval.errors import UserInputError
+    from eval.memory_estimate import resolve_config
+    from scripts.estimate_memory import check_seq
+
+    source = settings.arch or settings.model
+    try:
+        config = resolve_config(source)
+    except UserInputError:
+        return  # run_bench says what is wrong with the model
+    check_seq(config, settings.seq, source)
+
+
+def run(args) -> int:
+    from eval.io import prepare_output_dir
     from qst.benchmark import BenchSettings, run_bench
 
     preset = QUICK if args.quick else DEFAULTS
@@ -84,9 +97,9 @@ def run(args) -> int:
         lr=args.lr, device=args.device, dtype=args.dtype, seed=args.seed,
         fit_check=not args.no_fit_check,
     )
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserInputError(f"--out {args.out} is a file; expected a directory")
-    report = run_bench(settings, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    _check_seq(settings)
+    with prepare_output_dir(args.out, "bench", signature="bench_tuning.json"):
+        report = run_bench(settings, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report["markdown"])
     print(f"wrote {Path(args.out) / 'bench_tuning.json'}, bench_tuning.md, bench_tuning.png")
     failed = [m for m, r in report["data"]["methods"].items() if r.get("error")]

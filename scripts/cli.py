@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from eval.console import quiet_library_logs
@@ -56,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from eval import io
     from eval.errors import UserInputError
 
+    io.KEPT.clear()
+    previous = _stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except UserInputError as e:
@@ -65,7 +69,38 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (below): children and temporaries are gone by now
+        kept = "; ".join(io.KEPT) or "nothing kept"
+        print(f"slimtune {args.command}: {getattr(e, 'reason', 'interrupted')}; {kept}", file=sys.stderr)
+        return getattr(e, "exit_status", 130)
+    except Exception as e:  # a full disk or an unwritable output, met during the work
+        message = io.write_failure_message(e)
+        if message is None or args.verbose:
+            raise
+        kept = "; ".join(io.KEPT)
+        print(f"slimtune {args.command}: error: {message}" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that the same clean-up runs."""
+
+    reason = "terminated (SIGTERM)"
+    exit_status = 143
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into `Terminated` for the run; returns the previous handler (None off the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave the signal alone
+        return None
 
 
 if __name__ == "__main__":

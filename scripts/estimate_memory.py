@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from pathlib import Path
+
+from eval.errors import UserInputError
 
 
 def add_parser(subparsers) -> None:
@@ -40,10 +44,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from eval.memory_estimate import estimate_memory
+    from eval.memory_estimate import estimate_memory, resolve_config
 
+    if args.param_count is not None and not (math.isfinite(args.param_count) and args.param_count > 0):
+        raise UserInputError(f"--param-count must be a positive finite number like 6.515e9, got {args.param_count}")
+    if args.trainable_fraction is not None and not math.isfinite(args.trainable_fraction):
+        raise UserInputError(f"--trainable-fraction must be in (0, 1], got {args.trainable_fraction}")
+    name = args.model or args.arch or "llama-2-7b"
+    if args.model is not None and not Path(args.model).expanduser().exists() and _looks_like_path(args.model):
+        raise UserInputError(f"--model {args.model}: no such directory; expected a local model directory "
+                             "holding config.json")
+    config = check_causal_lm_config(resolve_config(name), name)
+    check_seq(config, args.seq, name)
     estimate = estimate_memory(
-        args.model or args.arch or "llama-2-7b", args.method, batch=args.batch, seq=args.seq,
+        config, args.method, batch=args.batch, seq=args.seq,
         dtype=args.dtype, trainable_fraction=args.trainable_fraction, assumptions=args.assumptions,
         param_count=args.param_count, device=args.device, attention=args.attention,
     )
@@ -52,6 +66,28 @@ def run(args) -> int:
         return 0
     print(format_estimate(estimate, args))
     return 0
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def check_causal_lm_config(config, name: str):
+    """`config` if it describes a causal LM (what the estimate models), else a `UserInputError`."""
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UserInputError(f"{name} is a {config.model_type!r} model; the memory estimate covers causal language "
+                             "models (Llama, OPT, Mistral, Qwen2, ...)")
+    return config
+
+
+def check_seq(config, seq: int, name: str) -> None:
+    """--seq must fit the model's context (`max_position_embeddings`), when it declares one."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seq > context:
+        raise UserInputError(f"--seq {seq} is longer than {name}'s context of {context} tokens "
+                             f"(max_position_embeddings); use --seq {context} or less")
 
 
 def format_estimate(estimate: dict, args) -> str:

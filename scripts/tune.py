@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import random
 import statistics
 import time
@@ -24,7 +23,7 @@ METHODS = {"qst": "nf4", "lst": None}  # method -> backbone quantization
 
 
 def add_parser(subparsers) -> None:
-    from qst.config import DOWNSAMPLERS, SIDE_INITS
+    from qst.config import DOWNSAMPLERS, OUTPUT_MIXES, SIDE_INITS, QSTConfig
 
     p = subparsers.add_parser(
         "tune", help="train a QST / LST side network on a task",
@@ -56,7 +55,12 @@ def add_parser(subparsers) -> None:
     side.add_argument("--downsample", choices=DOWNSAMPLERS, default="adapter")
     side.add_argument("--adapter-rank", type=int, default=16, help="k of the adapter / lora downsamplers")
     side.add_argument("--gate-init", type=float, default=0.0, help="starting gamma of the gates (beta = sigmoid)")
-    side.add_argument("--alpha-init", type=float, default=1.0, help="starting weight of the backbone's output")
+    side.add_argument("--output-mix", choices=OUTPUT_MIXES, default=QSTConfig.output_mix,
+                      help="additive: h_N + up(norm(g_N)) with up starting at zero; paper: alpha * h_N + "
+                           "(1 - alpha) * up(norm(g_N)) with alpha learned")
+    side.add_argument("--alpha-init", type=float, default=1.0, help="(paper mix) starting alpha")
+    side.add_argument("--alpha-lr", type=float, default=1.0,
+                      help="(paper mix) alpha's learning rate as a multiple of --lr")
     side.add_argument("--dropout", type=float, default=0.0, help="dropout on the downsamplers' outputs")
     side.add_argument("--side-init", choices=SIDE_INITS, default="random")
     side.add_argument("--side-layers", default=None,
@@ -75,6 +79,8 @@ def add_parser(subparsers) -> None:
     evaluation.add_argument("--eval-batch", type=int, default=8)
     evaluation.add_argument("--skip-before", action="store_true", help="skip the accuracy before training")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--no-fit-check", action="store_true",
+                   help="start even when the memory estimate says the run will not fit")
     p.set_defaults(func=run)
 
 
@@ -93,20 +99,58 @@ def _positive(name: str, value: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from eval.io import prepare_output_dir
+
+    for name in ("steps", "batch", "seq", "eval_batch"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    with prepare_output_dir(args.out, "tune", signature="tune_report.json"):
+        return _run(args)
+
+
+def _check_fits(args, model_config, device: str) -> None:
+    """Refuse --seq beyond the model's context, and a run the memory estimate says will not fit."""
+    from eval.memory_estimate import estimate_memory, fits
+    from scripts.estimate_memory import check_seq
+
+    check_seq(model_config, args.seq, args.model)
+    if args.no_fit_check:
+        return
+    try:
+        estimate = estimate_memory(model_config, args.method, batch=args.batch, seq=args.seq,
+                                   dtype="bfloat16" if METHODS[args.method] else "float32", device=device,
+                                   qst_reduction=args.r, qst_adapter_rank=args.adapter_rank)
+    except UserInputError:
+        return  # a side-network setting the estimate cannot model: QSTConfig says what is wrong
+    available = _available_bytes(device)
+    if available is not None and not fits(estimate, 0.9 * available):
+        raise UserInputError(f"batch {args.batch} x seq {args.seq} will not fit on {device}: the memory estimate is "
+                             f"{estimate['total_gb']:.2f} GB, only {available / 1e9:.2f} GB is free; use a smaller "
+                             "--batch or --seq, or --no-fit-check to try anyway")
+
+
+def _available_bytes(device: str) -> int | None:
+    import psutil
     import torch
 
-    from eval.measure import count_parameters, parameter_bytes, peak_memory
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+    return psutil.virtual_memory().available
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval.measure import count_parameters, machine_info, parameter_bytes, peak_memory
     from eval.models import load_causal_lm
     from eval.tasks import classification_batches, lm_batches, load_task, task_accuracy
     from eval.train import TrainConfig, train
     from qst import QSTConfig, QSTForCausalLM, QSTForSequenceClassification
 
-    for name in ("steps", "batch", "seq", "eval_batch"):
-        _positive(name.replace("_", "-"), getattr(args, name))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     config = QSTConfig(
         r=args.r, downsample=args.downsample, adapter_rank=args.adapter_rank, gate_init=args.gate_init,
-        alpha_init=args.alpha_init, dropout=args.dropout, side_init=args.side_init,
+        output_mix=args.output_mix, alpha_init=args.alpha_init, alpha_lr=args.alpha_lr, dropout=args.dropout,
+        side_init=args.side_init,
         side_layers=_side_layers(args.side_layers), gradient_checkpointing=args.gradient_checkpointing,
     )
     train_config = TrainConfig(
@@ -123,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     quantize = METHODS[args.method]
     backbone, tokenizer = load_causal_lm(args.model, quantize=quantize, device=device)
+    _check_fits(args, backbone.config, device)  # before any training memory is taken
     if args.head == "classifier":
         model = QSTForSequenceClassification.from_base(
             backbone, config, base_name_or_path=args.model, num_labels=len(task.labels))
@@ -137,13 +182,18 @@ def run(args: argparse.Namespace) -> int:
         return task_accuracy(model, tokenizer, task, split="test", batch_size=args.eval_batch,
                              max_examples=args.eval_examples)
 
+    # Everything that defines the run: a checkpoint made with anything else is not resumed.
+    run_description = {"command": "tune", "method": args.method, "model": str(args.model), "task": task.name,
+                       "head": args.head, "batch": args.batch, "seq": args.seq, "seed": args.seed,
+                       "train_examples": args.train_examples, "qst_config": config.to_dict()}
     model.eval()
     with torch.no_grad():
         before = None if args.skip_before else accuracy()
     result = {}
 
     def fit():
-        result["train"] = train(model, batches, train_config, out_dir=args.out, desc=f"{args.method} {task.name}")
+        result["train"] = train(model, batches, train_config, out_dir=args.out, desc=f"{args.method} {task.name}",
+                                run=run_description, param_groups=model.parameter_groups(train_config.lr))
 
     start = time.perf_counter()
     peak = peak_memory(fit, device)
@@ -175,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "median_step_time_later_epochs_s": statistics.median(later) if later else None,
         "train_seconds": train_seconds,
         "feature_cache": model.feature_cache.stats() if model.feature_cache is not None else None,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": _cpu_count()},
+        "machine": machine_info(),
     }
     _write(args.out, data)
     print(f"{args.method} on {task.name}: accuracy {_fmt(before)} -> {_fmt(after)}, "
@@ -194,10 +244,10 @@ def _process_peak_rss() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _mix(qst: dict) -> str:
+    if qst.get("output_mix") != "paper":
+        return str(qst.get("output_mix"))
+    return f"paper (alpha_init {qst['alpha_init']}, alpha_lr {qst['alpha_lr']})"
 
 
 def _mib(x) -> str:
@@ -209,6 +259,7 @@ def _fmt(x) -> str:
 
 
 def _write(out: Path, data: dict) -> None:
+    from eval.measure import machine_line
     from eval.report import line_chart, write_report
 
     ms = lambda s: "n/a" if s is None else f"{s * 1e3:.1f} ms"  # noqa: E731
@@ -218,7 +269,7 @@ def _write(out: Path, data: dict) -> None:
         "| | |", "|---|---|",
         f"| backbone | {data['model']} ({data['quantize'] or 'unquantized'}, {data['backbone_bytes'] / 2**20:.1f} MiB) |",
         f"| side network | r={data['qst_config']['r']}, downsample={data['qst_config']['downsample']}, "
-        f"side_init={data['qst_config']['side_init']} |",
+        f"side_init={data['qst_config']['side_init']}, output_mix={_mix(data['qst_config'])} |",
         f"| trainable parameters | {data['trainable_parameters']:,} of {data['total_parameters']:,} "
         f"({100 * data['trainable_share']:.3f} %) |",
         f"| accuracy before → after | {_fmt(data['accuracy_before'])} → {_fmt(data['accuracy_after'])} |",
@@ -231,7 +282,7 @@ def _write(out: Path, data: dict) -> None:
     ]
     if cache is not None:
         lines.append(f"| feature cache | {cache['hits']} hits, {cache['misses']} misses ({cache['root']}) |")
-    lines += ["", f"Device: {data['device']}; torch {data['machine']['torch']}; {data['machine']['cpu_count']} CPU cores.", ""]
+    lines += ["", f"Device: {data['device']}. {machine_line(data['machine'])}", ""]
     steps = list(range(1, len(data["losses"]) + 1))
     write_report(out, "tune_report", data, "\n".join(lines),
                  plots={"loss": line_chart({"train loss": (steps, data["losses"])}, xlabel="step", ylabel="loss")})

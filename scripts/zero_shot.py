@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 from dataclasses import dataclass
 
 METHOD_KINDS = ("qst", "pruned", "lowrank")
@@ -111,9 +112,21 @@ def load_model(spec: ModelSpec, base: str | None, device: str):
         from lowrank_vit import load_compressed
 
         model = load_compressed(spec.path, device=device)
+        _check_causal_lm(model, spec.path)
     else:  # pragma: no cover - parse_model_specs only makes the kinds above
         raise UserInputError(f"unknown model kind {spec.kind!r}")
     return model.eval(), _tokenizer_from(spec.path, fallback=base or "ref-lm")
+
+
+def _check_causal_lm(model, path: str) -> None:
+    """lm-eval scores language models: refuse e.g. a compressed ViT before building anything else."""
+    from transformers import AutoModelForCausalLM
+
+    from eval.errors import UserInputError
+
+    if type(model.config) not in AutoModelForCausalLM._model_mapping:
+        raise UserInputError(f"{path} holds a {model.config.model_type!r} model ({type(model).__name__}); zero-shot "
+                             "evaluates causal language models (a low-rank LM, not a ViT)")
 
 
 def _tokenizer_from(path: str, fallback: str | None = None):
@@ -143,20 +156,38 @@ def _model_dir(name: str) -> str:
     return name
 
 
+def _limit(value: float | None) -> int | float | None:
+    """--limit: None, a whole number of examples >= 1, or a fraction in (0, 1)."""
+    from eval.errors import UserInputError
+
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0 or (value >= 1 and value != int(value)):
+        raise UserInputError(f"--limit must be a whole number of examples (>= 1) or a fraction in (0, 1), got {value}")
+    return int(value) if value >= 1 else value
+
+
 def run(args) -> int:
+    from eval.io import prepare_output_dir
+
+    with prepare_output_dir(args.out, "zero-shot", signature="zero_shot.json"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from eval.errors import UserInputError
     from eval.lm_eval_bridge import run_lm_eval
     from eval.measure import count_parameters
     from eval.report import markdown_table, write_report
 
     specs = parse_model_specs(args)
+    limit = _limit(args.limit)
     tasks = _task_names(args.tasks)
     # The suite's task YAMLs are generated on first use (seconds): only when a suite task is asked for.
     suite_dir = _suite_task_dir() if set(tasks) & set(_suite_task_names()) else None
     include_paths = [p for p in (suite_dir, *args.include_path) if p is not None] or None
     if args.num_fewshot < 0 or args.batch_size < 1:
         raise UserInputError("--num-fewshot must be >= 0 and --batch-size >= 1")
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
 
     evaluated = []
     for spec in specs:
