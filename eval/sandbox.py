@@ -1,41 +1,55 @@
-"""Run untrusted Python (a model's completion plus its tests) so that it cannot hang or harm us.
+"""Run untrusted Python (a model's completion and its tests) so that it cannot harm us or forge a pass.
 
-`run_sandboxed(program, timeout_s)` executes `program` in a separate `python -I -B` process and
-returns a `SandboxResult` (`.passed`, `.status` in {"passed", "failed", "timeout"}, `.error_type`).
+    run_tests_sandboxed(solution, tests, "add", context=prompt)  # how codegen-eval judges a completion
+    run_sandboxed(program, timeout_s=10)                         # one program, "passed" = ran to its end
 
-Containment, in two layers:
+Both return a `SandboxResult` (`.passed`, `.status` in {"passed", "failed", "timeout"},
+`.error_type`, `.isolation`). The threat model, in short (README, "Running generated code"):
 
-1. Always (inside the child, before the program runs; see `_RUNNER`):
-   - resource limits: address space (`RLIMIT_AS`, so endless allocation ends in `MemoryError`),
-     CPU seconds (`RLIMIT_CPU`), size of any file written (`RLIMIT_FSIZE`, stdout/stderr too),
-     no core dumps (`RLIMIT_CORE`), and number of processes (`RLIMIT_NPROC`, counted on top of
-     the processes the user already has; the kernel does not enforce it for root);
-   - a Python audit hook (it cannot be removed once added) that refuses, with `PermissionError`,
-     any write, create, delete, rename, chmod or link outside the throwaway working directory,
-     and any socket creation, connection or name lookup;
-   - its own session and process group (`start_new_session`); stdout/stderr go to files, not
-     pipes, so a lingering child holding them cannot stall us.
-2. When we are root and `unshare` and `setpriv` work (Linux; checked once by a probe run),
-   `isolation="namespace"`: the child runs in a new network namespace (no interfaces but a
-   down loopback: no network at all, whatever the code does) and a new PID namespace whose
-   init is the program (when it ends or is killed, the kernel kills every process it left),
-   as user `nobody` (so the process limit is enforced and nothing owned by root is writable,
-   even by a shell the program starts). Otherwise `isolation="process"`: layer 1 only.
+Isolation, chosen by `isolation="auto"` in this order:
+- "bubblewrap" (the `bwrap` tool, Debian package `bubblewrap`): the program runs in new PID, net,
+  IPC and UTS namespaces (no network at all: 127.0.0.1 is the sandbox's own, empty loopback;
+  the evaluator and every other process are invisible), on a root that holds read-only binds of
+  /usr, /etc, the /bin and /lib links and the interpreter's own folders, with a fresh /proc and
+  /dev, a private size-capped tmpfs /tmp and a throwaway tmpfs working directory. Nothing on the
+  host is writable. It runs as `nobody`: when we are root, bwrap sets the sandbox up and setpriv
+  drops to uid/gid 65534 with no groups and no capabilities before Python starts (a user
+  namespace would map "nobody" back onto uid 0 and let it read /etc/shadow); when we are not,
+  bwrap runs in an unprivileged user namespace as uid 65534 mapped onto our own uid, so it reads
+  only what we can read, of the few folders it sees.
+- "namespaces" (root without bwrap; loud warning): `unshare --net --pid` + `setpriv` as nobody.
+  No network, no view of the evaluator, nothing owned by root writable; but a child program
+  (os.system, subprocess, ctypes) can write as nobody to world-writable places such as /tmp.
+- "process" (no bwrap, not root; loud warning): resource limits and a Python audit hook only.
+  A child program can do whatever our user can: read our files, delete them, reach the network,
+  signal us. Use it for code you would run anyway.
+In every mode: rlimits (address space, CPU seconds, file size, processes, no core dumps) set by
+the runner before any untrusted code, and a wall-clock timeout after which the whole process
+tree is killed; the working folder is removed afterwards.
 
-On a timeout, and after every run, the whole process group is killed (SIGKILL), plus every
-descendant still found in the process tree. The working directory is removed afterwards.
-
-What is not contained in "process" mode (documented, not hidden): a child process that is not
-Python (e.g. `os.system("...")`) is not seen by the audit hook, and a grandchild that calls
-`setsid()` and outlives its parent escapes the group kill. "namespace" mode closes both, except
-that `nobody` can still write to world-writable places such as /tmp from a non-Python child.
-A program passes only if it runs to its end: `exit()` (even `exit(0)`) or `os._exit()` before
-the end counts as failed, so a completion cannot skip its tests by exiting.
+How a pass is decided (see eval/_sandbox_runner.py). A process that runs untrusted code can
+fake anything it can print or exit with: a "done" line, exit status 0 (`os._exit(0)` before a
+failing assert), even a secret token, which sits in its own memory (`gc`, `ctypes`,
+/proc/self/mem) while it runs. So `run_tests_sandboxed` never runs the solution where the tests
+run: the solution is loaded in its own sandbox (its own PID namespace, so it cannot see, signal
+or trace the tests' process) and answers calls to its entry point over two pipes; the tests run
+in a second sandbox holding only trusted code (the problem's prompt and tests) and call the
+solution through a proxy that exchanges plain data (JSON with tags for tuple, set, dict keys,
+bytes; never pickle, never code). The verdict is written by that trusted process to a
+descriptor only it and we hold. A solution that exits early, crashes, hangs or answers garbage
+makes the call fail. What remains: the tests see only return values (in-place changes to
+arguments are not sent back, and non-plain values such as generators or custom objects cannot
+be returned), and a solution may still game weak tests with correct-looking values.
+`run_sandboxed` runs one program as a whole; its "done" report carries a nonce read from a pipe
+that is closed before the program starts (no longer in argv, as before), which stops an honest
+program's accidental early exit but not one that searches its own memory.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import secrets
 import shutil
@@ -44,133 +58,59 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 from eval.errors import UserInputError
 
-ISOLATIONS = ("auto", "namespace", "process")
+ISOLATIONS = ("auto", "bubblewrap", "namespaces", "process")
 NOBODY_UID = 65534
+MIN_MEMORY_MB = 32  # below this the interpreter cannot even load the tests
 _TAIL_CHARS = 2000
-
-# The child's entry point. It sets the limits, installs the audit hook, then executes
-# program.py, and reports how it ended with a line tagged by a per-run random nonce (so the
-# program's own output cannot be mistaken for our report). argv: nonce, memory bytes, CPU
-# seconds, file bytes, extra processes.
-_RUNNER = r'''
-import os, resource, sys, traceback
-
-NONCE = sys.argv[1]
-MEMORY, CPU, FSIZE, NPROC = (int(a) for a in sys.argv[2:6])
-MAIN_PID = os.getpid()
+_RUNNER_SOURCE = Path(__file__).resolve().parent / "_sandbox_runner.py"
+_BOX_WORK, _BOX_FILES = "/sandbox", "/sandbox-files"  # paths inside a bubblewrap sandbox
+_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 
 
-def _limit(kind, value):
-    soft, hard = resource.getrlimit(kind)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(kind, (value, value))
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program): e.g. the runner died before running any untrusted code."""
 
 
-def _user_process_count():
-    uid, count = os.getuid(), 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat("/proc/" + entry).st_uid == uid:
-                    count += 1
-            except OSError:
-                pass
-    return count
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits for one run; every value must be a positive finite number (processes: an integer)."""
 
+    timeout_s: float = 10.0
+    memory_mb: float = 512
+    max_processes: int = 16
+    max_file_mb: float = 16
 
-_limit(resource.RLIMIT_AS, MEMORY)
-_limit(resource.RLIMIT_CPU, CPU)
-_limit(resource.RLIMIT_FSIZE, FSIZE)
-_limit(resource.RLIMIT_CORE, 0)
-# RLIMIT_NPROC counts all processes of the (real) user, so allow the ones already running.
-_limit(resource.RLIMIT_NPROC, _user_process_count() + NPROC)
+    def __post_init__(self):
+        for name in ("timeout_s", "memory_mb", "max_file_mb", "max_processes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+                raise UserInputError(f"sandbox: {name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.max_processes, int):
+            raise UserInputError(f"sandbox: max_processes must be a positive integer, got {self.max_processes!r}")
+        if self.memory_mb < MIN_MEMORY_MB:
+            raise UserInputError(f"sandbox: memory_mb must be at least {MIN_MEMORY_MB} (the interpreter needs room), "
+                                 f"got {self.memory_mb!r}")
 
-WORKDIR = os.path.realpath(os.getcwd())
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_PATH_EVENTS = {  # audit event -> positions of the path arguments it modifies
-    "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
-    "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1), "os.link": (0, 1),
-    "os.symlink": (1,), "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.copytree": (1,),
-    "shutil.move": (0, 1), "os.mkfifo": (0,), "os.mknod": (0,), "os.chflags": (0,),
-}
-_NETWORK_EVENTS = {
-    "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
-    "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.getnameinfo", "socket.sendto",
-}
-
-
-def _inside_workdir(path):
-    if isinstance(path, int) or path is None:  # an already open descriptor
-        return True
-    path = os.path.realpath(os.fsdecode(path))
-    return path == WORKDIR or path.startswith(WORKDIR + os.sep) or path == os.devnull
-
-
-def _is_write(mode, flags):
-    if isinstance(mode, str):
-        return any(c in mode for c in "wax+")
-    return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
-
-
-def _audit(event, args):
-    if event == "open":
-        if _is_write(args[1], args[2]) and not _inside_workdir(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
-    elif event in _PATH_EVENTS:
-        for i in _PATH_EVENTS[event]:
-            if i < len(args) and not _inside_workdir(args[i]):
-                raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the working directory is not allowed")
-    elif event in _NETWORK_EVENTS:
-        raise PermissionError("sandbox: network access is disabled")
-
-
-with open("program.py", encoding="utf-8") as f:
-    SOURCE = f.read()
-del f
-ERROR_REPORT = "\n" + NONCE + " error {}\n"
-DONE_REPORT = ("\n" + NONCE + " done\n").encode()
-RESERVE = bytearray(1 << 20)  # freed on an exception, so that reporting a MemoryError has room
-namespace = {"__name__": "__main__", "__file__": "program.py"}
-sys.argv = ["program.py"]
-sys.addaudithook(_audit)
-try:
-    exec(compile(SOURCE, "program.py", "exec"), namespace)
-except BaseException as e:  # noqa: BLE001 - report every way the program can end
-    del RESERVE
-    namespace.clear()  # drop what the program allocated (its frames still point at this dict)
-    if os.getpid() != MAIN_PID:  # a forked child of the program: not ours to report
-        os._exit(1)
-    os.write(2, ERROR_REPORT.format(type(e).__name__).encode())
-    try:
-        traceback.print_exc()
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - the report above is what counts
-        pass
-    code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) and e.code else 1
-    os._exit(code)
-if os.getpid() != MAIN_PID:
-    os._exit(0)
-sys.stdout.flush()
-sys.stderr.flush()
-os.write(2, DONE_REPORT)
-'''
+    def runner_limits(self) -> dict[str, int]:
+        return {"memory": int(self.memory_mb * (1 << 20)), "cpu": math.ceil(self.timeout_s) + 1,
+                "fsize": max(1, int(self.max_file_mb * (1 << 20))), "nproc": self.max_processes}
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """How a sandboxed program ended.
+    """How a sandboxed run ended.
 
-    status: "passed" (ran to its end), "failed" (an exception, an early exit, a signal) or
-    "timeout" (killed at the wall-clock limit). error_type: the exception's class name
-    ("NameError", "AssertionError", "SystemExit", ...), "Timeout", a signal name such as
-    "SIGXCPU" when the process was killed, "EarlyExit" for `os._exit` before the end; None
-    when passed.
+    status: "passed", "failed" (an exception, an early exit, a signal) or "timeout" (killed at
+    the wall-clock limit). error_type: the exception's class name ("NameError",
+    "AssertionError", "SystemExit", ...), "Timeout", a signal name such as "SIGXCPU",
+    "EarlyExit" for an exit before the end; None when passed. isolation: the mode that ran.
     """
 
     status: str
@@ -186,66 +126,334 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def run_sandboxed(
-    program: str,
-    timeout_s: float = 10.0,
-    *,
-    memory_mb: int = 512,
-    max_processes: int = 16,
-    max_file_mb: int = 16,
-    isolation: str = "auto",
-) -> SandboxResult:
-    """Execute `program` (Python source) in a contained child process; see the module doc."""
+def run_sandboxed(program: str, timeout_s: float = 10.0, *, memory_mb: float = 512, max_processes: int = 16,
+                  max_file_mb: float = 16, isolation: str = "auto") -> SandboxResult:
+    """Execute `program` (Python source) in a contained child; passed = it ran to its end (see the module doc)."""
     if not isinstance(program, str):
         raise UserInputError(f"program must be Python source text (str), got {type(program).__name__}")
-    if not timeout_s > 0:
-        raise UserInputError(f"timeout_s must be > 0, got {timeout_s}")
+    limits = SandboxLimits(timeout_s, memory_mb, max_processes, max_file_mb)
+    isolation = resolve_isolation(isolation)
+    with _Box(isolation, {"program": program}) as box:
+        nonce = secrets.token_hex(16).encode()
+        nonce_r, nonce_w = os.pipe()
+        os.write(nonce_w, nonce)
+        os.close(nonce_w)
+        verdict_r, verdict_w = os.pipe()
+        start = time.monotonic()
+        proc = box.start("program", limits, [nonce_r, verdict_w], {})
+        _close(nonce_r, verdict_w)
+        timed_out = _wait(proc, start + limits.timeout_s)
+        duration = time.monotonic() - start
+        reports = _read_available(verdict_r).split(b"\n")
+        stdout, stderr = box.output("program")
+    if timed_out:
+        return SandboxResult("timeout", "Timeout", proc.returncode, duration, stdout, stderr, isolation)
+    if b"ready" not in reports:
+        raise SandboxError(f"the sandbox ({isolation}) did not start the program: {stderr[-500:]}")
+    errors = [r.split()[1].decode(errors="replace") for r in reports if r.startswith(b"error ") and len(r.split()) > 1]
+    if errors:
+        status, error_type = "failed", errors[0]
+    elif proc.returncode == 0 and b"done " + nonce in reports:
+        status, error_type = "passed", None
+    else:
+        status, error_type = "failed", _ended_by(proc.returncode)
+    return SandboxResult(status, error_type, proc.returncode, duration, stdout, stderr, isolation)
+
+
+def run_tests_sandboxed(solution: str, tests: str, entry_point: str, *, context: str = "", check: str = "check",
+                        timeout_s: float = 10.0, memory_mb: float = 512, max_processes: int = 16,
+                        max_file_mb: float = 16, isolation: str = "auto") -> SandboxResult:
+    """Judge `solution` by `tests` (which define `check(candidate)`), each in its own sandbox.
+
+    `solution` is the untrusted source that defines `entry_point` (for HumanEval: prompt +
+    completion); `tests` and `context` (the prompt, for its helpers) are trusted and run apart
+    from it. The verdict comes from the tests' process only (see the module doc).
+    """
+    for name, value in (("solution", solution), ("tests", tests), ("context", context)):
+        if not isinstance(value, str):
+            raise UserInputError(f"{name} must be Python source text (str), got {type(value).__name__}")
+    for name, value in (("entry_point", entry_point), ("check", check)):
+        if not isinstance(value, str) or not value.isidentifier():
+            raise UserInputError(f"{name} must be a Python name, got {value!r}")
+    limits = SandboxLimits(timeout_s, memory_mb, max_processes, max_file_mb)
+    isolation = resolve_isolation(isolation)
+    with _Box(isolation, {"solution": solution, "tests": tests, "context": context}) as box:
+        requests_r, requests_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        verdict_r, verdict_w = os.pipe()
+        start = time.monotonic()
+        server = box.start("serve", limits, [requests_r, answers_w], {"entry_point": entry_point})
+        try:
+            tester = box.start("test", limits, [requests_w, answers_r, verdict_w], {"check": check})
+        except BaseException:
+            _kill_everything(server, running=True)
+            raise
+        finally:
+            _close(requests_r, answers_w, requests_w, answers_r, verdict_w)
+        timed_out = _wait(tester, start + limits.timeout_s)
+        server_code = server.poll()  # how the solution's process ended, if it ended by itself
+        _kill_everything(server, running=server_code is None)
+        duration = time.monotonic() - start
+        lines = _read_available(verdict_r).decode(errors="replace").splitlines()
+        out_s, err_s = box.output("serve")
+        out_t, err_t = box.output("test")
+    stdout, stderr = (out_s + out_t)[-_TAIL_CHARS:], (err_t + "\n" + err_s).strip()[-_TAIL_CHARS:]
+    if timed_out:
+        return SandboxResult("timeout", "Timeout", tester.returncode, duration, stdout, stderr, isolation)
+    if "ready" not in lines:
+        raise SandboxError(f"the sandbox ({isolation}) did not start the tests: {stderr[-500:]}")
+    verdict = _last_verdict(lines)
+    if verdict is None:  # the trusted process died without a verdict: never a pass
+        return SandboxResult("failed", _ended_by(tester.returncode), tester.returncode, duration, stdout, stderr,
+                             isolation)
+    status, error_type = verdict.get("status"), verdict.get("error_type")
+    if status != "passed":
+        status = "failed"
+        if error_type == "EarlyExit" and server_code is not None and _ended_by(server_code) != "EarlyExit":
+            error_type = _ended_by(server_code)  # e.g. SIGXCPU: the solution hit its CPU limit
+    return SandboxResult(status, None if status == "passed" else str(error_type), tester.returncode, duration,
+                         stdout, stderr, isolation)
+
+
+def _last_verdict(lines: list[str]) -> dict | None:
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the isolation
+
+
+def resolve_isolation(isolation: str = "auto") -> str:
+    """The mode a run will use: the strongest available for "auto" (with a loud warning below bubblewrap)."""
     if isolation not in ISOLATIONS:
         raise UserInputError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if isolation == "auto":
-        isolation = "namespace" if namespace_isolation_available() else "process"
-    elif isolation == "namespace" and not namespace_isolation_available():
-        raise UserInputError("isolation='namespace' needs root with working `unshare` and `setpriv`; use 'process'")
-
-    base = Path(tempfile.mkdtemp(prefix="slimtune-sandbox-"))
-    try:
-        os.chmod(base, 0o711)  # `nobody` may pass through to its working directory, not list ours
-        workdir = base / "work"
-        workdir.mkdir()
-        (workdir / "program.py").write_text(program, encoding="utf-8")
-        (workdir / "_runner.py").write_text(_RUNNER, encoding="utf-8")
-        if isolation == "namespace":
-            for path in (workdir, workdir / "program.py", workdir / "_runner.py"):
-                os.chown(path, NOBODY_UID, NOBODY_UID)
-        nonce = secrets.token_hex(8)
-        cpu_s = int(timeout_s) + 1
-        argv = [_interpreter(isolation), "-I", "-B", "_runner.py", nonce, str(memory_mb << 20), str(cpu_s),
-                str(max_file_mb << 20), str(max_processes)]
-        if isolation == "namespace":
-            argv = _namespace_prefix() + argv
-        return _run(argv, workdir, base, nonce, timeout_s, isolation)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        forced = os.environ.get("SLIMTUNE_SANDBOX")
+        if forced in ISOLATIONS[1:]:
+            isolation = forced
+        elif bubblewrap_available():
+            return "bubblewrap"
+        else:
+            isolation = "namespaces" if namespace_isolation_available() else "process"
+        _warn_weak(isolation)
+    if isolation == "bubblewrap" and not bubblewrap_available():
+        raise UserInputError("isolation='bubblewrap' needs a working `bwrap` (Debian/Ubuntu: apt-get install "
+                             "bubblewrap; it also needs user namespaces when not run as root)")
+    if isolation == "namespaces" and not namespace_isolation_available():
+        raise UserInputError("isolation='namespaces' needs root with working `unshare` and `setpriv`; use 'process'")
+    return isolation
 
 
-def _run(argv: list[str], workdir: Path, base: Path, nonce: str, timeout_s: float, isolation: str) -> SandboxResult:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8", "TMPDIR": str(workdir)}
-    with open(base / "stdout", "w+b") as out, open(base / "stderr", "w+b") as err:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, close_fds=True)
-        timed_out = False
+@functools.cache
+def _warn_weak(isolation: str) -> None:
+    if isolation != "bubblewrap":
+        warnings.warn(f"SANDBOX IS WEAK: bubblewrap (`bwrap`) is not available, so generated code runs with "
+                      f"isolation={isolation!r}, which does not contain everything (see the README, 'Running "
+                      f"generated code'). Install bubblewrap (apt-get install bubblewrap) for full isolation.",
+                      RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=1)
+def bubblewrap_available() -> bool:
+    """True when `bwrap` runs a probe as uid 65534 in our bubblewrap layout (checked once)."""
+    if not sys.platform.startswith("linux") or not shutil.which("bwrap"):
+        return False
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        return False
+    probe = f"import os, sys; sys.exit(0 if os.getuid() == {NOBODY_UID} else 3)"
+    with tempfile.TemporaryDirectory(prefix="slimtune-sandbox-probe-") as files:
+        os.chmod(files, 0o755)
+        argv = _bubblewrap_argv(files, 64 << 20, [_interpreter(), "-I", "-B", "-c", probe])
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd="/")
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return done.returncode == 0
+
+
+@functools.lru_cache(maxsize=1)
+def namespace_isolation_available() -> bool:
+    """True when we are root on Linux and a probe run inside unshare + setpriv works."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        return False
+    probe = _namespace_prefix() + [_world_interpreter(), "-I", "-B", "-c",
+                                   f"import os, socket; assert os.getuid() == {NOBODY_UID}"]
+    try:
+        done = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One run's folders and processes
+
+
+class _Box:
+    """A run's host folder: read-only `files/` (runner and sources), `work/` (cwd outside
+    bubblewrap) and the captured output; removed on exit, whatever happened."""
+
+    def __init__(self, isolation: str, sources: dict[str, str]):
+        self.isolation, self.sources = isolation, sources
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        self.base = Path(tempfile.mkdtemp(prefix="slimtune-sandbox-"))
+        try:
+            os.chmod(self.base, 0o711)  # `nobody` may pass through to its folders, not list ours
+            self.files, self.work = self.base / "files", self.base / "work"
+            self.files.mkdir(mode=0o755)
+            self.work.mkdir()
+            shutil.copyfile(_RUNNER_SOURCE, self.files / "runner.py")
+            for name, text in self.sources.items():
+                (self.files / f"{name}.py").write_text(text, encoding="utf-8")
+            for path in self.files.iterdir():
+                path.chmod(0o644)
+            if self.isolation == "namespaces":
+                os.chown(self.work, NOBODY_UID, NOBODY_UID)
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.processes:
             _kill_everything(proc, running=proc.returncode is None)
-        duration = time.monotonic() - start
-        stdout, stderr = _tail(out), _tail(err)
-    status, error_type = _classify(proc.returncode, stderr, nonce, timed_out)
-    stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith(nonce)).rstrip()
-    return SandboxResult(status, error_type, proc.returncode, duration, stdout, stderr, isolation)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def start(self, role: str, limits: SandboxLimits, fds: list[int], extra: dict) -> subprocess.Popen:
+        inside_files = _BOX_FILES if self.isolation == "bubblewrap" else str(self.files)
+        workdir = _BOX_WORK if self.isolation == "bubblewrap" else str(self.work)
+        config = {"role": role, "fds": fds, "workdir": workdir, **limits.runner_limits(), **extra,
+                  "files": {name: f"{inside_files}/{name}.py" for name in self.sources}}
+        inner = [_interpreter() if self.isolation != "namespaces" else _world_interpreter(), "-I", "-B",
+                 f"{inside_files}/runner.py", json.dumps(config)]
+        if self.isolation == "bubblewrap":
+            argv = _pdeathsig() + _bubblewrap_argv(str(self.files), int(limits.memory_mb) << 20, inner)
+        elif self.isolation == "namespaces":
+            argv = _pdeathsig() + _namespace_prefix() + inner
+        else:
+            argv = inner
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
+               "TMPDIR": "/tmp" if self.isolation == "bubblewrap" else workdir}
+        with open(self.base / f"{role}.stdout", "wb") as out, open(self.base / f"{role}.stderr", "wb") as err:
+            proc = subprocess.Popen(argv, cwd=self.work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True, pass_fds=fds)
+        self.processes.append(proc)
+        return proc
+
+    def output(self, role: str) -> tuple[str, str]:
+        return _tail(self.base / f"{role}.stdout"), _tail(self.base / f"{role}.stderr")
+
+
+def _bubblewrap_argv(files: str, tmpfs_bytes: int, inner: list[str]) -> list[str]:
+    """bwrap's command line: namespaces, a read-only minimal root, private tmpfs /tmp and work dir."""
+    argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+            "--unshare-uts", "--unshare-cgroup-try"]
+    if os.geteuid() == 0:
+        # Privileged setup, then setpriv (below) drops to nobody: these two capabilities exist
+        # only for that drop and are gone, with every other one, before Python starts.
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        inner = [shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}",
+                 "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--", *inner]
+    else:
+        argv += ["--unshare-user", "--uid", str(NOBODY_UID), "--gid", str(NOBODY_UID)]
+    for name in _SYSTEM_DIRS:
+        path = "/" + name
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    size = str(max(tmpfs_bytes, 1 << 20))
+    argv += ["--proc", "/proc", "--dev", "/dev",
+             "--size", size, "--perms", "1777", "--tmpfs", "/tmp",
+             "--size", size, "--perms", "1777", "--tmpfs", _BOX_WORK,
+             "--perms", "0755", "--dir", _BOX_FILES, "--ro-bind", files, _BOX_FILES]
+    made = {"/", "/tmp", "/proc", "/dev", _BOX_WORK, _BOX_FILES}
+    bound = ["/" + n for n in _SYSTEM_DIRS]  # folders whose insides already exist (read-only)
+    for path in _interpreter_dirs():
+        for parent in map(str, reversed(Path(path).parents)):
+            if parent not in made and not any(parent == b or parent.startswith(b + "/") for b in bound):
+                argv += ["--perms", "0755", "--dir", parent]  # bwrap would make it 0700: untraversable
+                made.add(parent)
+        argv += ["--ro-bind", path, path]
+        bound.append(path)
+    return argv + ["--chdir", _BOX_WORK, "--", *inner]
+
+
+def _interpreter_dirs() -> list[str]:
+    """The interpreter's folders (venv and base installation) that the system binds do not cover."""
+    candidates = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    candidates.add(os.path.realpath(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))))
+    covered = tuple("/" + n + "/" for n in _SYSTEM_DIRS)
+    dirs = sorted(p for p in candidates if not (p + "/").startswith(covered) and p != "/")
+    return [p for p in dirs if not any(p.startswith(q + "/") for q in dirs if q != p)]
+
+
+def _interpreter() -> str:
+    return sys.executable or shutil.which("python3") or "python3"
+
+
+def _pdeathsig() -> list[str]:
+    # If the evaluator dies, its sandbox launcher gets SIGKILL too (bwrap --die-with-parent and
+    # unshare --kill-child then take the whole sandbox down).
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def _namespace_prefix() -> list[str]:
+    # New network + PID namespaces; --kill-child: if unshare dies, its child (the namespace's
+    # init, i.e. the program) gets SIGKILL, which takes every process in the namespace with it.
+    return ["unshare", "--net", "--pid", "--fork", "--kill-child",
+            "setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", "--"]
+
+
+def _world_interpreter() -> str:
+    """The first Python that `nobody` may execute (namespaces mode runs on the host's filesystem)."""
+    for candidate in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", shutil.which("python3")):
+        if candidate and _world_executable(candidate):
+            return os.path.realpath(candidate)
+    return _interpreter()
+
+
+def _world_executable(path: str) -> bool:
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting, killing, reading back
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until `proc` ends or the deadline passes; then kill its whole tree. True on timeout."""
+    timed_out = False
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        _kill_everything(proc, running=proc.returncode is None)
+    return timed_out
 
 
 def _kill_everything(proc: subprocess.Popen, running: bool) -> None:
@@ -323,27 +531,43 @@ def _quietly(fn) -> None:
         pass
 
 
-def _tail(f) -> str:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - 4 * _TAIL_CHARS))
-    return f.read().decode("utf-8", errors="replace")[-_TAIL_CHARS:]
+def _close(*fds: int) -> None:
+    for fd in fds:
+        _quietly(lambda fd=fd: os.close(fd))
 
 
-def _classify(returncode: int, stderr: str, nonce: str, timed_out: bool) -> tuple[str, str | None]:
-    if timed_out:
-        return "timeout", "Timeout"
-    reports = [line.split()[1:] for line in stderr.splitlines() if line.startswith(nonce)]
-    for report in reports:
-        if report and report[0] == "error":
-            return "failed", report[1] if len(report) > 1 else "Exception"
-    if returncode == 0 and ["done"] in reports:
-        return "passed", None
+def _read_available(fd: int, limit: int = 1 << 16) -> bytes:
+    """What the pipe holds, without blocking (a writer that escaped the kill must not stall us)."""
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    try:
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _tail(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 4 * _TAIL_CHARS))
+        return f.read().decode("utf-8", errors="replace")[-_TAIL_CHARS:]
+
+
+def _ended_by(returncode: int | None) -> str:
     if returncode is not None and returncode < 0:
-        return "failed", _signal_name(-returncode)
-    if returncode is not None and returncode > 128:  # a shell-style "killed by signal" status
-        return "failed", _signal_name(returncode - 128)
-    return "failed", "EarlyExit"
+        return _signal_name(-returncode)
+    if returncode is not None and returncode > 128:  # a shell-style (or bwrap) "killed by signal" status
+        return _signal_name(returncode - 128)
+    return "EarlyExit"
 
 
 def _signal_name(number: int) -> str:
@@ -351,54 +575,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _namespace_prefix() -> list[str]:
-    # New network + PID namespaces; --kill-child: if unshare dies, its child (the namespace's
-    # init, i.e. the program) gets SIGKILL, which takes every process in the namespace with it.
-    return ["unshare", "--net", "--pid", "--fork", "--kill-child",
-            "setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", "--"]
-
-
-def _interpreter(isolation: str = "process") -> str:
-    """The Python that runs the program: ours, or (as `nobody`) the first one `nobody` may execute."""
-    candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", shutil.which("python3")]
-    if isolation == "namespace":
-        for candidate in candidates:
-            if candidate and _world_executable(candidate):
-                return os.path.realpath(candidate)
-    return sys.executable or shutil.which("python3") or "python3"
-
-
-def _world_executable(path: str) -> bool:
-    path = os.path.realpath(path)
-    try:
-        if not os.stat(path).st_mode & 0o001:
-            return False
-        parent = os.path.dirname(path)
-        while True:
-            if not os.stat(parent).st_mode & 0o001:
-                return False
-            if parent == os.path.dirname(parent):
-                return True
-            parent = os.path.dirname(parent)
-    except OSError:
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def namespace_isolation_available() -> bool:
-    """True when we are root on Linux and a probe run inside the namespaces works."""
-    if os.environ.get("SLIMTUNE_SANDBOX") == "process":
-        return False
-    if not sys.platform.startswith("linux") or os.geteuid() != 0:
-        return False
-    if not (shutil.which("unshare") and shutil.which("setpriv")):
-        return False
-    probe = _namespace_prefix() + [_interpreter("namespace"), "-I", "-B", "-c",
-                                   f"import os, socket; assert os.getuid() == {NOBODY_UID}"]
-    try:
-        done = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd="/")
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0

@@ -1,7 +1,20 @@
-"""eval.sandbox.run_sandboxed: outcomes, limits, and that nothing it starts outlives it."""
+"""eval.sandbox: outcomes, limits, nothing it starts outlives it, and the adversarial cases of issue 15.
+
+The adversarial tests run in the modes that claim to contain them (README, "Running generated
+code"): bubblewrap for all, namespaces for those it holds. They skip, saying why, where a mode
+is not available; CI runs as root and setup.sh installs bubblewrap, so there they all run.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -9,11 +22,23 @@ from pathlib import Path
 import psutil
 import pytest
 
+from eval import sandbox
 from eval.errors import UserInputError
-from eval.sandbox import namespace_isolation_available, run_sandboxed
+from eval.sandbox import (
+    bubblewrap_available,
+    namespace_isolation_available,
+    resolve_isolation,
+    run_sandboxed,
+    run_tests_sandboxed,
+)
 
-MODES = ["process", pytest.param("namespace", marks=pytest.mark.skipif(
-    not namespace_isolation_available(), reason="needs root with unshare and setpriv"))]
+NEEDS_BWRAP = pytest.mark.skipif(not bubblewrap_available(),
+                                 reason="bubblewrap (`bwrap`) missing or not working here: apt-get install bubblewrap")
+NAMESPACES = pytest.param("namespaces", marks=pytest.mark.skipif(
+    not namespace_isolation_available(), reason="needs root with unshare and setpriv"))
+BUBBLEWRAP = pytest.param("bubblewrap", marks=NEEDS_BWRAP)
+MODES = ["process", NAMESPACES, BUBBLEWRAP]
+CONTAINING = [NAMESPACES, BUBBLEWRAP]  # modes that hold against programs that are not Python
 
 
 def test_a_program_that_runs_to_its_end_passes_and_its_output_comes_back():
@@ -21,14 +46,13 @@ def test_a_program_that_runs_to_its_end_passes_and_its_output_comes_back():
     assert result.passed and result.status == "passed" and result.error_type is None
     assert result.returncode == 0
     assert result.stdout.strip() == "45"
+    assert result.isolation == resolve_isolation("auto")
 
 
 @pytest.mark.parametrize("program, error_type", [
     ("undefined_name + 1", "NameError"),
     ("def f(:\n    pass", "SyntaxError"),
     ("assert 1 + 1 == 3", "AssertionError"),
-    ("len(5)", "TypeError"),
-    ("1 / 0", "ZeroDivisionError"),
     ("import no_such_module_here", "ModuleNotFoundError"),
 ])
 def test_the_exception_type_is_reported(program, error_type):
@@ -48,10 +72,74 @@ def test_exiting_early_never_counts_as_passing():
     assert (hard_exit.status, hard_exit.error_type, hard_exit.returncode) == ("failed", "EarlyExit", 0)
 
 
+# The forgery of issue 15, item 6: read the run's token from wherever it is visible, print and
+# write a "done" report everywhere, then leave with status 0 before the failing assert.
+FORGER = textwrap.dedent("""
+    import os
+    seen = b""
+    for name in ("cmdline", "environ"):
+        try:
+            seen += open("/proc/self/" + name, "rb").read().replace(b"\\0", b" ")
+        except OSError:
+            pass
+    forged = [b"done " + word for word in seen.split()] + [b"done", b'{"status": "passed"}', b"ready"]
+    for fd in range(0, 64):
+        for line in forged:
+            try:
+                os.write(fd, line + b"\\n")
+            except OSError:
+                pass
+    os._exit(0)
+""")
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_a_program_cannot_forge_its_own_pass(isolation):
+    result = run_sandboxed(FORGER + "\nassert False\n", timeout_s=10, isolation=isolation)
+    assert (result.status, result.error_type) == ("failed", "EarlyExit")
+
+
+ADD_TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate((1,), (2,)) == (1, 2)\n"
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_tests_run_apart_from_the_solution_and_judge_it(isolation):
+    good = run_tests_sandboxed("def add(a, b):\n    return a + b\n", ADD_TESTS, "add", isolation=isolation)
+    assert good.passed and good.isolation == isolation, good.stderr
+    wrong = run_tests_sandboxed("def add(a, b):\n    return a - b\n", ADD_TESTS, "add", isolation=isolation)
+    assert (wrong.status, wrong.error_type) == ("failed", "AssertionError")
+
+
+@pytest.mark.parametrize("solution, error_type", [
+    # forge (garbage and fake verdicts on every descriptor), then os._exit(0) in the middle of the tests
+    ("def add(a, b):\n" + textwrap.indent(FORGER, "    "), "BadAnswer"),
+    ("def add(a, b):\n    import os\n    os._exit(0)\n", "EarlyExit"),
+    ("def add(a, b):\n    raise SystemExit(0)\n", "SystemExit"),
+    # an object equal to everything: cannot cross to the tests' process, so it cannot fool `==`
+    ("def add(a, b):\n    return type('Any', (), {'__eq__': lambda s, o: True})()\n", "TypeError"),
+    ("def add(a, b):\n    return c\n", "NameError"),
+    ("def add(a, b) return", "SyntaxError"),
+    ("def plus(a, b):\n    return a + b\n", "NameError"),  # no such entry point
+])
+def test_a_solution_cannot_fake_passing_the_tests(solution, error_type):
+    result = run_tests_sandboxed(solution, ADD_TESTS, "add", timeout_s=10)
+    assert (result.status, result.error_type) == ("failed", error_type), result.stderr
+
+
+def test_the_prompt_context_is_available_to_the_tests():
+    context = "def helper(x):\n    return x * 2\n\ndef double(x):\n    \"\"\"helper(x)\"\"\"\n"
+    tests = "def check(candidate):\n    assert candidate(4) == helper(4)\n"
+    result = run_tests_sandboxed(context + "    return helper(x)\n", tests, "double", context=context, timeout_s=10)
+    assert result.passed, result.stderr
+
+
 @pytest.mark.parametrize("isolation", MODES)
 def test_an_endless_loop_is_stopped_at_the_time_limit(isolation):
     result = run_sandboxed("while True:\n    pass", timeout_s=1, isolation=isolation)
     assert result.status == "timeout" and result.error_type == "Timeout" and not result.passed
+    hang = run_tests_sandboxed("def add(a, b):\n    while True:\n        pass\n", ADD_TESTS, "add", timeout_s=1,
+                               isolation=isolation)
+    assert hang.status == "timeout"
 
 
 def _alive_with(marker: str) -> list[psutil.Process]:
@@ -81,7 +169,7 @@ def _spawner(marker: str, then: str) -> str:
 @pytest.mark.parametrize("then, status", [("while True: time.sleep(1)", "timeout"), ("pass", "passed")])
 def test_no_child_survives_a_program_that_spawns_children_that_never_end(isolation, then, status):
     marker = f"slimtune-test-{uuid.uuid4().hex}"
-    result = run_sandboxed(_spawner(marker, then), timeout_s=2, isolation=isolation)
+    result = run_sandboxed(_spawner(marker, then), timeout_s=3, isolation=isolation)
     assert result.status == status, result.stderr
     assert "spawned 5" in result.stdout  # the children really ran
     assert _alive_with(marker) == []
@@ -93,29 +181,21 @@ def test_endless_allocation_ends_in_memory_error():
 
 
 @pytest.mark.parametrize("isolation", MODES)
-def test_writing_outside_the_working_directory_is_refused(tmp_path, isolation):
+def test_python_writes_outside_the_working_directory_are_refused(tmp_path, isolation):
     target = tmp_path / "escaped.txt"
     result = run_sandboxed(f"open({str(target)!r}, 'w').write('x')", timeout_s=10, isolation=isolation)
-    assert (result.status, result.error_type) == ("failed", "PermissionError")
+    assert result.status == "failed" and result.error_type in {"PermissionError", "FileNotFoundError"}
     assert not target.exists()
     removal = run_sandboxed(f"import os\nos.remove({str(tmp_path)!r})", timeout_s=10, isolation=isolation)
-    assert removal.error_type == "PermissionError" and tmp_path.exists()
+    assert removal.error_type in {"PermissionError", "FileNotFoundError"} and tmp_path.exists()
 
 
-def test_the_throwaway_working_directory_is_usable_and_removed_afterwards():
-    program = "import os\nopen('notes.txt', 'w').write('kept')\nprint(os.getcwd())\nprint(open('notes.txt').read())"
+def test_the_throwaway_folders_are_usable_and_removed_afterwards(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    program = "open('notes.txt', 'w').write('kept')\nprint(open('notes.txt').read())"
     result = run_sandboxed(program, timeout_s=10)
-    assert result.passed, result.stderr
-    workdir, content = result.stdout.split()
-    assert content == "kept"
-    assert not Path(workdir).exists()
-
-
-@pytest.mark.parametrize("isolation", MODES)
-def test_there_is_no_network(isolation):
-    program = "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)"
-    result = run_sandboxed(program, timeout_s=10, isolation=isolation)
-    assert result.status == "failed" and result.error_type in {"PermissionError", "OSError", "ConnectionRefusedError"}
+    assert result.passed and result.stdout.strip() == "kept", result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_files_larger_than_the_limit_cannot_be_written():
@@ -124,10 +204,165 @@ def test_files_larger_than_the_limit_cannot_be_written():
     assert result.error_type in {"SIGXFSZ", "OSError"}
 
 
-def test_bad_arguments_are_user_errors():
-    with pytest.raises(UserInputError, match="timeout_s"):
-        run_sandboxed("pass", timeout_s=0)
+# ---------------------------------------------------------------------------------------------
+# Issue 15, items 7 and 8: programs that are not Python (os.system, subprocess, ctypes).
+
+def _world_writable(path: Path) -> Path:
+    path.mkdir()
+    path.chmod(0o777)
+    return path
+
+
+@NEEDS_BWRAP
+def test_no_write_reaches_the_host_whatever_the_means(tmp_path):
+    open_dir = _world_writable(tmp_path / "open")
+    marker = f"slimtune-escape-{uuid.uuid4().hex}"
+    targets = [Path("/tmp") / marker, Path("/var/tmp") / marker, open_dir / marker, Path(sys.prefix) / marker]
+    program = textwrap.dedent(f"""
+        import ctypes, os, subprocess
+        targets = {[str(t) for t in targets]!r}
+        libc = ctypes.CDLL(None)
+        for i, t in enumerate(targets):
+            os.system(f"echo x > {{t}}.system")
+            subprocess.run(["sh", "-c", f"echo x > {{t}}.subprocess"])
+            fd = libc.open(f"{{t}}.ctypes".encode(), 0o101, 0o644)  # O_WRONLY | O_CREAT
+            print("ctypes", i, fd)
+        os.system("rm -rf {open_dir}")
+    """)
+    result = run_sandboxed(program, timeout_s=10, isolation="bubblewrap")
+    assert "ctypes 3" in result.stdout, result.stderr  # the program really ran to the last attempt
+    leaked = [str(t) + suffix for t in targets for suffix in (".system", ".subprocess", ".ctypes")
+              if Path(str(t) + suffix).exists()]
+    assert leaked == [] and open_dir.is_dir()
+
+
+@NEEDS_BWRAP
+def test_files_that_are_not_world_readable_cannot_be_read(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the-secret-words")
+    secret.chmod(0o600)
+    readable = [p for p in (Path("/etc/shadow"), secret) if p.exists()]
+    program = "import os, subprocess\n" + "".join(
+        f"os.system('cat {p} 2>/dev/null')\ntry:\n    print(open({str(p)!r}).read())\nexcept OSError as e:\n"
+        f"    print('refused', type(e).__name__)\n" for p in readable)
+    result = run_sandboxed(program, timeout_s=10, isolation="bubblewrap")
+    assert result.stdout.count("refused") == len(readable), result.stdout
+    assert "the-secret-words" not in result.stdout
+    if os.geteuid() == 0 and Path("/etc/shadow").exists():
+        assert "root:" not in result.stdout
+
+
+@pytest.fixture
+def listener():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_no_network_not_even_127_0_0_1(listener, isolation):
+    port = listener.getsockname()[1]
+    client = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'escaped')"
+    program = textwrap.dedent(f"""
+        import subprocess, sys
+        done = subprocess.run([sys.executable, "-I", "-c", {client!r}], capture_output=True, text=True)
+        print("child exit", done.returncode, done.stderr.strip().splitlines()[-1:])
+        import socket
+        socket.create_connection(("127.0.0.1", {port}), timeout=2)
+    """)
+    result = run_sandboxed(program, timeout_s=10, isolation=isolation)
+    assert "child exit 1" in result.stdout, result.stdout + result.stderr  # a child without our audit hook: refused
+    assert result.status == "failed"
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nothing ever arrived
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_a_fork_bomb_is_bounded_and_cleaned_up(isolation):
+    marker = f"slimtune-fork-{uuid.uuid4().hex}"
+    program = textwrap.dedent(f"""
+        import os
+        forked = 0
+        for _ in range(300):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                os.execv("/bin/sh", ["sh", "-c", "sleep 60; :", "{marker}"])
+            forked += 1
+        print("forked", forked, flush=True)
+    """)
+    result = run_sandboxed(program, timeout_s=10, max_processes=8, isolation=isolation)
+    forked = int(result.stdout.split()[-1])
+    assert forked <= 8, result.stdout  # other sandboxes running as nobody may leave it fewer
+    assert _alive_with(marker) == []
+
+
+EVALUATOR = """
+import json, os, sys
+from eval.sandbox import run_sandboxed, run_tests_sandboxed
+me = os.getpid()
+attack = (f"import os, signal\\nfor pid in (os.getppid(), {me}, -1):\\n    try:\\n        os.kill(pid, signal.SIGKILL)\\n"
+          f"    except OSError as e:\\n        print(pid, type(e).__name__)\\n")
+one = run_sandboxed(attack, timeout_s=10, isolation=sys.argv[1])
+two = run_tests_sandboxed("def f():\\n" + "".join("    " + l + "\\n" for l in attack.splitlines()),
+                          "def check(c):\\n    c()\\n", "f", timeout_s=10, isolation=sys.argv[1])
+print(json.dumps([one.status, two.status]))
+"""
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_the_evaluator_cannot_be_killed_and_leaves_no_temporaries(isolation):
+    root = Path(__file__).resolve().parents[1]
+    temp = Path(tempfile.mkdtemp(prefix="slimtune-test-"))  # in /tmp: `nobody` (namespaces mode) may pass through
+    try:
+        temp.chmod(0o711)
+        env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", EVALUATOR, isolation], capture_output=True, text=True, env=env,
+                              cwd=root, timeout=120)
+        assert done.returncode == 0, done.stderr  # it lived to the end (a SIGKILL would give -9)
+        assert set(json.loads(done.stdout.splitlines()[-1])) <= {"passed", "failed"}
+        assert list(temp.iterdir()) == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15, item 9: bad parameters are the caller's error, never the program's failure.
+
+@pytest.mark.parametrize("name, value", [
+    ("memory_mb", -1), ("memory_mb", 0), ("memory_mb", math.nan), ("memory_mb", math.inf), ("memory_mb", 8),
+    ("memory_mb", True), ("memory_mb", "512"), ("max_processes", -5), ("max_processes", 0),
+    ("max_processes", 2.5), ("timeout_s", 0), ("timeout_s", -1), ("timeout_s", math.nan), ("timeout_s", math.inf),
+    ("max_file_mb", 0),
+])
+def test_bad_limits_are_one_clear_user_error(name, value):
+    with pytest.raises(UserInputError, match=name):
+        run_sandboxed("pass", **{"timeout_s": 5, name: value})
+    with pytest.raises(UserInputError, match=name):
+        run_tests_sandboxed("def f():\n    pass\n", "def check(c):\n    c()\n", "f", **{name: value})
+
+
+def test_other_bad_arguments_are_user_errors():
     with pytest.raises(UserInputError, match="source text"):
         run_sandboxed(b"pass", timeout_s=1)
     with pytest.raises(UserInputError, match="isolation"):
         run_sandboxed("pass", timeout_s=1, isolation="vm")
+    with pytest.raises(UserInputError, match="entry_point"):
+        run_tests_sandboxed("pass", "pass", "not a name")
+
+
+def test_without_bubblewrap_auto_falls_back_with_a_loud_warning(monkeypatch):
+    monkeypatch.delenv("SLIMTUNE_SANDBOX", raising=False)
+    monkeypatch.setattr(sandbox, "bubblewrap_available", lambda: False)
+    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: False)
+    sandbox._warn_weak.cache_clear()
+    with pytest.warns(RuntimeWarning, match="SANDBOX IS WEAK"):
+        assert resolve_isolation("auto") == "process"
+    with pytest.raises(UserInputError, match="bubblewrap"):
+        resolve_isolation("bubblewrap")
+    sandbox._warn_weak.cache_clear()
