@@ -69,6 +69,36 @@ def perplexity_of_blocks(model, blocks: torch.Tensor, batch_size: int = 8) -> fl
     return math.exp(total_nll / total_tokens)
 
 
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for: LongTensor [len(tokenizer)]; special tokens stand
+    for none. Byte-level BPE tokens are strings over a 256-symbol alphabet, one symbol per byte;
+    other tokenizers are measured by decoding each token on its own."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+    lengths = [0 if i in special else len(t) if byte_level else len(tokenizer.convert_tokens_to_string([t]).encode())
+               for i, t in enumerate(tokens)]
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def bits_per_byte_of_blocks(model, blocks: torch.Tensor, tokenizer, batch_size: int = 8) -> float:
+    """Bits per UTF-8 byte over packed token blocks `[n_blocks, block_size]`: the summed negative
+    log-likelihood of the predicted tokens (positions 1..T-1, as `perplexity_of_blocks`), in bits,
+    over the bytes those tokens stand for. Unlike perplexity it does not depend on the tokenizer,
+    so models with different vocabularies compare. The EOS between documents is predicted and
+    counted in the numerator but stands for no byte: a slight, conservative overestimate."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise UserInputError(f"expected token blocks of shape [n_blocks >= 1, block_size >= 2], got {tuple(blocks.shape)}")
+    token_bytes = token_byte_lengths(tokenizer)
+    targets = blocks[:, 1:]
+    n_bytes = int(token_bytes[targets].sum())
+    if n_bytes == 0:
+        raise UserInputError("the blocks stand for no text bytes; expected token blocks of real text")
+    mean_nll = math.log(perplexity_of_blocks(model, blocks, batch_size))  # nats per predicted token
+    return mean_nll * targets.numel() / (n_bytes * math.log(2))
+
+
 def accuracy(predictions: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
     """Fraction of predictions equal to their labels."""
     predictions = torch.as_tensor(predictions).flatten()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from eval.errors import UserInputError
@@ -24,6 +25,7 @@ from eval.reference.common import (
 )
 from eval.reference.corpus import SPLITS, Document, reference_corpus, split_of, stdlib_dir
 from eval.reference.lm import LMRecipe, build_reference_lm, lm_recipe, unigram_perplexity
+from eval.reference.shipped import shipped_recipe, verify_shipped
 from eval.reference.vit import (
     GLYPH_CLASSES,
     ViTRecipe,
@@ -57,8 +59,12 @@ def reference_path(kind: str, build: bool = True, *, seed: int = 0, tiny: bool =
 
     `build=False` raises `UserInputError` when it is not built yet. `tiny=True` is a
     seconds-long build of a very small model, for tests of the mechanics only.
-    `rebuild=True` builds again even if a finished one is cached.
+    `rebuild=True` builds again even if a finished one is cached. The default recipes ship
+    with the suite (`eval.reference.shipped`): their directory is returned at once.
     """
+    recipe = _recipe_for(kind, seed, tiny)
+    if not rebuild and not tiny and shipped_recipe(kind) == dataclasses.asdict(recipe):
+        return verify_shipped(kind)  # the weights that ship with the suite: no training
     final = reference_dir(kind, seed=seed, tiny=tiny)
     if is_finished(final) and not rebuild:
         return final

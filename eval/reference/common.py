@@ -68,8 +68,14 @@ def is_finished(model_dir: Path) -> bool:
 @contextlib.contextmanager
 def build_lock(final: Path) -> Iterator[None]:
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+    path = final.parent / f".{final.name}.lock"
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Say so: a reference build can take an hour, and a silent wait looks like a hang.
+            log(f"another process is building {final.name} (it holds {path}); waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
         try:
             yield
         finally:
