@@ -7,9 +7,12 @@
 A problem is one JSON object per line with `task_id`, `prompt` (a function signature and
 docstring), `test` (defining `check(candidate)`), `entry_point` (the function's name) and
 optionally `canonical_solution`, as in HumanEval. A completion is the model's continuation of
-the prompt, cut where the function ends (the first line that starts at column 0). The program
-run in the sandbox is prompt + completion + test + `check(entry_point)`; it passes when it runs
-to its end. pass@k is the unbiased estimator of Chen et al. (2021), averaged over problems.
+the prompt, cut where the function ends (the first line that starts at column 0). A completion
+is judged by `eval.sandbox.run_tests_sandboxed`: prompt + completion is loaded in one sandbox,
+the problem's prompt and tests run in another and call the entry point across the boundary, so
+the verdict comes from a process that never ran generated code (an `os._exit(0)` or a forged
+"done" line cannot pass). pass@k is the unbiased estimator of Chen et al. (2021), averaged over
+problems. The report records which sandbox isolation ran (`report["isolation"]`).
 
 Samplers: "greedy" (one deterministic completion per problem: its pass@k is its pass@1 for
 every k), "temperature" (plain sampling at one temperature) and "adapt" (AdapT: hard temperature
@@ -132,7 +135,11 @@ def extract_completion(generated: str, prompt: str = "\n") -> str:
 
 
 def build_program(problem: Problem, completion: str) -> str:
-    """The program the sandbox runs: the function, its tests, and the call that runs them."""
+    """The whole program as HumanEval's execution module runs it (one process): function, tests, call.
+
+    Handy for running known-good code in one go; `evaluate_codegen` judges completions with
+    `run_tests_sandboxed` instead, where the tests do not share a process with the completion.
+    """
     return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
 
 
@@ -271,18 +278,20 @@ def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
 def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | list[str] = SAMPLERS,
                      n: int = 20, ks: tuple[int, ...] | list[int] = (1, 5, 10),
                      config: SamplingConfig = SamplingConfig(), timeout_s: float = 5.0, seed: int = 0,
-                     workers: int = 2, progress: bool = True) -> dict[str, Any]:
+                     workers: int = 2, progress: bool = True, isolation: str = "auto") -> dict[str, Any]:
     """Generate, run every completion's tests in the sandbox, and report pass@k per sampler.
 
     Returns {"samplers": {name: {"pass_at_k": {k: value}, "n": ..., "passed": ..., "samples": ...,
     "failures": {error_type: count}, ...}}, "problems": [per problem and sampler: n, c],
-    "samples": [every completion with its status and error type], "config": ...}.
+    "samples": [every completion with its status and error type], "isolation": the sandbox mode
+    that ran ("bubblewrap", or a weaker fallback, see eval.sandbox), "config": ...}.
     """
     from tqdm.auto import tqdm
 
-    from eval.sandbox import run_sandboxed
+    from eval.sandbox import SandboxLimits, resolve_isolation
 
     samplers = parse_samplers(samplers)
+    SandboxLimits(timeout_s=timeout_s)  # a bad timeout is an error now, not after generating
     ks = sorted({int(k) for k in ks})
     if not isinstance(n, int) or n < 1:
         raise UserInputError(f"n (samples per problem) must be a positive integer, got {n!r}")
@@ -290,6 +299,7 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
         raise UserInputError(f"every k must be in 1..n (n={n}), got {ks}")
     if not problems:
         raise UserInputError("no problems to evaluate")
+    isolation = resolve_isolation(isolation)  # once, so every run uses (and the report names) the same
 
     samples: list[dict[str, Any]] = []
     sampling_stats: dict[str, Counter] = {s: Counter() for s in samplers}
@@ -302,21 +312,34 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
                     for i, c in enumerate(completions)]
 
     by_id = {p.task_id: p for p in problems}
-    programs = {build_program(by_id[s["task_id"]], s["completion"]) for s in samples}  # identical ones run once
+    runs = {_run_key(by_id[s["task_id"]], s["completion"]) for s in samples}  # identical ones run once
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {program: pool.submit(run_sandboxed, program, timeout_s) for program in programs}
+        futures = {key: pool.submit(_judge, key, timeout_s, isolation) for key in runs}
         results = {}
-        for program, future in tqdm(futures.items(), desc="run tests", disable=not progress):
-            results[program] = future.result()
+        for key, future in tqdm(futures.items(), desc="run tests", disable=not progress):
+            results[key] = future.result()
     for s in samples:
-        result = results[build_program(by_id[s["task_id"]], s["completion"])]
+        result = results[_run_key(by_id[s["task_id"]], s["completion"])]
         s.update(status=result.status, error_type=result.error_type)
 
     return {"samplers": {s: _summarise(s, samples, problems, ks, sampling_stats[s]) for s in samplers},
             "problems": _per_problem(samples, problems, samplers),
             "samples": samples,
+            "isolation": isolation,
             "config": {**asdict(config), "n": n, "ks": ks, "timeout_s": timeout_s, "seed": seed,
                        "problems": len(problems)}}
+
+
+def _run_key(problem: Problem, completion: str) -> tuple[str, str, str, str]:
+    """What one sandboxed judgement needs: (solution, tests, entry point, prompt)."""
+    return problem.prompt + completion + "\n", problem.test, problem.entry_point, problem.prompt
+
+
+def _judge(key: tuple[str, str, str, str], timeout_s: float, isolation: str):
+    from eval.sandbox import run_tests_sandboxed
+
+    solution, tests, entry_point, prompt = key
+    return run_tests_sandboxed(solution, tests, entry_point, context=prompt, timeout_s=timeout_s, isolation=isolation)
 
 
 def _per_problem(samples, problems, samplers) -> list[dict[str, Any]]:
@@ -372,9 +395,13 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
     failures = [{"sampler": name, "samples": s["samples"], "passed": s["passed"],
                  **{t: s["failures"].get(t, 0) for t in kinds}, "unfinished": s.get("unfinished")}
                 for name, s in summaries.items()]
-    return (f"# {title}\n\n{config['problems']} problems; pass@k in %, unbiased estimator over n samples per "
-            f"problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox with a "
-            f"{config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
+    isolation = report.get("isolation", "unknown")
+    warning = "" if isolation == "bubblewrap" else (
+        f"**Warning: weak sandbox.** Generated code ran with isolation `{isolation}`, not bubblewrap: it was not "
+        "fully contained (see the README, 'Running generated code').\n\n")
+    return (f"# {title}\n\n{warning}{config['problems']} problems; pass@k in %, unbiased estimator over n samples "
+            f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
+            f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
             + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
             "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
 

@@ -76,6 +76,17 @@ def test_every_canonical_solution_passes_and_an_empty_body_fails():
     assert not any(_run_all_in_one_sandbox([build_program(p, "    pass\n") for p in problems]))
 
 
+def test_canonical_solutions_pass_and_empty_bodies_fail_when_the_tests_run_apart():
+    from eval.codegen import _judge, _run_key
+    from eval.sandbox import resolve_isolation
+
+    isolation = resolve_isolation("auto")
+    for problem in load_humaneval()[:3]:  # all of them were checked once; three keep the test fast
+        good = _judge(_run_key(problem, problem.canonical_solution), 10, isolation)
+        assert good.passed, (problem.task_id, good.stderr)
+        assert _judge(_run_key(problem, "    pass\n"), 10, isolation).status == "failed"
+
+
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -170,6 +181,39 @@ def test_evaluation_counts_passes_failures_and_pass_at_k(tiny_tokenizer):
                                                            "    return c\n", "    return a +\n"}
 
 
+FORGED = [
+    "    return a + b\n",  # the one honest completion
+    # issue 15, item 6: print a "done" line with whatever token is visible, then leave with status 0
+    "    import os, sys\n    print('done', open('/proc/self/cmdline').read())\n    sys.stdout.flush()\n    os._exit(0)\n",
+    "    raise SystemExit(0)\n",
+    "    return type('Any', (), {'__eq__': lambda s, o: True})()\n",  # equal to everything
+]
+
+
+def test_a_completion_cannot_forge_a_pass_and_the_isolation_is_reported(tiny_tokenizer):
+    from eval.codegen import codegen_markdown
+    from eval.sandbox import resolve_isolation
+
+    problem = load_humaneval()[0]  # add(a, b)
+    report = evaluate_codegen(ScriptedModel(tiny_tokenizer, FORGED), tiny_tokenizer, [problem], ["temperature"], n=4,
+                              ks=[1], config=SamplingConfig(max_new_tokens=48), progress=False)
+    summary = report["samplers"]["temperature"]
+    assert summary["passed"] == 1 and summary["pass_at_k"]["1"] == pytest.approx(0.25)
+    assert summary["failures"] == {"EarlyExit": 1, "SystemExit": 1, "TypeError": 1}
+    assert report["isolation"] == resolve_isolation("auto")
+    assert f"isolation: {report['isolation']}" in codegen_markdown(report)
+
+
+def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
+    from eval.codegen import codegen_markdown
+
+    problem = load_humaneval()[0]
+    report = evaluate_codegen(ScriptedModel(tiny_tokenizer, FORGED[:1]), tiny_tokenizer, [problem], ["greedy"], n=1,
+                              ks=[1], config=SamplingConfig(max_new_tokens=16), progress=False, isolation="process")
+    assert report["isolation"] == "process" and report["samplers"]["greedy"]["passed"] == 1
+    assert "**Warning: weak sandbox.**" in codegen_markdown(report)
+
+
 def test_token_healing_makes_the_first_token_carry_the_prompts_final_newline(tiny_tokenizer):
     from eval.codegen import _FirstTokenStartsWith
 
@@ -206,6 +250,7 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, tiny_llama_dir, ca
     assert code == 0
     report = json.loads((out / "codegen.json").read_text())
     assert set(report["samplers"]) == {"greedy", "adapt"} and report["config"]["n"] == 2
+    assert report["isolation"] in {"bubblewrap", "namespaces", "process"}
     assert "pass@2" in (out / "codegen.md").read_text()
     assert (out / "pass_at_k.png").stat().st_size > 0 and (out / "failures.png").stat().st_size > 0
 
@@ -214,6 +259,9 @@ def test_the_command_writes_json_markdown_and_plots(tmp_path, tiny_llama_dir, ca
     (["--sampler", "beam"], "unknown sampler"),
     (["--k", "1,50"], "every k must be in 1..n"),
     (["--k", "one"], "--k must be a comma list"),
+    (["--timeout", "nan"], "timeout_s must be a positive finite number"),
+    (["--timeout", "inf"], "timeout_s must be a positive finite number"),
+    (["--timeout", "0"], "timeout_s must be a positive finite number"),
 ])
 def test_the_command_rejects_bad_arguments_in_one_line(tmp_path, tiny_llama_dir, capsys, extra, message):
     from scripts.cli import main
