@@ -27,6 +27,7 @@ _EXPORTS = {
     "downsampler_parameter_count": "qst.layer",
     "QSTCache": "qst.model",
     "QSTForCausalLM": "qst.model",
+    "QSTGenerationCache": "qst.model",
     "QSTForSequenceClassification": "qst.model",
 }
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache, GenerationMixin
 
 from eval.errors import UserInputError
 from eval.models import avoid_bnb_cpu_repacking_failure
@@ -586,7 +587,7 @@ def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-class QSTForCausalLM(_QSTModel):
+class QSTForCausalLM(_QSTModel, GenerationMixin):
     """A frozen causal LM with a QST side network mixed into the input of its frozen LM head."""
 
     task = "causal_lm"
@@ -616,6 +617,10 @@ class QSTForCausalLM(_QSTModel):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         cache = cache if cache is not None else past_key_values
+        generation_cache = cache if isinstance(cache, QSTGenerationCache) else None
+        if generation_cache is not None:  # generate's: the backbone's DynamicCache carrying the side's
+            cache = QSTCache(backbone=generation_cache, side=generation_cache.side)
+            use_cache = True
         head = self.lm_head
         if labels is not None and self.training:
             # Training: the output mix and the vocabulary projection only at the positions that
@@ -633,103 +638,95 @@ class QSTForCausalLM(_QSTModel):
             mixed = mixed[:, -logits_to_keep:]
         logits = head(mixed.to(head.weight.device, head.weight.dtype))
         loss = _causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=generation_cache or cache)
+
+    # --- generation: transformers' GenerationMixin drives the decoding -------------------------
+
+    _supports_cache_class = True
+    _is_stateful = False
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
+        """Each step's inputs: the new token(s) once the caches hold the prefix, with left-padding-aware
+        positions (the same ones the backbone's own generation uses)."""
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        past = cache.get_seq_length() if (use_cache and cache is not None) else 0
+        if past:
+            input_ids, position_ids = input_ids[:, past:], None if position_ids is None else position_ids[:, past:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "cache": cache if use_cache else None, "use_cache": use_cache, "logits_to_keep": 1}
+
+    def get_experts_implementation(self) -> dict:
+        get = getattr(self.backbone, "get_experts_implementation", None)
+        return get() if get is not None else {}
+
+    def set_experts_implementation(self, implementation) -> None:
+        self.backbone.set_experts_implementation(implementation)
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        return False  # generate() below brings the cache: backbone and side network in one object
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, logits_processor=None, stopping_criteria=None, *,
-                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id: int | None = None, use_cache: bool = True, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with key/value caches for backbone and side network.
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, logits_processor=None,
+                 stopping_criteria=None, **kwargs):
+        """`transformers.GenerationMixin.generate` (greedy, sampling, beam search, streamers, logits
+        processors, stopping criteria, `return_dict_in_generate`, ...) over the backbone's and the
+        side network's key/value caches, held together in one `QSTGenerationCache`.
 
-        Accepts the common `transformers` generate arguments: a `LogitsProcessorList` (or list of
-        processors), `StoppingCriteriaList`, `max_new_tokens` / `max_length`, `do_sample`,
-        `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `num_return_sequences`.
-        Returns the token ids [B * num_return_sequences, prompt + new], finished rows padded
-        with `pad_token_id`. Beam search is not supported.
-        """
-        from transformers import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        Greedy decoding with `use_cache=True` gives the same tokens as without caches."""
+        from transformers import GenerationMixin
 
-        input_ids = input_ids if input_ids is not None else kwargs.pop("inputs", None)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise UserInputError("generate needs input_ids [batch, prompt length]")
-        if kwargs.get("num_beams", 1) not in (None, 1):
-            raise UserInputError("QST generate supports greedy and sampled decoding only (num_beams=1)")
-        if kwargs.get("return_dict_in_generate"):
-            raise UserInputError("QST generate returns token ids only (return_dict_in_generate is not supported)")
-        gc = generation_config or self.generation_config
-        do_sample = gc.do_sample if do_sample is None else do_sample
-        temperature = gc.temperature if temperature is None else temperature
-        top_k = gc.top_k if top_k is None else top_k
-        top_p = gc.top_p if top_p is None else top_p
-        prompt_len = input_ids.shape[1]
-        if max_new_tokens is None:
-            if max_length is not None:
-                max_new_tokens = max_length - prompt_len
-            elif gc.max_new_tokens is not None:
-                max_new_tokens = gc.max_new_tokens
-            else:
-                max_new_tokens = (gc.max_length or 20) - prompt_len
-        eos = eos_token_id if eos_token_id is not None else gc.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = pad_token_id if pad_token_id is not None else (gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0))
-        if attention_mask is None:
-            # Like transformers: pad tokens in the prompt are padding, unless pad is also EOS.
-            infer = pad_token_id is not None and pad not in eos and bool((input_ids == pad).any())
-            attention_mask = (input_ids != pad).long() if infer else torch.ones_like(input_ids)
-        copies = kwargs.get("num_return_sequences") or gc.num_return_sequences or 1
-        if copies > 1:  # each prompt `copies` times in a row, as transformers orders them
-            input_ids = input_ids.repeat_interleave(copies, dim=0)
-            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
-
-        processors = LogitsProcessorList(logits_processor or [])
-        if do_sample:
-            if temperature is not None and temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(float(temperature)))
-            if top_k:
-                processors.append(TopKLogitsWarper(int(top_k)))
-            if top_p is not None and top_p < 1.0:
-                processors.append(TopPLogitsWarper(float(top_p)))
-        criteria = list(stopping_criteria or [])
-
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(generation_config or self.generation_config, "use_cache", True)
+        kwargs["use_cache"] = bool(use_cache)
+        if kwargs.get("past_key_values") is not None:  # the name before transformers 5.x's `cache`
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        if use_cache and kwargs.get("cache") is None:
+            kwargs["cache"] = QSTGenerationCache(self.backbone.config)
+        elif kwargs.get("cache") is not None and not isinstance(kwargs["cache"], QSTGenerationCache):
+            raise UserInputError("QST generate keeps its own caches; pass cache=QSTGenerationCache(config) or none")
         was_training = self.training
         self.eval()
         try:
-            sequences, mask = input_ids, attention_mask
-            unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            cache = None
-            for _ in range(max(0, max_new_tokens)):
-                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-                if use_cache and cache is not None:
-                    step = dict(input_ids=sequences[:, -1:], position_ids=positions[:, -1:])
-                else:
-                    step = dict(input_ids=sequences, position_ids=positions)
-                out = self(**step, attention_mask=mask, cache=cache, use_cache=use_cache, logits_to_keep=1)
-                cache = out.cache
-                scores = processors(sequences, out.logits[:, -1, :].float())
-                if do_sample:
-                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-                else:
-                    next_tokens = scores.argmax(dim=-1)
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-                sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                if eos:
-                    unfinished &= ~torch.isin(next_tokens, torch.tensor(eos, device=next_tokens.device))
-                for criterion in criteria:
-                    done = criterion(sequences, scores)
-                    unfinished &= ~torch.as_tensor(done, device=unfinished.device).to(torch.bool).expand_as(unfinished)
-                if not unfinished.any():
-                    break
+            return GenerationMixin.generate(self, input_ids, generation_config=generation_config,
+                                            logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                            **kwargs)
         finally:
             self.train(was_training)
-        return sequences
+
+
+class QSTGenerationCache(DynamicCache):
+    """The generation cache of `QSTForCausalLM.generate`: the backbone's `DynamicCache` (the
+    backbone reads and writes it as its `past_key_values`) plus the side network's keys and values
+    (`.side`), reordered together by beam search (`reorder_cache`) and by the batch expansion and
+    selection of other decoding modes."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.side = SideKVCache()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self.side.reorder(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.side.keys:
+            batch = next(iter(self.side.keys.values())).shape[0]
+            device = next(iter(self.side.keys.values())).device
+            self.side.reorder(torch.arange(batch, device=device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.side.reorder(indices)
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("QST generation does not crop its caches (assisted decoding is not supported)")
 
 
 class QSTForSequenceClassification(_QSTModel):
