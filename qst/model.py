@@ -515,6 +515,28 @@ class _QSTModel(nn.Module):
             "qst": self.qst_config.to_dict(), "backbone": dataclasses.asdict(self.backbone_spec),
             "side_block": dataclasses.asdict(self.side.spec), **self._extra_config(),
         })
+        self._write_card(out)
+
+    def _write_card(self, out: Path) -> None:
+        """README.md: what the side network is, on which backbone, and the one call that loads it."""
+        from eval.model_card import write_model_card
+
+        card = dict(getattr(self, "slimtune_card", None) or {})
+        trainable = sum(p.numel() for p in self.side_parameters().values())
+        write_model_card(
+            out, title=f"QST side network ({self.task}) for {self.base_name_or_path}", tags=["qst", "side-tuning"],
+            base_model=self.base_name_or_path, pipeline_tag="text-generation" if self.task == "causal_lm" else None,
+            method="Quantized Side Tuning: a trainable side network on a frozen "
+            f"{self.quantize or 'unquantized'} backbone, mixed into the input of its frozen LM head. "
+            "This directory holds the side network only; the backbone is loaded from its own id",
+            budget=card.pop("budget", None) or f"{trainable:,} trainable parameters (the side network)",
+            settings={"quantize": self.quantize, **self.qst_config.to_dict(), **card.pop("settings", {})},
+            load=f"from qst import {type(self).__name__}\n"
+            f"model = {type(self).__name__}.from_pretrained(DIR)  # loads backbone {self.base_name_or_path!r} "
+            f"({self.quantize or 'unquantized'}) + this side network\n"
+            f"# or on another copy of the backbone: {type(self).__name__}.from_pretrained(DIR, base=PATH_OR_ID)",
+            **card,
+        )
 
     @classmethod
     def from_base(cls, base, config: QSTConfig | None = None, quantize: str | None = "nf4", *,

@@ -60,6 +60,9 @@ def test_a_saved_directory_loads_through_the_package_that_wrote_it(pruned_dir, q
         assert torch.equal(plain(input_ids=ids).logits, by_prefix(input_ids=ids).logits)
     side, tokenizer = load_model_spec(str(qst_dir), base=str(tiny_llama_dir))  # qst_config.json says "qst"
     assert type(side).__name__ == "QSTForCausalLM" and tokenizer.pad_token is not None
+    card = (qst_dir / "README.md").read_text()  # the deployment path: backbone id + this directory
+    assert card.startswith("---\n") and f"base_model: \"{tiny_llama_dir}\"" in card
+    assert "QSTForCausalLM.from_pretrained(DIR)" in card
 
 
 def test_an_unregistered_saved_type_names_the_import(pruned_dir, monkeypatch):
