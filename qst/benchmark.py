@@ -219,8 +219,11 @@ class BenchSettings:
         device = str(self.device)
         if not (device == "cpu" or device.startswith("cuda")):
             raise UserInputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserInputError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+        from eval.models import resolve_device
+        from qst.baselines import backbone_quantization
+
+        # Before any process starts: CUDA itself, and bitsandbytes' CUDA library for 4-bit methods.
+        resolve_device(device, four_bit=any(backbone_quantization(m) for m in self.methods))
 
     @property
     def backbone_dtype(self) -> str:
