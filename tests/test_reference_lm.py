@@ -164,3 +164,11 @@ def test_a_rebuild_is_compared_with_the_shipped_model(shipped_tiny, tmp_path):
     comparison = shipped.compare_with_shipped("lm", again)
     assert comparison["bit_identical_weights"] is True  # tiny builds run on one thread
     assert comparison["relative_difference"] == 0.0
+
+
+def test_a_truncated_cached_model_is_one_clear_error():
+    final = ref.reference_path("lm", seed=53, tiny=True)
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UserInputError, match=r"model\.safetensors.*truncated"):
+        ref.reference_path("lm", seed=53, tiny=True)

@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from eval.errors import UserInputError
-from eval.io import read_json
+from eval.io import read_json, verify_safetensors
 from eval.reference.common import (
     CARD_NAME,
     build_lock,
@@ -67,6 +67,7 @@ def reference_path(kind: str, build: bool = True, *, seed: int = 0, tiny: bool =
         return verify_shipped(kind)  # the weights that ship with the suite: no training
     final = reference_dir(kind, seed=seed, tiny=tiny)
     if is_finished(final) and not rebuild:
+        verify_safetensors(final / "model.safetensors", f"cached ref-{kind} weights (rebuild with --rebuild)")
         return final
     if not build:
         raise UserInputError(f"reference model ref-{kind} is not built yet (looked in {final}); "
