@@ -76,6 +76,7 @@ _EXPORTS = {
     "AdaptiveTemperatureLogitsProcessor": "eval.adapt",
     "pass_at_k": "eval.codegen",
     "run_sandboxed": "eval.sandbox",
+    "run_tests_sandboxed": "eval.sandbox",
     "load_humaneval": "eval.codegen",
 }
 
