@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import signal
 import sys
 
@@ -21,6 +22,7 @@ COMMANDS = [
     "tune",
     "prune",
     "compress_vit",
+    "compress_lm",
     "zero_shot",
     "codegen_eval",
     "estimate_memory",
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()  # before the subcommands import the libraries
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["slimtune", *argv])  # recorded in model cards
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,10 +1,10 @@
 """`slimtune zero-shot`: lm-eval on any model the suite makes (plain, QST-tuned, pruned, low-rank).
 
-A model is given as a spec:
-    ref-lm | PATH | HUB_ID       a plain causal LM (eval.models.load_causal_lm)
+A model is given as a spec (eval.model_specs, shared with codegen-eval and bench):
+    ref-lm | PATH | HUB_ID       a causal LM; a directory a method saved loads through its package
     qst:DIR                      a QST side network on its backbone (--model, else the one it names)
-    pruned:DIR                   a model written by `slimtune prune` (pruning.load_pruned)
-    lowrank:DIR                  a low-rank-compressed LM (lowrank_vit.load_compressed)
+    pruned:DIR                   a model written by `slimtune prune`
+    lowrank:DIR                  a low-rank-compressed LM
 optionally with a label: `dense=ref-lm`. `--compare A,B,...` evaluates several specs in one run.
 """
 
@@ -13,16 +13,10 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-from dataclasses import dataclass
+
+from eval.model_specs import ModelSpec, parse_spec
 
 METHOD_KINDS = ("qst", "pruned", "lowrank")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    label: str
-    kind: str  # "plain" or one of METHOD_KINDS
-    path: str
 
 
 def add_parser(subparsers) -> None:
@@ -77,83 +71,17 @@ def parse_model_specs(args) -> list[ModelSpec]:
     return [ModelSpec(model, "plain", model)]
 
 
-def _parse_spec(item: str) -> ModelSpec:
-    from eval.errors import UserInputError
-
-    label, _, spec = item.rpartition("=")
-    kind, sep, path = spec.partition(":")
-    if sep and kind in METHOD_KINDS:
-        if not path:
-            raise UserInputError(f"model spec {item!r} names no directory after '{kind}:'")
-        return ModelSpec(label or f"{kind}:{path}", kind, path)
-    if not spec:
-        raise UserInputError(f"empty model spec in {item!r}; expected [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR")
-    return ModelSpec(label or spec, "plain", spec)
+_parse_spec = parse_spec  # the shared parser (eval.model_specs)
 
 
 def load_model(spec: ModelSpec, base: str | None, device: str):
-    """(model, tokenizer) for a spec; method outputs load through their own packages."""
-    from eval.errors import UserInputError
-    from eval.models import load_causal_lm
+    """(model, tokenizer) for a spec, through the registry the method packages fill (scripts.specs)."""
+    from eval.model_specs import check_causal_lm
+    from scripts.specs import load_spec
 
-    if spec.kind == "plain":
-        return load_causal_lm(spec.path, device=device)
-    if spec.kind == "qst":
-        from qst import QSTForCausalLM
-
-        model = QSTForCausalLM.from_pretrained(spec.path, base=base, device=device)
-        tokenizer = getattr(model, "tokenizer", None) or _tokenizer_from(base or "ref-lm")
-        return model.eval(), tokenizer
-    if spec.kind == "pruned":
-        from pruning import load_pruned
-
-        model = load_pruned(spec.path, device=device)
-    elif spec.kind == "lowrank":
-        from lowrank_vit import load_compressed
-
-        model = load_compressed(spec.path, device=device)
-        _check_causal_lm(model, spec.path)
-    else:  # pragma: no cover - parse_model_specs only makes the kinds above
-        raise UserInputError(f"unknown model kind {spec.kind!r}")
-    return model.eval(), _tokenizer_from(spec.path, fallback=base or "ref-lm")
-
-
-def _check_causal_lm(model, path: str) -> None:
-    """lm-eval scores language models: refuse e.g. a compressed ViT before building anything else."""
-    from transformers import AutoModelForCausalLM
-
-    from eval.errors import UserInputError
-
-    if type(model.config) not in AutoModelForCausalLM._model_mapping:
-        raise UserInputError(f"{path} holds a {model.config.model_type!r} model ({type(model).__name__}); zero-shot "
-                             "evaluates causal language models (a low-rank LM, not a ViT)")
-
-
-def _tokenizer_from(path: str, fallback: str | None = None):
-    """The tokenizer saved next to a model, else the one of `fallback` (a model name or directory)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from eval.errors import UserInputError
-
-    if Path(path, "tokenizer_config.json").is_file() or Path(path, "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    elif fallback is not None:
-        return _tokenizer_from(_model_dir(fallback))
-    else:
-        raise UserInputError(f"no tokenizer found in {path}; save one there or pass --model naming the base model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _model_dir(name: str) -> str:
-    if name == "ref-lm":
-        from eval.reference import reference_path
-
-        return str(reference_path("lm"))
-    return name
+    model, tokenizer = load_spec(spec, base=base, device=device)
+    check_causal_lm(model, spec.path)  # lm-eval scores language models: refuse e.g. a compressed ViT
+    return model, tokenizer
 
 
 def _limit(value: float | None) -> int | float | None:
