@@ -129,6 +129,8 @@ def setup(venv_dir: Path, wheels: Path, device: str) -> Path:
     missing = [m for m in CARRIED if not _importable(py, m)]
     if missing:
         _install_carried(py, wheels, missing)
+    if device.startswith("cuda") and "bitsandbytes" not in missing and not _bnb_has_cuda_library(py):
+        _install_carried(py, wheels, ["bitsandbytes"], shadow=True)  # one with the library, in front
     editable = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                                "--no-build-isolation", "-e", str(REPO)], capture_output=True, text=True)
     if editable.returncode:  # no setuptools here: the checkout on the path does the same
@@ -174,22 +176,32 @@ def _importable(py: Path, module: str) -> bool:
     return subprocess.run([str(py), "-c", code], capture_output=True).returncode == 0
 
 
-def _install_carried(py: Path, wheels: Path, missing: list[str]) -> None:
+def _bnb_has_cuda_library(py: Path) -> bool:
+    """Whether the bitsandbytes `py` imports has a library for this torch's CUDA major version."""
+    code = ("import importlib.util, pathlib; from eval.models import check_bitsandbytes_cuda; "
+            "check_bitsandbytes_cuda(package_dir=pathlib.Path(importlib.util.find_spec('bitsandbytes').origin).parent)")
+    return subprocess.run([str(py), "-c", code], capture_output=True, cwd=REPO).returncode == 0
+
+
+def _install_carried(py: Path, wheels: Path, missing: list[str], shadow: bool = False) -> None:
+    """Install the carried wheels of `missing` modules into the venv; `shadow`: over one the machine
+    has (a copy in the venv, found first; the machine's own stays as it is)."""
     names = [CARRIED[m] for m in missing]
     have = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")} if wheels.is_dir() else set()
     absent = [n for n in names if n.lower() not in have]
     if absent:
-        from_bnb = "bitsandbytes" in absent
+        lacking = "a bitsandbytes with a CUDA library for this torch" if shadow else ", ".join(absent)
         raise CheckError(
-            f"this machine lacks {', '.join(absent)} and {wheels} holds no wheel for it; on a machine with "
-            "network run `bash scripts/gpu_check.sh --prepare-wheels` and carry build/gpu-wheels/ here"
-            + (" (bitsandbytes: the 4-bit methods need its CUDA library)" if from_bnb else "")
+            f"this machine lacks {lacking} and {wheels} holds no wheel for it; on a machine with network run "
+            "`bash scripts/gpu_check.sh --prepare-wheels` and carry build/gpu-wheels/ here"
+            + (" (the 4-bit methods need bitsandbytes' CUDA library)" if "bitsandbytes" in absent else "")
         )
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pin:
         pin.write(f"torch=={importlib.metadata.version('torch')}\n")  # pinned: nothing carried replaces it
     try:
+        extra = ["--ignore-installed", "--no-deps"] if shadow else []
         proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
-                               "-c", pin.name, *names], capture_output=True, text=True)
+                               "-c", pin.name, *extra, *names], capture_output=True, text=True)
     finally:
         os.unlink(pin.name)
     if proc.returncode:

@@ -161,6 +161,8 @@ def test_bitsandbytes_not_installed_says_how_to_provide_it(monkeypatch):
 def test_setup_without_a_carried_wheel_says_how_to_provide_it(tmp_path):
     with pytest.raises(gpu_check.CheckError, match=r"lacks bitsandbytes.*--prepare-wheels"):
         gpu_check._install_carried(Path(sys.executable), tmp_path / "empty", ["bitsandbytes"])
+    with pytest.raises(gpu_check.CheckError, match=r"lacks a bitsandbytes with a CUDA library for this torch"):
+        gpu_check._install_carried(Path(sys.executable), tmp_path / "empty", ["bitsandbytes"], shadow=True)
 
 
 # --------------------------------------------------------------------------- the carried wheel
