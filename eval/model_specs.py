@@ -104,7 +104,7 @@ def check_causal_lm(model, path: str) -> None:
     config = getattr(model, "config", None)
     if config is None or (type(config) not in AutoModelForCausalLM._model_mapping and not hasattr(model, "generate")):
         raise UserInputError(f"{path} holds a {getattr(config, 'model_type', '?')!r} model ({type(model).__name__}); "
-                             "expected a causal language model (a low-rank LM, not a ViT)")
+                             "zero-shot and codegen-eval evaluate causal language models (a low-rank LM, not a ViT)")
 
 
 def tokenizer_for(path: str, fallback: str | None = None):
