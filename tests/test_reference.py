@@ -235,6 +235,20 @@ def test_vit_recipe_checks_the_image_size():
         ref.ViTRecipe(image_size=64)
 
 
+def test_the_shipped_ref_vit_is_the_current_recipe_and_intact():
+    import dataclasses
+
+    import eval.reference.shipped as shipped
+
+    # A recipe change without re-shipping would silently send every user into a 15-minute build.
+    assert shipped.shipped_recipe("vit") == dataclasses.asdict(ref.vit_recipe())
+    folder = shipped.verify_shipped("vit")
+    assert ref.reference_path("vit", build=False) == folder
+    card = json.loads((folder / ref.CARD_NAME).read_text())
+    assert card["data"]["images"]["test"] == len(ref_vit.glyph_keys("test")) and card["test_accuracy"] >= 0.85
+    assert (folder / "model.safetensors").stat().st_size <= 3_000_000
+
+
 def test_tiny_vit_build_loads_with_auto_classes():
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
