@@ -83,6 +83,7 @@ def estimate_memory(
     qst_adapter_rank: int = DEFAULT_QST_ADAPTER_RANK,
     attention: str = "sdpa",
     cuda_context_gb: float | None = None,
+    labelled_tokens: int | None = None,
 ) -> dict:
     """Estimate the memory to train `arch_or_config` with `method` at `batch` × `seq` tokens.
 
@@ -93,6 +94,9 @@ def estimate_memory(
     replaces the counted adapter/side size); `trainable_params` gives the count directly
     (adapter, prefix, prompt and bitfit need one of the two, else they count as 0). `attention`: "sdpa" (fused kernel, no
     seq × seq score matrix kept) or "eager" (the scores are kept: heads · seq² per layer).
+    `labelled_tokens`: positions per batch that predict a label; the LM head, its logits and
+    the loss are counted only there (QST always trains so; `slimtune bench` trains every method
+    so). None: every position (plain language-model training).
     Returns ``{"breakdown_gb": {component: GB}, "total_gb", "breakdown_bytes", "total_bytes",
     "params", "trainable_params", "assumptions"}``.
     """
@@ -112,6 +116,8 @@ def estimate_memory(
             raise UserInputError("give trainable_fraction or trainable_params, not both")
         if trainable_params < 0:
             raise UserInputError(f"trainable_params must be >= 0, got {trainable_params!r}")
+    if labelled_tokens is not None and (not isinstance(labelled_tokens, int) or not 0 <= labelled_tokens <= batch * seq):
+        raise UserInputError(f"labelled_tokens must be an integer in [0, batch * seq = {batch * seq}], got {labelled_tokens!r}")
     if param_count is not None and param_count <= 0:
         raise UserInputError(f"param_count must be positive, got {param_count!r}")
 
@@ -130,7 +136,9 @@ def estimate_memory(
         parts = _course(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable, qst_reduction)
     else:
         parts = _detailed(shape, counts, method, batch, seq, DTYPE_BYTES[dtype], trainable,
-                          qst_reduction, qst_adapter_rank, lora_rank, attention)
+                          qst_reduction, qst_adapter_rank, lora_rank, attention,
+                          labelled=batch * seq if labelled_tokens is None else labelled_tokens,
+                          on_cuda=str(device).startswith("cuda"))
 
     on_cuda = str(device).startswith("cuda")
     context_gb = cuda_context_gb if cuda_context_gb is not None else (1.0 if on_cuda else 0.0)
@@ -189,7 +197,7 @@ def _course(shape, counts, method, batch, seq, nbytes, trainable, reduction) -> 
 
 
 def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, adapter_rank,
-              lora_rank, attention) -> dict:
+              lora_rank, attention, labelled, on_cuda) -> dict:
     tokens = batch * seq
     total, quantizable = counts["total"], counts["quantizable"]
     fp32 = 4
@@ -214,21 +222,27 @@ def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, a
         weights += trainable * fp32
 
     act = nbytes  # activations are in the compute dtype
-    logits = tokens * shape.vocab * (act + 4 + 4)  # logits, their fp32 upcast, saved log-softmax
+    logits = labelled * shape.vocab * (act + 4 + 4)  # logits, their fp32 upcast, saved log-softmax
     scores = shape.heads * seq if attention == "eager" else 0  # per token per layer
     if method in ("lst", "qst"):
         side = _side_shape(shape, reduction)
+        # The side network keeps its parameters' dtype, fp32: on CUDA eval.train's bf16 autocast
+        # computes it in `act`, on CPU (no autocast) its activations are fp32 too.
+        side_act = act if on_cuda else fp32
         per_token = (
-            (shape.layers + 1) * shape.hidden  # backbone states h_0..h_N, inputs of the downsamplers
-            + (shape.layers + 1) * (2 * adapter_rank + 5 * side.hidden)  # downsampler, norm, gate
+            (shape.layers + 1) * (2 * adapter_rank + 5 * side.hidden)  # downsampler, norm, gate
             + shape.layers * (_decoder_layer_activation_values(side) + scores)  # side blocks
-            + 3 * shape.hidden  # upsample output, alpha-mix, LM-head input
         )
+        # h_0..h_N in the backbone's dtype, and the downsamplers' inputs: the same states cast
+        # to the side dtype (a second copy when the dtypes differ: the 4-bit backbone on CPU).
+        states = (shape.layers + 1) * shape.hidden * (act + (side_act if side_act != act else 0))
+        # Only at labelled positions: upsample output and output mix (side dtype), LM-head input.
+        mix = labelled * shape.hidden * (2 * side_act + act)
         # The no-grad backbone frees each layer's tensors before the next: one layer's working
         # set at a time (x, its norm, q, k, v, attention output, gate, up, their product).
         transient = tokens * act * (4 * shape.hidden + 2 * shape.kv_width + 3 * shape.ffn
                                     + 2 * scores)
-        activations = tokens * act * per_token + transient + logits
+        activations = tokens * (side_act * per_token + states) + mix + transient + logits
     else:
         per_token_layer = _decoder_layer_activation_values(shape) + scores
         if method in ("lora", "qlora"):

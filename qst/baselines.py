@@ -16,6 +16,10 @@
 | bitfit  | bias terms only                                                    | here (PEFT has none) |
 
 Choices that keep the comparison fair (documented in docs/RESULTS.md):
+- Every method computes the LM head, its logits and the loss only at the positions that predict
+  a label (QST's forward does so itself; the others train with `labelled_positions_loss`), so
+  no method pays for [batch, seq, vocab] logits the loss does not read. The loss is the same
+  mean next-token cross-entropy over labelled tokens as `labels=` with -100 ignored.
 - No gradient checkpointing for any method. `prepare_model_for_kbit_training` turns it on by
   default; we pass `use_gradient_checkpointing=False`, since checkpointing trades step time for
   memory and would move QLoRA along both axes the benchmark compares.
@@ -265,6 +269,38 @@ def _bitfit(model, config):
         if name.endswith(".bias"):
             param.requires_grad_(True)
     return model
+
+
+# --------------------------------------------------------------------------- the shared loss
+
+
+def labelled_positions_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy with the LM head run only where the next token has a label.
+
+    A pre-hook on the output embedding keeps the rows of its input [B, S', d] that predict a
+    label ([n, d], n = labelled tokens), so the logits are [n, vocab], as in QST's training
+    forward. S' > S (virtual tokens of prompt tuning come first) is handled by skipping the
+    first S' - S positions. `batch`: input_ids, attention_mask, labels [B, S] (-100 ignored).
+    """
+    if isinstance(model, VirtualTokenLogitsTrimmer):
+        model = model.peft_model  # its logits trimming assumes [B, S', V]
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != -100  # [B, S - 1]: position s predicts token s + 1
+    predicts = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # [B, S]
+
+    def select(module, args):
+        hidden = args[0]
+        skip = hidden.shape[1] - predicts.shape[1]
+        mask = nn.functional.pad(predicts, (skip, 0)) if skip else predicts
+        return (hidden[mask.to(hidden.device)],) + tuple(args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [n, vocab]
+    finally:
+        handle.remove()
+    return nn.functional.cross_entropy(logits.float(), targets[keep].to(logits.device))
 
 
 # --------------------------------------------------------------------------- finding submodules

@@ -3,9 +3,11 @@
 `measure_method` builds one tuning method (see `qst.baselines`), marks set-up done, trains
 with the shared loop (`eval.train.train`) for `max(train_steps, warmup + steps)` steps on the
 task's training batches, times steps `warmup .. warmup + steps`, and scores the task's test
-split. `measure_forward_floor` times a no-grad forward pass of the 4-bit backbone's decoder stack
-(all hidden states kept, no LM head): a QST step runs exactly that and then only the side
-network and the LM head on the labelled positions, so it cannot cost less.
+split. Every method runs its LM head and loss only at the labelled positions (QST by itself,
+the others through `qst.baselines.labelled_positions_loss`). `measure_forward_floor` times a
+no-grad forward pass of the 4-bit backbone's decoder stack (all hidden states kept, no LM head,
+no KV cache): a QST step runs exactly that and then only the side network and the LM head on
+the labelled positions, so it cannot cost less.
 
 Both are `eval.measure.run_in_fresh_process` targets: keyword arguments and results are plain
 JSON. Memory of a method is measured around its training only (scoring the test split
@@ -68,7 +70,7 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     """Build `method`, train it, and return its numbers (a `run_in_fresh_process` target)."""
     from eval.measure import count_parameters, mark_setup_done, parameter_bytes
     from eval.train import TrainConfig, train
-    from qst.baselines import BaselineConfig, build_tuning_model
+    from qst.baselines import BaselineConfig, build_tuning_model, labelled_positions_loss
 
     _check_sizes(batch, seq, steps, warmup, train_steps)
     torch.manual_seed(seed)
@@ -83,10 +85,12 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     weights_bytes = parameter_bytes(tuned)
     mark_setup_done()
 
+    side_tuning = hasattr(tuned, "parameter_groups")  # qst, lst: their own groups and loss
     with _TrainingPeak(tuned.device) as peak:  # training only: scoring afterwards is not part of it
         result = train(
             tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
-            desc=f"bench {method}",
+            desc=f"bench {method}", param_groups=tuned.parameter_groups(lr) if side_tuning else None,
+            loss_fn=None if side_tuning else labelled_positions_loss,
         )
     timed = result.step_times[warmup:warmup + steps]
     step_time = statistics.median(timed)
@@ -112,7 +116,13 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "accuracy": accuracy,
         "steps_trained": result.steps,
         "losses": result.losses,
+        "labelled_tokens": max(_labelled_tokens(b) for b in batches),
     }
+
+
+def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions of a batch that predict a label: where the LM head and the loss run."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 class _TrainingPeak:
@@ -165,7 +175,7 @@ def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None,
         # before its side network. Not the LM head: QST (training on labelled answer tokens)
         # projects only the labelled positions to the vocabulary, never all B x S of them.
         with torch.no_grad(), torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            backbone.base_model(**inputs, output_hidden_states=True)
+            backbone.base_model(**inputs, output_hidden_states=True, use_cache=False)
 
     forward_time = median_step_time(forward, warmup=warmup, repeats=steps)
     return {"forward_time_s": forward_time, "parameter_bytes": weights_bytes}
@@ -244,7 +254,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
 
     `method_target` is the `run_in_fresh_process` target measuring one method (tests swap it).
     """
-    from eval.measure import run_in_fresh_process
+    from eval.measure import machine_info, run_in_fresh_process
     from eval.report import write_report
 
     task = _resolve_task(settings)
@@ -282,7 +292,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         if raw.get("error"):
             log(f"bench: [{i}/{len(settings.methods)}] {method} failed: {raw['error']}")
         else:
-            estimates[method] = _estimate(settings, method, trainable_params=raw["trainable_params"])
+            estimates[method] = _estimate(settings, method, trainable_params=raw["trainable_params"],
+                                          labelled_tokens=raw.get("labelled_tokens"))
             entry = methods[method]
             log(f"bench: [{i}/{len(settings.methods)}] {method}: peak {_mb(entry['peak_memory_bytes'])} MB "
                 f"(estimate {_mb(estimates[method]['total_bytes'])} MB), step {entry['step_time_s']:.3f} s, "
@@ -300,6 +311,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         "estimates": {m: {"total_bytes": e["total_bytes"], "breakdown_bytes": e["breakdown_bytes"]}
                       for m, e in estimates.items()},
         "details": details,
+        "machine": machine_info(),
     }
     markdown = format_markdown(data)
     paths = write_report(out_dir, REPORT_NAME, data, markdown, plots={REPORT_NAME: _plot(data)},
@@ -317,12 +329,16 @@ def _resolve_task(settings: BenchSettings) -> str | None:
     return name
 
 
-def _estimate(settings: BenchSettings, method: str, trainable_params: int | None = None) -> dict:
+def _estimate(settings: BenchSettings, method: str, trainable_params: int | None = None,
+              labelled_tokens: int | None = None) -> dict:
+    """Before the run (fit check): logits at every position, an upper bound; after it: at the
+    labelled positions of the batch with the most, where every method's LM head ran."""
     from eval.memory_estimate import estimate_memory
 
     return estimate_memory(
         settings.arch or settings.model, method, batch=settings.batch, seq=settings.seq,
         dtype=settings.method_dtype(method), trainable_params=trainable_params, device=settings.device,
+        labelled_tokens=labelled_tokens,
     )
 
 
@@ -371,7 +387,7 @@ def _method_entry(raw: dict) -> tuple[dict, dict]:
     entry = {k: raw.get(k) for k in METHOD_KEYS}
     entry["peak_memory_bytes"] = _peak_bytes(raw)
     details = {k: raw.get(k) for k in ("total_params", "parameter_bytes", "steps_trained", "losses",
-                                       "memory_measure")}
+                                       "memory_measure", "labelled_tokens")}
     details["peak_increment_bytes"] = raw.get("peak_memory_bytes")
     return entry, details
 
@@ -393,6 +409,7 @@ def _fmt(x, spec=".3f"):
 
 def format_markdown(data: dict) -> str:
     """The table people read: each method's numbers and its ratios against QLoRA and the floor."""
+    from eval.measure import machine_line
     from eval.report import markdown_table
 
     methods, floor = data["methods"], data["floor"]
@@ -434,7 +451,8 @@ def format_markdown(data: dict) -> str:
                    if data["task"] else " (random weights: no accuracy)") + ".",
         "",
         markdown_table(rows, columns, floatfmt=".4g"),
-        f"Floor (no-grad forward of the 4-bit backbone's decoder, hidden states kept, no LM head): {_fmt(floor.get('forward_time_s'))} s, "
+        f"Floor (no-grad forward of the 4-bit backbone's decoder, hidden states kept, no LM head, no KV cache): "
+        f"{_fmt(floor.get('forward_time_s'))} s, "
         f"{_fmt(_mb(floor.get('forward_peak_memory_bytes')), '.1f')} MB"
         + (f" — failed: {floor['error']}" if floor.get("error") else "") + ".",
         "",
@@ -442,6 +460,11 @@ def format_markdown(data: dict) -> str:
         "CUDA: max_memory_allocated; CPU: peak RSS during training minus RSS at its start, plus the "
         "parameters' bytes). Estimate = `slimtune estimate-memory` (detailed "
         "assumptions) with the measured trainable count. Ratios < 1 mean less than QLoRA.",
+        "",
+        "Every method computes the LM head, the logits and the loss only at the positions that predict "
+        "a labelled token (the same mean cross-entropy as ignoring label -100 everywhere).",
+        "",
+        machine_line(data["machine"]) if data.get("machine") else "Machine: not recorded.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -153,3 +153,61 @@ def test_4bit_methods_score_in_eval_mode_on_widths_bnb_cannot_repack(tmp_path, t
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prefix", "prompt"])
+def test_every_method_runs_its_lm_head_only_at_labelled_positions(tiny_llama_dir, method):
+    """The bench's loss for the baselines: the models' own loss, with [n, vocab] logits (n = labelled tokens)."""
+    from qst.baselines import labelled_positions_loss
+
+    model, _ = build_tuning_model(method, model=str(tiny_llama_dir))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100  # a prompt, then the answer
+    labels[1, -2:] = -100  # a shorter answer
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    head = (model.peft_model if method == "prompt" else model).get_output_embeddings()
+    rows = []
+    handle = head.register_forward_hook(lambda m, a, out: rows.append(out.shape))
+    with torch.no_grad():
+        ours = labelled_positions_loss(model, batch)
+        handle.remove()
+        theirs = model(**batch).loss
+    n = int((labels[:, 1:] != -100).sum())
+    assert rows == [(n, model.config.vocab_size)]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_forward_floor_builds_no_kv_cache(monkeypatch):
+    """The floor times what QST's backbone pass does: hidden states, no KV cache."""
+    import qst.baselines
+    from qst.benchmark import measure_forward_floor
+
+    seen = []
+    real = qst.baselines.load_backbone
+
+    def load(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        model.base_model.register_forward_hook(
+            lambda m, a, kw, out: seen.append((kw.get("use_cache"), out.past_key_values)), with_kwargs=True)
+        return model, tokenizer
+
+    monkeypatch.setattr(qst.baselines, "load_backbone", load)
+    result = measure_forward_floor(arch="tiny-llama", batch=2, seq=8, steps=1, warmup=0)
+    assert result["forward_time_s"] > 0
+    assert seen and all(use_cache is False and cache is None for use_cache, cache in seen)
+
+
+def test_bench_report_names_the_machine():
+    from eval.measure import machine_info
+    from qst.benchmark import format_markdown
+
+    qst = {"trainable_params": 10, "trainable_share": 0.1, "peak_memory_bytes": 2e6, "step_time_s": 0.5,
+           "tokens_per_s": 16.0, "final_loss": 1.0, "accuracy": None}
+    data = {"model": "m", "device": "cpu", "task": None, "batch": 1, "seq": 8, "methods": {"qst": qst},
+            "floor": {"forward_time_s": 0.1}, "estimates": {"qst": {"total_bytes": 3e6}},
+            "settings": {"lr": 1e-3, "warmup": 1, "steps": 1, "train_steps": 0}, "machine": machine_info()}
+    markdown = format_markdown(data)
+    assert "Machine: CPU " in markdown and "torch threads" in markdown
+    assert "only at the positions that predict a labelled token" in markdown

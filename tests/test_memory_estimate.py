@@ -98,3 +98,33 @@ def test_cli_unknown_architecture_is_one_line(capsys):
     assert main(["estimate-memory", "--arch", "gpt-5", "--method", "qst"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slimtune estimate-memory: error: unknown architecture") and "\n" not in err
+
+
+def test_logits_are_counted_only_at_labelled_positions():
+    # batch 4 x 384, 40 labelled tokens: the LM head's logits shrink from 1536 to 40 rows
+    vocab = 32000
+    for method in ("qst", "lst", "qlora"):
+        every = estimate_memory("llama-2-7b", method, batch=4, seq=384)
+        labelled = estimate_memory("llama-2-7b", method, batch=4, seq=384, labelled_tokens=40)
+        assert estimate_memory("llama-2-7b", method, batch=4, seq=384, labelled_tokens=4 * 384) == every
+        saved = every["breakdown_bytes"]["activations"] - labelled["breakdown_bytes"]["activations"]
+        logits_saved = (4 * 384 - 40) * vocab * (2 + 4 + 4)
+        if method == "qlora":
+            assert saved == logits_saved
+        else:  # and the output mix and LM-head input (fp32 side on CPU / bf16 on CUDA: 2 + 2 + 2 bytes)
+            assert saved == logits_saved + (4 * 384 - 40) * 4096 * 6
+    with pytest.raises(UserInputError, match="labelled_tokens"):
+        estimate_memory("llama-2-7b", "qst", batch=2, seq=8, labelled_tokens=17)
+
+
+def test_side_network_activations_are_fp32_on_cpu():
+    # the side network keeps fp32 on CPU (no autocast), bf16 under CUDA's autocast; the backbone's
+    # states are bf16 on both, plus their fp32 copies (the downsamplers' inputs) on CPU
+    kwargs = dict(batch=2, seq=64, dtype="bfloat16", labelled_tokens=0)
+    cpu = estimate_memory("llama-2-7b", "qst", device="cpu", **kwargs)["breakdown_bytes"]["activations"]
+    cuda = estimate_memory("llama-2-7b", "qst", device="cuda", **kwargs)["breakdown_bytes"]["activations"]
+    states = 2 * 64 * 33 * 4096
+    assert cpu - cuda > states * 4  # at least the fp32 copies of h_0..h_32
+    lora_cpu = estimate_memory("llama-2-7b", "lora", device="cpu", **kwargs)["breakdown_bytes"]["activations"]
+    lora_cuda = estimate_memory("llama-2-7b", "lora", device="cuda", **kwargs)["breakdown_bytes"]["activations"]
+    assert lora_cpu == lora_cuda
