@@ -17,6 +17,7 @@ from qst import (
     QSTForSequenceClassification,
     downsampler_parameter_count,
 )
+from qst.config import OUTPUT_MIXES
 from qst.layer import make_downsampler
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -51,12 +52,14 @@ def blocks(tiny_texts, tiny_tokenizer):
 
 
 def _perturb(model: QSTForCausalLM, seed: int = 0) -> None:
-    """Move alpha off 1 and randomise the side network, so its contribution shows in the logits."""
+    """Randomise the side network (the zero upsampler too) and move alpha off 1, so the side
+    path's contribution shows in the logits."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.side_parameters().values():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        model.side.alpha.fill_(0.5)
+        if model.side.alpha is not None:
+            model.side.alpha.fill_(0.5)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -77,9 +80,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
 # --- exact start, frozen backbone ----------------------------------------------------------
 
 
-def test_logits_equal_backbone_at_init(backbone, blocks):
+@pytest.mark.parametrize("mix", OUTPUT_MIXES)
+def test_logits_equal_backbone_at_init(backbone, blocks, mix):
     model, _ = backbone
-    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4))
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix=mix))
     with torch.no_grad():
         expected = model(input_ids=blocks[:2]).logits
         got = qst(input_ids=blocks[:2]).logits
@@ -87,9 +91,10 @@ def test_logits_equal_backbone_at_init(backbone, blocks):
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_logits_equal_nf4_backbone_at_init(llama_nf4, blocks):
+@pytest.mark.parametrize("mix", OUTPUT_MIXES)
+def test_logits_equal_nf4_backbone_at_init(llama_nf4, blocks, mix):
     model, _ = llama_nf4
-    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4))
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix=mix))
     assert qst.quantize == "nf4"
     mask = torch.ones_like(blocks[:2])
     mask[1, -5:] = 0  # right padding
@@ -117,6 +122,7 @@ def test_training_leaves_nf4_backbone_untouched_and_gradient_free(llama_nf4, blo
     model, _ = llama_nf4
     qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample="linear"))
     before = _weights(model)  # (from_base ran the backbone once: bitsandbytes' CPU layout is in place)
+    side_before = {n: p.detach().clone() for n, p in qst.side_parameters().items()}
     batches = [{"input_ids": blocks[i:i + 2], "labels": blocks[i:i + 2]} for i in (0, 2)]
     train(qst, batches, TrainConfig(max_steps=3, lr=1e-2, warmup_ratio=0.0))
     assert all(p.grad is None for p in model.parameters())
@@ -124,7 +130,9 @@ def test_training_leaves_nf4_backbone_untouched_and_gradient_free(llama_nf4, blo
     assert before.keys() == after.keys() and any(k.endswith(".absmax") for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training  # train mode never reaches the backbone (no dropout there)
-    assert qst.side.alpha.item() != 1.0  # the side network did train
+    # the side network did train, its blocks included (after the first step has moved `up`)
+    moved = {n for n, p in qst.side_parameters().items() if not torch.equal(p, side_before[n])}
+    assert "side.upsample.weight" in moved and "side.blocks.0.attn.q_proj.weight" in moved
 
 
 def test_backbone_runs_without_autograd_graph(llama, blocks):
@@ -133,6 +141,59 @@ def test_backbone_runs_without_autograd_graph(llama, blocks):
     features = qst.backbone_features(blocks[:2])
     assert all(not h.requires_grad and h.grad_fn is None for h in features.hidden_states)
     assert features.last.grad_fn is None
+
+
+def _first_step_gradients(model, blocks, config: QSTConfig) -> dict[str, torch.Tensor]:
+    qst = QSTForCausalLM.from_base(model, config)
+    qst.train()
+    qst(input_ids=blocks[:2], labels=blocks[:2]).loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing reaches the backbone
+    return {n: p.grad for n, p in qst.side_parameters().items()}
+
+
+def test_additive_mix_gives_the_side_path_a_gradient_at_step_0(llama_nf4, blocks):
+    # additive: the zero upsampler gets a gradient at once (LoRA's zero B); the rest of the side
+    # path receives one through `up` from the second step on
+    grads = _first_step_gradients(llama_nf4[0], blocks, QSTConfig(r=4, output_mix="additive"))
+    assert grads["side.upsample.weight"].abs().sum() > 0
+    assert "side.alpha" not in grads
+    # the paper's mix at alpha = 1: (1 - alpha) = 0 stops every side gradient; only alpha gets one
+    grads = _first_step_gradients(llama_nf4[0], blocks, QSTConfig(r=4, output_mix="paper"))
+    assert grads["side.alpha"].abs() > 0
+    assert all(g is None or not g.any() for n, g in grads.items() if n != "side.alpha")
+
+
+def test_alpha_trains_at_its_own_learning_rate(llama, blocks):
+    model, _ = llama
+    lr = 1e-4
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper", alpha_lr=100.0))
+    groups = qst.parameter_groups(lr)
+    assert [g.get("lr") for g in groups] == [None, 100 * lr]
+    assert groups[1]["params"] == [qst.side.alpha]
+    assert sum(len(g["params"]) for g in groups) == len(qst.side_parameters())
+    batches = [{"input_ids": blocks[:2], "labels": blocks[:2]}]
+    train(qst, batches, TrainConfig(max_steps=1, lr=lr, warmup_ratio=0.0, max_grad_norm=None),
+          param_groups=groups)
+    # Adam's first step moves each parameter by its learning rate (sign of the gradient)
+    assert 1 - qst.side.alpha.item() == pytest.approx(100 * lr, rel=1e-3)
+    additive = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="additive"))
+    assert len(additive.parameter_groups(lr)) == 1
+
+
+def test_configs_saved_before_output_mix_load_as_the_paper_mix(llama, tmp_path, blocks):
+    import json
+
+    model, _ = llama
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper"))
+    _perturb(qst)
+    qst.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "qst_config.json").read_text())
+    assert saved["qst"].pop("output_mix") == "paper" and saved["qst"].pop("alpha_lr") == 1.0
+    (tmp_path / "qst_config.json").write_text(json.dumps(saved))  # as written before the fields existed
+    loaded = QSTForCausalLM.from_pretrained(tmp_path, base=model)
+    assert loaded.qst_config.output_mix == "paper"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=blocks[:2]).logits, qst(input_ids=blocks[:2]).logits)
 
 
 # --- side network pieces -------------------------------------------------------------------
@@ -156,12 +217,13 @@ def test_pooling_downsamplers_pool_groups_of_r():
 @pytest.mark.parametrize("kind", DOWNSAMPLERS)
 def test_side_network_size_per_downsampler(llama, kind):
     model, _ = llama
-    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample=kind, adapter_rank=8))
     d, w, layers = 64, 16, 2
     n_down = (layers + 1) * downsampler_parameter_count(kind, d, w, 8)
     block = 4 * w * w + 3 * w * (128 // 4) + 2 * w  # attention, SwiGLU, two RMSNorms
-    rest = layers * w + w + w * d + 1  # gates, final norm, upsampler, alpha
-    assert sum(p.numel() for p in qst.side_parameters().values()) == n_down + layers * block + rest
+    rest = layers * w + w + w * d  # gates, final norm, upsampler
+    for mix, alpha in (("additive", 0), ("paper", 1)):
+        qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample=kind, adapter_rank=8, output_mix=mix))
+        assert sum(p.numel() for p in qst.side_parameters().values()) == n_down + layers * block + rest + alpha
 
 
 def test_side_layers_subset(llama, blocks):
@@ -248,12 +310,14 @@ def test_loss_falls(backbone, blocks):
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4 - 0.3
 
 
-def test_save_load_round_trip(backbone, tmp_path, blocks):
+@pytest.mark.parametrize("mix", OUTPUT_MIXES)
+def test_save_load_round_trip(backbone, tmp_path, blocks, mix):
     model, _ = backbone
-    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample="lora", adapter_rank=4, side_layers=[0, 1]))
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, downsample="lora", adapter_rank=4, side_layers=[0, 1],
+                                                    output_mix=mix))
     _perturb(qst)
     qst.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qst_config.json", "side_network.safetensors"]
+    assert {"qst_config.json", "side_network.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     from safetensors.torch import load_file
 
     assert all(not k.startswith("backbone") for k in load_file(tmp_path / "side_network.safetensors"))
@@ -353,6 +417,10 @@ def test_generate_matches_backbone_greedy_at_init(llama, blocks):
     ({"dropout": 1.5}, "dropout"),
     ({"side_init": "copy"}, "side_init"),
     ({"side_layers": [1, 0]}, "increasing"),
+    ({"output_mix": "gated"}, "output_mix must be one of"),
+    ({"output_mix": "paper", "alpha_lr": 0}, "alpha_lr must be positive"),
+    ({"output_mix": "additive", "alpha_init": 0.5}, "belong to output_mix='paper'"),
+    ({"output_mix": "additive", "alpha_lr": 10.0}, "belong to output_mix='paper'"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
