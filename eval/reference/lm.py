@@ -325,7 +325,8 @@ class _Snapshots:
         name = f"step-{self.every * self.calls}"
         if name in self.wanted:
             self.folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self.folder / f"{name}.safetensors"))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self.folder / f"{name}.safetensors"),
+                      metadata={"format": "pt"})
         return {}
 
 
