@@ -8,7 +8,7 @@
 Importing the package registers the saved model type (`slimtune_lowrank`) with transformers'
 Auto classes (causal LMs and image classifiers alike); no trust_remote_code.
 
-Pieces: `calibration` (XᵀX per layer, float64, hooks) → `decompose` (whitened / ASVD / plain SVD)
+Pieces: `eval.calibration` (XᵀX per layer, float64, hooks) → `decompose` (whitened / ASVD / plain SVD)
 → `allocate` (global greedy ranks under the budget) → `LowRankLinear` → `compensate`
 (sequential layer-wise error compensation) → optional `quantize` (int8 factors).
 """

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from lowrank_vit.calibration import collect_input_statistics
+from eval.calibration import collect_input_statistics
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.model import compress, find_targets
 
@@ -43,7 +43,7 @@ VARIANTS = {
 def _dense_stats(model, batches, config: MixedRankConfig):
     # Every variant starts from the same dense model and batches: calibrate once.
     layers = {name: model.get_submodule(name) for name in find_targets(model, config.targets)}
-    return collect_input_statistics(model, layers, batches, progress=False)
+    return collect_input_statistics(model, layers, batches, ("xtx", "abs_mean"), progress=False)
 
 
 def _variants(names, base: MixedRankConfig, keep: float):

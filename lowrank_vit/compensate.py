@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from lowrank_vit.calibration import capture
+from eval.calibration import capture
 from lowrank_vit.decompose import cholesky_with_jitter
 from lowrank_vit.layer import LowRankLinear
 

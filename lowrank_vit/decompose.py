@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_vit.calibration import InputStats
+from eval.calibration import InputStats
 
 
 @dataclass

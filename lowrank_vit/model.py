@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eval.calibration import batch_size_of, collect_input_statistics
 from eval.errors import UserInputError
 from eval.hf_auto import Family
 from eval.io import read_json
 from lowrank_vit.allocate import budget, greedy_ranks, uniform_ranks
-from lowrank_vit.calibration import batch_size_of, collect_input_statistics
 from lowrank_vit.compensate import compensate_sequential
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.decompose import decompose, output_error
@@ -118,7 +118,7 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
     [B, T] (a causal LM) tensors, of dicts of model kwargs, or of (inputs, labels) pairs as a
     DataLoader yields them; the first `config.calib_images` samples are used (the list is kept:
     compensation runs over it once per layer).
-    input_stats: the dense model's `calibration.collect_input_statistics` over these same
+    input_stats: the dense model's `eval.calibration.collect_input_statistics` over these same
     batches, to reuse across several compressions of one model (a benchmark); default: collected here.
     """
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
     layers = {name: model.get_submodule(name) for name in targets}
 
     if input_stats is None:
-        stats = collect_input_statistics(model, layers, batches, progress)
+        stats = collect_input_statistics(model, layers, batches, ("xtx", "abs_mean"), progress=progress)
     else:
         missing = sorted(set(layers) - set(input_stats))
         if missing:

@@ -20,8 +20,8 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from eval.calibration import collect_input_statistics
 from eval.errors import UserInputError
 
 from .arch import MASK_NAMES, BlockLayout, LayerGeometry, decoder_layers, layout_for, model_geometry
@@ -90,29 +90,18 @@ def magnitude_plan(model: nn.Module, kept: float) -> PruningPlan:
     return _shared_plan("magnitude", hidden_sq.sqrt(), mid_scores, geometry, kept)
 
 
+def _calibration_batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [blocks[start:start + batch_size] for start in range(0, blocks.shape[0], batch_size)]
+
+
 def _input_norms(model: nn.Module, layout: BlockLayout, blocks: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Per layer, the L2 norm over calibration tokens of each input channel of attn_in / attn_out / mlp_in / mlp_out."""
     sites = {"attn_in": layout.attn_in[0], "attn_out": layout.attn_out, "mlp_in": layout.mlp_in[0], "mlp_out": layout.mlp_out}
-    sums: list[dict[str, torch.Tensor]] = [{} for _ in decoder_layers(model, layout)]
-    handles = []
-
-    def hook(i, site):
-        def fn(module, args):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            sums[i][site] = sums[i].get(site, 0) + (x ** 2).sum(0).cpu()
-        return fn
-
-    for i, layer in enumerate(decoder_layers(model, layout)):
-        for site, path in sites.items():
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(hook(i, site)))
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, blocks.shape[0], batch_size), desc="calibration activations", leave=False):
-                model(input_ids=blocks[start:start + batch_size].to(model.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [{k: v.sqrt().float() for k, v in s.items()} for s in sums]
+    layers = decoder_layers(model, layout)
+    modules = {(i, site): layer.get_submodule(path) for i, layer in enumerate(layers) for site, path in sites.items()}
+    stats = collect_input_statistics(model, modules, _calibration_batches(blocks, batch_size), ("sq_norm",),
+                                     device=model.device, desc="calibration activations")
+    return [{site: stats[i, site].sq_norm.sqrt().float() for site in sites} for i in range(len(layers))]
 
 
 def wanda_sp_plan(model: nn.Module, kept: float, blocks: torch.Tensor, batch_size: int = 4) -> PruningPlan:
@@ -160,32 +149,13 @@ def _pca_basis(xtx: torch.Tensor, n_tokens: int, damping: float = 0.01) -> torch
 
 def _residual_second_moments(model: nn.Module, layout: BlockLayout, blocks: torch.Tensor, batch_size: int):
     """XᵀX (float64) of the residual entering each sublayer (2 per layer) and the final norm."""
-    layers = decoder_layers(model, layout)
     sites = []
-    for layer in layers:
+    for layer in decoder_layers(model, layout):
         sites += [layer.get_submodule(layout.attn_norm), layer.get_submodule(layout.mlp_norm)]
-    sites.append(model.get_submodule(layout.layers.rpartition(".")[0] + ".norm"))
-    d = model.config.hidden_size
-    acc = [torch.zeros(d, d, dtype=torch.float64) for _ in sites]
-    count = [0]
-
-    def hook(i):
-        def fn(module, args):
-            x = args[0].detach().double().reshape(-1, d).cpu()
-            acc[i] += x.T @ x
-            if i == 0:
-                count[0] += x.shape[0]
-        return fn
-
-    handles = [s.register_forward_pre_hook(hook(i)) for i, s in enumerate(sites)]
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, blocks.shape[0], batch_size), desc="calibration PCA", leave=False):
-                model(input_ids=blocks[start:start + batch_size].to(model.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return acc, count[0]
+    sites.append(model.get_submodule(layout.decoder.final_norm))
+    stats = collect_input_statistics(model, dict(enumerate(sites)), _calibration_batches(blocks, batch_size), ("xtx",),
+                                     desc="calibration PCA")
+    return [stats[i].xtx for i in range(len(sites))], stats[0].count
 
 
 def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_size: int = 4,
@@ -202,7 +172,8 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
         raise UserInputError(f"slicegpt supports RMSNorm (Llama-style) models only; {model.config.model_type!r} uses LayerNorm")
     geometry = model_geometry(model, layout)
     d = geometry[0].hidden
-    k = width or slicegpt_width(geometry, kept, multiple_of=model.config.num_attention_heads)
+    heads = getattr(model.config, layout.decoder.heads)
+    k = width or slicegpt_width(geometry, kept, multiple_of=heads)
     acc, n_tokens = _residual_second_moments(model, layout, blocks, batch_size)
     bases = [_pca_basis(a, n_tokens)[:, :k] for a in acc]  # [d, k] each: attn_0, mlp_0, attn_1, ..., final
 
@@ -210,8 +181,8 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
         return t.detach().double().cpu()
 
     state: dict[str, torch.Tensor] = {}
-    base = layout.layers.rpartition(".")[0]  # "model"
-    state[f"{base}.embed_tokens.weight"] = f64(model.get_submodule(f"{base}.embed_tokens").weight) @ bases[0]
+    paths = layout.decoder  # embeddings, final norm and LM head
+    state[f"{paths.embed_tokens}.weight"] = f64(model.get_submodule(paths.embed_tokens).weight) @ bases[0]
     norm_weight = torch.full((k,), math.sqrt(d / k), dtype=torch.float64)
     for i, layer in enumerate(decoder_layers(model, layout)):
         q_attn, q_mlp, q_next = bases[2 * i], bases[2 * i + 1], bases[2 * i + 2]
@@ -232,21 +203,23 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
             bias = layer.get_submodule(path).bias
             if bias is not None:
                 state[f"{prefix}.{path}.bias"] = f64(bias)
+        for path in layout.decoder.qk_norms:  # per-head norms over head_dim: the rotation leaves them as they are
+            state[f"{prefix}.{path}.weight"] = f64(layer.get_submodule(path).weight)
         # residual x̃ (basis q_attn) -> basis q_mlp: x̃ @ (q_attnᵀ q_mlp); nn.Linear stores the transpose
         state[f"{prefix}.attn_shortcut.weight"] = (q_attn.T @ q_mlp).T
         state[f"{prefix}.mlp_shortcut.weight"] = (q_mlp.T @ q_next).T
         state[f"{prefix}.{layout.attn_norm}.weight"] = norm_weight
         state[f"{prefix}.{layout.mlp_norm}.weight"] = norm_weight
-    state[f"{base}.norm.weight"] = norm_weight
+    state[f"{paths.final_norm}.weight"] = norm_weight
     head = model.get_output_embeddings()
-    state["lm_head.weight"] = (f64(head.weight) * f64(model.get_submodule(f"{base}.norm").weight)) @ bases[-1]
+    state[f"{paths.lm_head}.weight"] = (f64(head.weight) * f64(model.get_submodule(paths.final_norm).weight)) @ bases[-1]
 
     # A Llama of residual width k: RMSNorm over k dims with gain √(d/k) and eps·d/k equals the
     # dense model's RMS over d dims (the dropped dims counted as zero), so the norms stay exact.
     config = model.config.__class__.from_dict(model.config.to_dict())
-    config.head_dim = getattr(model.config, "head_dim", None) or d // model.config.num_attention_heads
+    config.head_dim = getattr(model.config, "head_dim", None) or d // heads
     config.hidden_size = k
-    config.rms_norm_eps = model.config.rms_norm_eps * d / k
+    setattr(config, paths.norm_eps, getattr(model.config, paths.norm_eps) * d / k)
     config.tie_word_embeddings = False
     plan = PruningPlan("slicegpt", [{m: list(range(g.intermediate if m == "mlp_mid" else k)) for m in MASK_NAMES}
                                     for g in geometry], shortcuts=True, info={"kept_residual": k, "dense_hidden": d})
@@ -254,7 +227,7 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
     with no_init_weights():
         sliced = AutoModelForCausalLM.from_config(config)
         _empty_structure(sliced, plan)
-    dtype = model.get_submodule(f"{base}.embed_tokens").weight.dtype
+    dtype = model.get_submodule(paths.embed_tokens).weight.dtype
     missing, unexpected = sliced.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=False)
     if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
         raise RuntimeError(f"slicegpt export mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
