@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-# bubblewrap isolates generated code (codegen-eval, eval.sandbox); install it quietly when we can.
+# bubblewrap isolates generated code (codegen-eval, eval.codegen.sandbox); install it quietly when we can.
 if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
     || echo "setup.sh: could not install bubblewrap; generated code will run in a weaker sandbox" >&2

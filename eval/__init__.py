@@ -73,11 +73,11 @@ _EXPORTS = {
     "bar_chart": "eval.report",
     "line_chart": "eval.report",
     # code generation
-    "AdaptiveTemperatureLogitsProcessor": "eval.adapt",
-    "pass_at_k": "eval.codegen",
-    "run_sandboxed": "eval.sandbox",
-    "run_tests_sandboxed": "eval.sandbox",
-    "load_humaneval": "eval.codegen",
+    "AdaptiveTemperatureLogitsProcessor": "eval.codegen.adapt",
+    "pass_at_k": "eval.codegen.passk",
+    "run_sandboxed": "eval.codegen.sandbox",
+    "run_tests_sandboxed": "eval.codegen.sandbox",
+    "load_humaneval": "eval.codegen.problems",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,8 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from eval.codegen import SAMPLERS, SamplingConfig
-    from eval.sandbox import ISOLATIONS
+    from eval.codegen.run import SAMPLERS, SamplingConfig
+    from eval.codegen.sandbox import ISOLATIONS
 
     defaults = SamplingConfig()
     p = subparsers.add_parser(
@@ -50,17 +50,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from eval.codegen import (
-        SamplingConfig,
-        codegen_markdown,
-        codegen_plots,
-        evaluate_codegen,
-        load_humaneval,
-        parse_samplers,
-    )
+    from eval.codegen.problems import load_humaneval
+    from eval.codegen.report import codegen_markdown, codegen_plots
+    from eval.codegen.run import SamplingConfig, evaluate_codegen, parse_samplers
+    from eval.codegen.sandbox import SandboxLimits, resolve_isolation
     from eval.errors import UserInputError
     from eval.report import write_report
-    from eval.sandbox import SandboxLimits, resolve_isolation
     from scripts.specs import load_spec
 
     try:

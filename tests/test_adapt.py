@@ -1,4 +1,4 @@
-"""eval.adapt: which positions AdapT samples hot, on hand-made token sequences, and inside generate()."""
+"""eval.codegen.adapt: which positions AdapT samples hot, on hand-made token sequences, and inside generate()."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from eval.adapt import AdaptiveTemperatureLogitsProcessor, opens_block_body
+from eval.codegen.adapt import AdaptiveTemperatureLogitsProcessor, opens_block_body
 from eval.errors import UserInputError
 
 

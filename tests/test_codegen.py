@@ -6,21 +6,16 @@ import gzip
 import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
-from eval.codegen import (
-    SamplingConfig,
-    build_program,
-    evaluate_codegen,
-    extract_completion,
-    load_humaneval,
-    pass_at_k,
-    shipped_problems_path,
-)
+from eval.codegen.passk import pass_at_k
+from eval.codegen.problems import build_program, load_humaneval, shipped_problems_path
+from eval.codegen.run import SamplingConfig, evaluate_codegen, extract_completion
+from eval.codegen.sandbox import run_sandboxed
 from eval.errors import UserInputError
-from eval.sandbox import run_sandboxed
 
 
 def _exact(n, c, k):
@@ -77,8 +72,8 @@ def test_every_canonical_solution_passes_and_an_empty_body_fails():
 
 
 def test_canonical_solutions_pass_and_empty_bodies_fail_when_the_tests_run_apart():
-    from eval.codegen import _judge, _run_key
-    from eval.sandbox import resolve_isolation
+    from eval.codegen.run import _judge, _run_key
+    from eval.codegen.sandbox import resolve_isolation
 
     isolation = resolve_isolation("auto")
     for problem in load_humaneval()[:3]:  # all of them were checked once; three keep the test fast
@@ -191,8 +186,8 @@ FORGED = [
 
 
 def test_a_completion_cannot_forge_a_pass_and_the_isolation_is_reported(tiny_tokenizer):
-    from eval.codegen import codegen_markdown
-    from eval.sandbox import resolve_isolation
+    from eval.codegen.report import codegen_markdown
+    from eval.codegen.sandbox import resolve_isolation
 
     problem = load_humaneval()[0]  # add(a, b)
     report = evaluate_codegen(ScriptedModel(tiny_tokenizer, FORGED), tiny_tokenizer, [problem], ["temperature"], n=4,
@@ -205,7 +200,7 @@ def test_a_completion_cannot_forge_a_pass_and_the_isolation_is_reported(tiny_tok
 
 
 def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
-    from eval.codegen import codegen_markdown
+    from eval.codegen.report import codegen_markdown
 
     problem = load_humaneval()[0]
     report = evaluate_codegen(ScriptedModel(tiny_tokenizer, FORGED[:1]), tiny_tokenizer, [problem], ["greedy"], n=1,
@@ -215,7 +210,7 @@ def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
 
 
 def test_token_healing_makes_the_first_token_carry_the_prompts_final_newline(tiny_tokenizer):
-    from eval.codegen import _FirstTokenStartsWith
+    from eval.codegen.run import _FirstTokenStartsWith
 
     heal = _FirstTokenStartsWith(tiny_tokenizer, "\n", prompt_length=5)
     scores = torch.zeros(2, len(tiny_tokenizer))
@@ -282,4 +277,7 @@ def test_the_command_names_a_problem_file_with_a_missing_field(tmp_path, capsys)
 
 
 def test_the_shipped_problem_file_is_inside_the_package():
-    assert shipped_problems_path().is_file() and shipped_problems_path().parent.parent.name == "eval"
+    import eval
+
+    path = shipped_problems_path()
+    assert path.is_file() and path.parent.parent.parent == Path(eval.__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""eval.sandbox: outcomes, limits, nothing it starts outlives it, and the adversarial cases of issue 15.
+"""eval.codegen.sandbox: outcomes, limits, nothing it starts outlives it, and the adversarial cases of issue 15.
 
 The adversarial tests run in the modes that claim to contain them (README, "Running generated
 code"): bubblewrap for all, namespaces for those it holds. They skip, saying why, where a mode
@@ -22,15 +22,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from eval import sandbox
-from eval.errors import UserInputError
-from eval.sandbox import (
+from eval.codegen import sandbox
+from eval.codegen.sandbox import (
     bubblewrap_available,
     namespace_isolation_available,
     resolve_isolation,
     run_sandboxed,
     run_tests_sandboxed,
 )
+from eval.errors import UserInputError
 
 NEEDS_BWRAP = pytest.mark.skipif(not bubblewrap_available(),
                                  reason="bubblewrap (`bwrap`) missing or not working here: apt-get install bubblewrap")
@@ -304,7 +304,7 @@ def test_a_fork_bomb_is_bounded_and_cleaned_up(isolation):
 
 EVALUATOR = """
 import json, os, sys
-from eval.sandbox import run_sandboxed, run_tests_sandboxed
+from eval.codegen.sandbox import run_sandboxed, run_tests_sandboxed
 me = os.getpid()
 attack = (f"import os, signal\\nfor pid in (os.getppid(), {me}, -1):\\n    try:\\n        os.kill(pid, signal.SIGKILL)\\n"
           f"    except OSError as e:\\n        print(pid, type(e).__name__)\\n")

@@ -1,123 +1,23 @@
-"""Code-generation evaluation: HumanEval-format problems, sampling, sandboxed tests, pass@k.
+"""Sampling completions (greedy, temperature, AdapT) and judging them in the sandbox: `evaluate_codegen`.
 
-    problems = load_humaneval()                      # the suite's own problems (offline)
-    report = evaluate_codegen(model, tokenizer, problems, samplers=["greedy", "adapt"], n=20)
-    report["samplers"]["adapt"]["pass_at_k"]["5"]
-
-A problem is one JSON object per line with `task_id`, `prompt` (a function signature and
-docstring), `test` (defining `check(candidate)`), `entry_point` (the function's name) and
-optionally `canonical_solution`, as in HumanEval. A completion is the model's continuation of
-the prompt, cut where the function ends (the first line that starts at column 0). A completion
-is judged by `eval.sandbox.run_tests_sandboxed`: prompt + completion is loaded in one sandbox,
-the problem's prompt and tests run in another and call the entry point across the boundary, so
-the verdict comes from a process that never ran generated code (an `os._exit(0)` or a forged
-"done" line cannot pass). pass@k is the unbiased estimator of Chen et al. (2021), averaged over
-problems. The report records which sandbox isolation ran (`report["isolation"]`).
-
-Samplers: "greedy" (one deterministic completion per problem: its pass@k is its pass@1 for
-every k), "temperature" (plain sampling at one temperature) and "adapt" (AdapT: hard temperature
-at block-body line starts, easy elsewhere; see eval.adapt). Sampling is pure: no top-k/top-p
-truncation, so the temperatures alone decide the distributions being compared. Every sampler
-draws with the same seed per problem.
+A completion is the model's continuation of the prompt, cut where the function ends (the first
+line that starts at column 0). See the package docstring (`eval.codegen`) for the whole run.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from eval.codegen.passk import pass_at_k
+from eval.codegen.problems import Problem
 from eval.errors import UserInputError
 
-REQUIRED_FIELDS = ("task_id", "prompt", "test", "entry_point")
 SAMPLERS = ("greedy", "temperature", "adapt")
-_PROBLEMS_DIR = Path(__file__).resolve().parent / "problems"
 _FUNCTION_END = re.compile(r"\n(?=\S)")  # a newline followed by a line that starts at column 0
-
-
-@dataclass(frozen=True)
-class Problem:
-    task_id: str
-    prompt: str
-    test: str
-    entry_point: str
-    canonical_solution: str | None = None
-
-
-def shipped_problems_path() -> Path:
-    """The suite's own problems: short stdlib-style functions, written for this project."""
-    return _PROBLEMS_DIR / "slimtune_problems.jsonl"
-
-
-def load_humaneval(path: str | os.PathLike | None = None) -> list[Problem]:
-    """Read HumanEval-format JSONL (optionally .gz); default: the shipped problems.
-
-    A missing file, a line that is not a JSON object, a missing or non-string field, or a
-    repeated task_id raises `UserInputError` naming the file, the line and the field.
-    """
-    path = Path(path) if path is not None else shipped_problems_path()
-    if not path.is_file():
-        raise UserInputError(f"problem file not found: {path}; expected HumanEval-format JSONL "
-                             f"(one object per line with {', '.join(REQUIRED_FIELDS)})")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserInputError(f"cannot read problem file {path}: {e}") from e
-    problems, seen = [], set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserInputError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(record, dict):
-            raise UserInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for field in REQUIRED_FIELDS:
-            if field not in record:
-                raise UserInputError(f"{where}: missing field {field!r} (each problem needs {', '.join(REQUIRED_FIELDS)})")
-            if not isinstance(record[field], str) or not record[field]:
-                raise UserInputError(f"{where}: field {field!r} must be a non-empty string")
-        if not record["entry_point"].isidentifier():
-            raise UserInputError(f"{where}: entry_point {record['entry_point']!r} is not a Python name")
-        if record["task_id"] in seen:
-            raise UserInputError(f"{where}: task_id {record['task_id']!r} appears twice")
-        seen.add(record["task_id"])
-        solution = record.get("canonical_solution")
-        problems.append(Problem(record["task_id"], record["prompt"], record["test"], record["entry_point"],
-                                solution if isinstance(solution, str) else None))
-    if not problems:
-        raise UserInputError(f"problem file {path} holds no problems")
-    return problems
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k).
-
-    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
-    """
-    for name, value in (("n", n), ("c", c), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserInputError(f"pass_at_k: {name} must be an integer, got {value!r}")
-    if n < 1 or not 0 <= c <= n:
-        raise UserInputError(f"pass_at_k needs n >= 1 and 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise UserInputError(f"pass_at_k needs 1 <= k <= n (k samples drawn from n), got k={k}, n={n}")
-    if n - c < k:
-        return 1.0  # every draw of k samples contains a passing one
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
 
 
 def extract_completion(generated: str, prompt: str = "\n") -> str:
@@ -132,15 +32,6 @@ def extract_completion(generated: str, prompt: str = "\n") -> str:
     if end is not None:
         text = text[: end.start()]
     return text[1:] if at_line_start else text
-
-
-def build_program(problem: Problem, completion: str) -> str:
-    """The whole program as HumanEval's execution module runs it (one process): function, tests, call.
-
-    Handy for running known-good code in one go; `evaluate_codegen` judges completions with
-    `run_tests_sandboxed` instead, where the tests do not share a process with the completion.
-    """
-    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
 
 
 @dataclass(frozen=True)
@@ -229,7 +120,7 @@ def generate_completions(model, tokenizer, prompt: str, sampler: str, n: int,
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    from eval.adapt import AdaptiveTemperatureLogitsProcessor
+    from eval.codegen.adapt import AdaptiveTemperatureLogitsProcessor
 
     healed = prompt.endswith("\n")
     model_prompt = prompt[:-1] if healed else prompt
@@ -284,11 +175,11 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
     Returns {"samplers": {name: {"pass_at_k": {k: value}, "n": ..., "passed": ..., "samples": ...,
     "failures": {error_type: count}, ...}}, "problems": [per problem and sampler: n, c],
     "samples": [every completion with its status and error type], "isolation": the sandbox mode
-    that ran ("bubblewrap", or a weaker fallback, see eval.sandbox), "config": ...}.
+    that ran ("bubblewrap", or a weaker fallback, see eval.codegen.sandbox), "config": ...}.
     """
     from tqdm.auto import tqdm
 
-    from eval.sandbox import SandboxLimits, resolve_isolation
+    from eval.codegen.sandbox import SandboxLimits, resolve_isolation
 
     samplers = parse_samplers(samplers)
     SandboxLimits(timeout_s=timeout_s)  # a bad timeout is an error now, not after generating
@@ -336,7 +227,7 @@ def _run_key(problem: Problem, completion: str) -> tuple[str, str, str, str]:
 
 
 def _judge(key: tuple[str, str, str, str], timeout_s: float, isolation: str):
-    from eval.sandbox import run_tests_sandboxed
+    from eval.codegen.sandbox import run_tests_sandboxed
 
     solution, tests, entry_point, prompt = key
     return run_tests_sandboxed(solution, tests, entry_point, context=prompt, timeout_s=timeout_s, isolation=isolation)
@@ -371,73 +262,3 @@ def _summarise(sampler, samples, problems, ks, stats) -> dict[str, Any]:
     if stats.get("total_steps"):
         summary["hard_token_fraction"] = stats["hard_steps"] / stats["total_steps"]
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Report: Markdown and plots for eval.report.write_report
-
-
-def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass@k") -> str:
-    """Tables of pass@k and failure types per sampler, as the AdapT paper reports them."""
-    from eval.report import markdown_table
-
-    summaries, config = report["samplers"], report["config"]
-    ks = [str(k) for k in config["ks"]]
-    rows = []
-    for name, s in summaries.items():
-        row = {"sampler": _sampler_label(name, config), "n": s["n"]}
-        row.update({f"pass@{k}": 100 * s["pass_at_k"][k] for k in ks})
-        row.update({"solved": f"{s['problems_solved']}/{config['problems']}",
-                    "hard tokens %": 100 * s["hard_token_fraction"] if "hard_token_fraction" in s else None})
-        rows.append(row)
-    kinds = sorted({t for s in summaries.values() for t in s["failures"]},
-                   key=lambda t: -sum(s["failures"].get(t, 0) for s in summaries.values()))
-    failures = [{"sampler": name, "samples": s["samples"], "passed": s["passed"],
-                 **{t: s["failures"].get(t, 0) for t in kinds}, "unfinished": s.get("unfinished")}
-                for name, s in summaries.items()]
-    isolation = report.get("isolation", "unknown")
-    warning = "" if isolation == "bubblewrap" else (
-        f"**Warning: weak sandbox.** Generated code ran with isolation `{isolation}`, not bubblewrap: it was not "
-        "fully contained (see the README, 'Running generated code').\n\n")
-    return (f"# {title}\n\n{warning}{config['problems']} problems; pass@k in %, unbiased estimator over n samples "
-            f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
-            f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
-            + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
-            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
-
-
-def _sampler_label(name: str, config: dict[str, Any]) -> str:
-    if name == "temperature":
-        return f"temperature (T={config['temperature']:g})"
-    if name == "adapt":
-        return f"AdapT (a={config['hard_temperature']:g}, b={config['easy_temperature']:g})"
-    return name
-
-
-def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
-    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler) and `failures.png`."""
-    summaries, ks = report["samplers"], [str(k) for k in report["config"]["ks"]]
-    names = list(summaries)
-
-    def grouped(ax, groups, values_of, ylabel, title):
-        width = 0.8 / max(1, len(names))
-        for i, name in enumerate(names):
-            xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, values_of(name), width, label=name)
-        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend()
-
-    def pass_plot(ax):
-        grouped(ax, [f"pass@{k}" for k in ks], lambda s: [100 * summaries[s]["pass_at_k"][k] for k in ks],
-                "% of problems", "pass@k per sampler")
-
-    kinds = sorted({t for s in summaries.values() for t in s["failures"]})
-
-    def failure_plot(ax):
-        grouped(ax, kinds or ["none"], lambda s: [100 * summaries[s]["failures"].get(t, 0) / summaries[s]["samples"]
-                                                  for t in kinds] or [0.0], "% of samples", "failure types")
-
-    return {"pass_at_k": pass_plot, "failures": failure_plot}

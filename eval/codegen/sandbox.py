@@ -27,7 +27,7 @@ In every mode: rlimits (address space, CPU seconds, file size, processes, no cor
 the runner before any untrusted code, and a wall-clock timeout after which the whole process
 tree is killed; the working folder is removed afterwards.
 
-How a pass is decided (see eval/_sandbox_runner.py). A process that runs untrusted code can
+How a pass is decided (see eval/codegen/_sandbox_runner.py). A process that runs untrusted code can
 fake anything it can print or exit with: a "done" line, exit status 0 (`os._exit(0)` before a
 failing assert), even a secret token, which sits in its own memory (`gc`, `ctypes`,
 /proc/self/mem) while it runs. So `run_tests_sandboxed` never runs the solution where the tests

@@ -1,6 +1,6 @@
 """The code that runs inside the sandbox (copied there and started as `python -I -B FILE CONFIG`).
 
-Not imported by the suite: `eval.sandbox` copies this file into the sandbox's read-only files
+Not imported by the suite: `eval.codegen.sandbox` copies this file into the sandbox's read-only files
 folder. It uses the standard library only. CONFIG (argv[1]) is JSON: role, limits, descriptors
 and file paths; nothing in it is secret.
 

@@ -1,0 +1,71 @@
+"""The code-generation report: Markdown tables and plots for `eval.report.write_report`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass@k") -> str:
+    """Tables of pass@k and failure types per sampler, as the AdapT paper reports them."""
+    from eval.report import markdown_table
+
+    summaries, config = report["samplers"], report["config"]
+    ks = [str(k) for k in config["ks"]]
+    rows = []
+    for name, s in summaries.items():
+        row = {"sampler": _sampler_label(name, config), "n": s["n"]}
+        row.update({f"pass@{k}": 100 * s["pass_at_k"][k] for k in ks})
+        row.update({"solved": f"{s['problems_solved']}/{config['problems']}",
+                    "hard tokens %": 100 * s["hard_token_fraction"] if "hard_token_fraction" in s else None})
+        rows.append(row)
+    kinds = sorted({t for s in summaries.values() for t in s["failures"]},
+                   key=lambda t: -sum(s["failures"].get(t, 0) for s in summaries.values()))
+    failures = [{"sampler": name, "samples": s["samples"], "passed": s["passed"],
+                 **{t: s["failures"].get(t, 0) for t in kinds}, "unfinished": s.get("unfinished")}
+                for name, s in summaries.items()]
+    isolation = report.get("isolation", "unknown")
+    warning = "" if isolation == "bubblewrap" else (
+        f"**Warning: weak sandbox.** Generated code ran with isolation `{isolation}`, not bubblewrap: it was not "
+        "fully contained (see the README, 'Running generated code').\n\n")
+    return (f"# {title}\n\n{warning}{config['problems']} problems; pass@k in %, unbiased estimator over n samples "
+            f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
+            f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
+            + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
+            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
+
+
+def _sampler_label(name: str, config: dict[str, Any]) -> str:
+    if name == "temperature":
+        return f"temperature (T={config['temperature']:g})"
+    if name == "adapt":
+        return f"AdapT (a={config['hard_temperature']:g}, b={config['easy_temperature']:g})"
+    return name
+
+
+def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
+    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler) and `failures.png`."""
+    summaries, ks = report["samplers"], [str(k) for k in report["config"]["ks"]]
+    names = list(summaries)
+
+    def grouped(ax, groups, values_of, ylabel, title):
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, values_of(name), width, label=name)
+        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+
+    def pass_plot(ax):
+        grouped(ax, [f"pass@{k}" for k in ks], lambda s: [100 * summaries[s]["pass_at_k"][k] for k in ks],
+                "% of problems", "pass@k per sampler")
+
+    kinds = sorted({t for s in summaries.values() for t in s["failures"]})
+
+    def failure_plot(ax):
+        grouped(ax, kinds or ["none"], lambda s: [100 * summaries[s]["failures"].get(t, 0) / summaries[s]["samples"]
+                                                  for t in kinds] or [0.0], "% of samples", "failure types")
+
+    return {"pass_at_k": pass_plot, "failures": failure_plot}
