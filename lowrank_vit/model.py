@@ -1,14 +1,14 @@
 """Finding the layers to compress, `compress()`, and saving / loading compressed models.
 
-Targets are found by module structure, not by attribute names: a *block* is an element of an
-`nn.ModuleList` that holds `nn.Linear` layers and no further list of such blocks (ViT/DeiT
-`layers.i`, Swin `layers.s.blocks.i`, Llama/OPT decoder `layers.i`). Inside a block, linears in
-registration order are attention ones when their path mentions attention ("attn"/"attention",
-the one naming convention every transformers model shares) and MLP ones otherwise; the last
-attention linear is the attention output projection, the others query/key/value; the last MLP
-linear is the MLP output, the others MLP inputs (Llama's gate and up). Embeddings, patch
-projections, Swin's patch-merging reductions and classifier / LM heads are not in blocks and
-are never touched.
+A decoder LM whose family is in `eval.architectures` has its targets read from that table (q/k/v
+or fused qkv: attn_qkv; o: attn_out; gate/up or fc1: mlp_in; down or fc2: mlp_out). Other models
+(ViT/DeiT, Swin) are searched by module structure: a *block* is an element of an `nn.ModuleList`
+that holds `nn.Linear` layers and no further list of such blocks (ViT/DeiT `layers.i`, Swin
+`layers.s.blocks.i`). Inside a block, linears in registration order are attention ones when
+their path mentions attention ("attn"/"attention") and MLP ones otherwise; the last attention
+linear is the attention output projection, the others query/key/value; the last MLP linear is
+the MLP output, the others MLP inputs. Embeddings, patch projections, Swin's patch-merging
+reductions and classifier / LM heads are not in blocks and are never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eval import architectures as arch
 from eval.calibration import batch_size_of, collect_input_statistics
 from eval.errors import UserInputError
 from eval.hf_auto import Family
@@ -59,15 +60,29 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def _roles_by_structure(block: nn.Module) -> list[tuple[str, str]]:
+    attention, mlp = [], []
+    for name, _ in _linears(block):
+        (attention if _ATTENTION.search(name) else mlp).append(name)
+    labelled = [(n, "attn_qkv") for n in attention[:-1]] + [(n, "attn_out") for n in attention[-1:]]
+    return labelled + [(n, "mlp_in") for n in mlp[:-1]] + [(n, "mlp_out") for n in mlp[-1:]]
+
+
+def _roles_by_table(block: nn.Module, layout: arch.DecoderLayout) -> list[tuple[str, str]]:
+    named = arch.linear_roles(layout)  # GPT-2's Conv1D projections are not linears: none targeted
+    return [(name, named[name]) for name, _ in _linears(block) if name in named]
+
+
 def find_targets(model: nn.Module, roles=("attn_qkv", "attn_out", "mlp_in", "mlp_out")) -> dict[str, str]:
     """{module name: role} of the linears to compress, in registration order."""
+    layout = arch.find_layout(model)
+    if layout is not None:
+        blocks = [(f"{layout.layers}.{i}", layer) for i, layer in enumerate(arch.decoder_layers(model, layout))]
+    else:
+        blocks = find_blocks(model)
     targets = {}
-    for block_name, block in find_blocks(model):
-        attention, mlp = [], []
-        for name, _ in _linears(block):
-            (attention if _ATTENTION.search(name) else mlp).append(name)
-        labelled = [(n, "attn_qkv") for n in attention[:-1]] + [(n, "attn_out") for n in attention[-1:]]
-        labelled += [(n, "mlp_in") for n in mlp[:-1]] + [(n, "mlp_out") for n in mlp[-1:]]
+    for block_name, block in blocks:
+        labelled = _roles_by_table(block, layout) if layout is not None else _roles_by_structure(block)
         for name, role in labelled:
             if role in roles:
                 targets[f"{block_name}.{name}"] = role

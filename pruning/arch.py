@@ -1,4 +1,4 @@
-"""Where the five DISP selections act, per architecture: one `BlockLayout` entry each.
+"""Where the five DISP selections act: DISP's view of the shared decoder layouts.
 
 The five selections of one decoder layer (ANCHORS §2, LLaMA naming):
   attn_in  (S1, hidden wide)        input columns of q, k, v
@@ -6,97 +6,94 @@ The five selections of one decoder layer (ANCHORS §2, LLaMA naming):
   mlp_in   (S3, hidden wide)        input columns of gate and up
   mlp_mid  (S4, intermediate wide)  output rows of gate/up and input columns of down
   mlp_out  (S5, hidden wide)        output rows of down
-Heads, embeddings, norms and the LM head stay whole. Adding an architecture means adding one
-`BlockLayout` to `LAYOUTS` (keyed by `config.model_type`).
+Heads, embeddings, norms (Qwen3's per-head q/k norms included: they act on head_dim, which no
+selection touches) and the LM head stay whole. The module names come from
+`eval.architectures.LAYOUTS`: a family added there with a sequential block of nn.Linear layers
+is supported here without further code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from eval.errors import UserInputError
+from eval import architectures as arch
+from eval.architectures import DecoderLayout
 
 MASK_NAMES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")
 
 
+def _disp_supports(layout: DecoderLayout) -> bool:
+    """Sequential blocks of nn.Linear with two norms; fused gate_up rows are not sliced yet."""
+    return (layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
+            and not layout.gate_up)
+
+
 @dataclass(frozen=True)
 class BlockLayout:
-    """Module paths inside one decoder layer (relative to the layer) and the layer list's path."""
+    """One decoder layout seen as the five selections (paths relative to one decoder layer)."""
 
-    layers: str  # dotted path of the decoder-layer ModuleList, from the CausalLM model
-    attn: str  # the attention module, called with the layer's keyword arguments
-    attn_in: tuple[str, ...]  # S1: linears reading the attention input
-    attn_out: str  # S2: the linear writing the attention output
-    mlp_in: tuple[str, ...]  # S3 columns, S4 rows
-    mlp_out: str  # S4 columns, S5 rows
-    attn_norm: str
-    mlp_norm: str
-    mlp: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (layer, normed input) -> MLP output
-    pre_norm: Callable[[object], bool] = lambda config: True  # norm before (True) or after the sublayer
-    norm_kind: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm); SliceGPT supports "rms" only
+    decoder: DecoderLayout
+
+    @property
+    def layers(self) -> str:  # dotted path of the decoder-layer ModuleList, from the CausalLM model
+        return self.decoder.layers
+
+    @property
+    def attn(self) -> str:  # the attention module, called with the layer's keyword arguments
+        return self.decoder.attn
+
+    @property
+    def attn_in(self) -> tuple[str, ...]:  # S1: linears reading the attention input
+        return arch.attention_inputs(self.decoder)
+
+    @property
+    def attn_out(self) -> str:  # S2: the linear writing the attention output
+        return self.decoder.o
+
+    @property
+    def mlp_in(self) -> tuple[str, ...]:  # S3 columns, S4 rows
+        return arch.mlp_inputs(self.decoder)
+
+    @property
+    def mlp_out(self) -> str:  # S4 columns, S5 rows
+        return self.decoder.down
+
+    @property
+    def attn_norm(self) -> str:
+        return self.decoder.attn_norm
+
+    @property
+    def mlp_norm(self) -> str:
+        return self.decoder.mlp_norm
+
+    @property
+    def norm_kind(self) -> str:  # "rms" (RMSNorm) or "layer" (LayerNorm); SliceGPT supports "rms" only
+        return self.decoder.norm_kind
+
+    def mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """(layer, normed input) -> MLP output, any Linear widths."""
+        return arch.mlp_forward(layer, self.decoder, h)
+
+    def pre_norm(self, config) -> bool:
+        """Norm before (True) or after the sublayer."""
+        return arch.is_pre_norm(self.decoder, config)
 
 
-def _gated_mlp(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return layer.mlp(h)  # transformers' own module: down(act(gate(h)) * up(h)), any Linear widths
-
-
-def _opt_mlp(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return layer.fc2(layer.activation_fn(layer.fc1(h)))
-
-
-LLAMA_STYLE = BlockLayout(
-    layers="model.layers",
-    attn="self_attn",
-    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    attn_out="self_attn.o_proj",
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_out="mlp.down_proj",
-    attn_norm="input_layernorm",
-    mlp_norm="post_attention_layernorm",
-    mlp=_gated_mlp,
-)
-
-OPT_STYLE = BlockLayout(
-    layers="model.decoder.layers",
-    attn="self_attn",
-    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    attn_out="self_attn.out_proj",
-    mlp_in=("fc1",),
-    mlp_out="fc2",
-    attn_norm="self_attn_layer_norm",
-    mlp_norm="final_layer_norm",
-    mlp=_opt_mlp,
-    pre_norm=lambda config: bool(getattr(config, "do_layer_norm_before", True)),
-    norm_kind="layer",
-)
-
-# Keyed by `config.model_type`. Mistral and Qwen2 share Llama's block (GQA included: the k/v
-# widths are read from the weights, never derived from the hidden size).
-LAYOUTS: dict[str, BlockLayout] = {
-    "llama": LLAMA_STYLE,
-    "mistral": LLAMA_STYLE,
-    "qwen2": LLAMA_STYLE,
-    "opt": OPT_STYLE,
-}
+# Keyed by `config.model_type`: the shared table's families that DISP supports.
+LAYOUTS: dict[str, BlockLayout] = {t: BlockLayout(d) for t, d in arch.LAYOUTS.items() if _disp_supports(d)}
 
 
 def layout_for(config) -> BlockLayout:
     """The layout for a transformers config; an unsupported model type is a clear error."""
     # a pruned model's config is of type "slimtune_pruned"; its layers are its base model's
-    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
-        raise UserInputError(
-            f"DISP pruning does not support model type {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}"
-        )
-    return LAYOUTS[model_type]
+    return BlockLayout(arch.decoder_layout(config, purpose="DISP pruning", needs=_disp_supports))
 
 
 def decoder_layers(model: nn.Module, layout: BlockLayout) -> nn.ModuleList:
-    return model.get_submodule(layout.layers)
+    return arch.decoder_layers(model, layout.decoder)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ The backbone's base model (`backbone.base_model`) runs under `torch.no_grad()` w
 which is exactly the tensor the backbone's LM head consumes (final norm applied). That last
 tensor is checked once, when wrapping, against the backbone's own logits, so the side path has
 no per-architecture code: before training the QST logits are the backbone's logits bit for bit.
-Only `side_init="pruned"` reads backbone weights by name, through a small layout table.
+Only `side_init="pruned"` reads backbone weights by name, through `eval.architectures`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin
 
+from eval import architectures as arch
+from eval.architectures import DecoderLayout
 from eval.errors import UserInputError
 from eval.models import avoid_bnb_cpu_repacking_failure
 from qst.cache import (
@@ -128,41 +130,6 @@ def _detect_quantization(model: nn.Module) -> str | None:
 # Side block shape, and initialisation from pruned backbone blocks
 
 
-@dataclasses.dataclass(frozen=True)
-class PruneLayout:
-    """Where a backbone block keeps its weights (module names relative to one layer)."""
-
-    layers: str
-    q: str
-    k: str
-    v: str
-    o: str
-    up: str
-    down: str
-    gate: str | None
-    attn_norm: str
-    mlp_norm: str
-    norm: str  # "rms" or "layer"
-    activation_attr: str  # config attribute naming the MLP activation
-
-
-_LLAMA_LAYOUT = PruneLayout(
-    layers="model.layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-    o="self_attn.o_proj", up="mlp.up_proj", down="mlp.down_proj", gate="mlp.gate_proj",
-    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", norm="rms", activation_attr="hidden_act",
-)
-PRUNE_LAYOUTS: dict[str, PruneLayout] = {
-    "llama": _LLAMA_LAYOUT,
-    "mistral": _LLAMA_LAYOUT,
-    "qwen2": _LLAMA_LAYOUT,
-    "opt": PruneLayout(
-        layers="model.decoder.layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        o="self_attn.out_proj", up="fc1", down="fc2", gate=None, attn_norm="self_attn_layer_norm",
-        mlp_norm="final_layer_norm", norm="layer", activation_attr="activation_function",
-    ),
-}
-
-
 def side_width(config: QSTConfig, spec: BackboneSpec) -> int:
     d = spec.hidden_size
     if config.downsample in POOLING_DOWNSAMPLERS and d % config.r:
@@ -196,31 +163,35 @@ def random_block_spec(config: QSTConfig, spec: BackboneSpec) -> SideBlockSpec:
     )
 
 
-def _prune_layout(backbone: nn.Module) -> PruneLayout:
-    model_type = backbone.config.model_type
-    layout = PRUNE_LAYOUTS.get(model_type)
-    if layout is None:
-        raise UserInputError(
-            f"side_init='pruned' knows the block layout of {sorted(PRUNE_LAYOUTS)}, not {model_type!r}; "
-            "use side_init='random'"
-        )
-    if model_type == "opt" and not getattr(backbone.config, "do_layer_norm_before", True):
-        raise UserInputError("side_init='pruned' needs a pre-norm OPT (do_layer_norm_before=True); use side_init='random'")
+def _side_init_supports(layout: DecoderLayout) -> bool:
+    """The pruned initialisation copies separate q/k/v and gate/up linears of sequential blocks."""
+    return (layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
+            and not layout.qkv and not layout.gate_up)
+
+
+def _prune_layout(backbone: nn.Module) -> DecoderLayout:
+    try:
+        layout = arch.decoder_layout(backbone.config, purpose="side_init='pruned'", needs=_side_init_supports)
+    except UserInputError as e:
+        raise UserInputError(f"{e}; use side_init='random'") from None
+    if not arch.is_pre_norm(layout, backbone.config):
+        raise UserInputError(f"side_init='pruned' needs a pre-norm {backbone.config.model_type} "
+                             f"({layout.pre_norm_flag}=True); use side_init='random'")
     return layout
 
 
 def pruned_block_spec(config: QSTConfig, spec: BackboneSpec, backbone: nn.Module) -> SideBlockSpec:
     """The side block mirrors the backbone block's flavour (FFN kind, activation, biases, norm)."""
     layout = _prune_layout(backbone)
-    layer = backbone.get_submodule(layout.layers)[0]
+    layer = arch.decoder_layers(backbone, layout)[0]
     has_bias = any(getattr(layer.get_submodule(n), "bias", None) is not None
                    for n in (layout.q, layout.k, layout.v, layout.o, layout.up, layout.down))
     norm = layer.get_submodule(layout.attn_norm)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return SideBlockSpec(
         width=side_width(config, spec), num_heads=spec.num_heads, ffn_width=max(1, spec.ffn_size // config.r),
-        ffn_kind="gated" if layout.gate else "plain", activation=str(getattr(backbone.config, layout.activation_attr)),
-        bias=has_bias, norm=layout.norm, norm_eps=float(eps), rope_theta=config.rope_theta,
+        ffn_kind="gated" if layout.gate else "plain", activation=str(getattr(backbone.config, layout.activation)),
+        bias=has_bias, norm=layout.norm_kind, norm_eps=float(eps), rope_theta=config.rope_theta,
     )
 
 
@@ -262,7 +233,7 @@ def _normed(x: torch.Tensor) -> torch.Tensor:
     return x / x.mean().clamp_min(1e-12)
 
 
-def _residual_importance(layers, layout: PruneLayout) -> torch.Tensor:
+def _residual_importance(layers, layout: DecoderLayout) -> torch.Tensor:
     """Importance of each residual channel [d]: the norms of the weights that read it (input
     columns of q, k, v, gate, up) and write it (output rows of o, down), each matrix's norms
     scaled to mean 1, summed over the layers. One channel set for every side block keeps the
@@ -283,7 +254,7 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: PruneLayout, keep: torch.Tensor,
+def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: DecoderLayout, keep: torch.Tensor,
                        side: SideBlockSpec) -> None:
     heads, hd_side = side.num_heads, side.head_dim
     get = layer.get_submodule
@@ -336,7 +307,7 @@ def init_side_from_pruned_backbone(side: SideNetwork, backbone: nn.Module, layer
     """LST-style start: side block j copies backbone layer layer_indices[j], pruned to the side
     width by weight-norm importance (residual channels, per-head dims, FFN channels)."""
     layout = _prune_layout(backbone)
-    all_layers = backbone.get_submodule(layout.layers)
+    all_layers = arch.decoder_layers(backbone, layout)
     layers = [all_layers[i] for i in layer_indices]
     keep = _top(_residual_importance(layers, layout), side.spec.width)
     for block, layer in zip(side.blocks, layers, strict=True):

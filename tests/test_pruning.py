@@ -42,6 +42,23 @@ def opt(tiny_opt_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_opt_dir).eval()
 
 
+@pytest.fixture(scope="module")
+def qwen3():
+    """Qwen3: a family supported through eval.architectures' table only (per-head q/k RMSNorms,
+    head_dim 32 ≠ hidden / heads, grouped-query attention)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norm gains, so slicing and folding them is tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape))
+    return model
+
+
 def _random_masks(model, p=0.6, seed=0):
     g = torch.Generator().manual_seed(seed)
     masks = []
@@ -92,7 +109,7 @@ def test_geometry_and_mask_shapes_opt(opt):
 def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config
 
-    with pytest.raises(UserInputError, match="supported: llama, mistral, opt, qwen2"):
+    with pytest.raises(UserInputError, match="supported: llama, mistral, opt, qwen2, qwen3$"):
         layout_for(GPT2Config())
 
 
@@ -150,7 +167,7 @@ def test_gumbel_sigmoid_is_binary_with_straight_through_gradient():
 
 # --- export ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
 def test_export_equals_masked_model_and_counts_exactly(name, request):
     model = request.getfixturevalue(name)
     masks = _random_masks(model)
@@ -163,8 +180,11 @@ def test_export_equals_masked_model_and_counts_exactly(name, request):
     assert block_params(pruned) == int(kept_block_params(model_geometry(model), masks))
     assert block_params(pruned) < block_params(model)
     # heads stay whole: k/v projections keep num_kv_heads·head_dim rows
-    if name == "llama":
-        assert pruned.model.layers[0].self_attn.k_proj.out_features == 32
+    if name in ("llama", "qwen3"):
+        head_dim = 32 if name == "qwen3" else 16
+        assert pruned.model.layers[0].self_attn.k_proj.out_features == 2 * head_dim
+    if name == "qwen3":  # the per-head norms act on head_dim, which no selection touches
+        assert pruned.model.layers[0].self_attn.q_norm.weight.shape == (32,)
 
 
 def test_kept_one_gives_back_the_dense_logits(llama):
@@ -193,7 +213,7 @@ def test_deterministic_export_meets_budget_without_noise(llama):
 
 # --- save / load -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
 def test_save_load_round_trip_and_generate(name, request, tmp_path):
     model = request.getfixturevalue(name)
     masks = _random_masks(model, seed=3)
@@ -229,7 +249,7 @@ def test_load_rejects_index_lists_that_do_not_fit(llama, tmp_path):
 # --- baselines -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
 def test_shared_set_baselines_meet_budget(method, name, request):
     model = request.getfixturevalue(name)
     blocks = _ids(model, n=4, t=16, seed=2)
@@ -243,7 +263,9 @@ def test_shared_set_baselines_meet_budget(method, name, request):
         assert torch.isfinite(pruned(input_ids=blocks).logits).all()
 
 
-def test_slicegpt_meets_budget_counts_rotations_and_is_exact_unsliced(llama, tmp_path):
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_slicegpt_meets_budget_counts_rotations_and_is_exact_unsliced(name, request, tmp_path):
+    llama = request.getfixturevalue(name)
     blocks = _ids(llama, n=4, t=16, seed=2)
     pruned = slicegpt_prune(llama, 0.5, blocks)
     geo = model_geometry(llama)
