@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_vit.quantize import quantize_rows_int8
+
+def quantize_rows_int8(weight: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [rows, cols] -> (q int8 [rows, cols], scale float32 [rows, 1]) with
+    weight · diag(column_scale) ≈ q · scale (column_scale [cols], default ones)."""
+    w = weight.detach().float()
+    if column_scale is not None:
+        w = w * column_scale.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
+    return q, scale
 
 
 class LowRankLinear(nn.Module):
@@ -147,7 +157,7 @@ class LowRankLinear(nn.Module):
         """Store the principal factors as int8, one symmetric scale per row (merges the residual first).
 
         column_scales: (down's [in], up's [rank]) input RMS per column: the factor is quantized
-        as W·diag(c) and dequantized as q·scale / c (see `quantize`). Default: ones."""
+        as W·diag(c) and dequantized as q·scale / c (see `lowrank_vit.quantize`). Default: ones."""
         if self.is_int8:
             return
         self.merge_residual()

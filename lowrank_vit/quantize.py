@@ -1,8 +1,10 @@
 """8-bit storage of the low-rank factors: symmetric int8, one float scale per row, quantized
 in the activation-scaled domain.
 
-Applied after compression (the paper reports that mixed-rank compression composes with 8-bit
-post-training quantization). Rows are output channels of `up` [out, r] and rank components of
+The int8 row format itself (`quantize_rows_int8`) lives in `lowrank_vit.layer`, which stores and
+dequantizes it; this module chooses the column scales and walks the model. Applied after
+compression (the paper reports that mixed-rank compression composes with 8-bit post-training
+quantization). Rows are output channels of `up` [out, r] and rank components of
 `down` [r, in].
 
 Why activation-scaled: a ViT's LayerNorm outputs have a few outlier channels with activations
@@ -19,17 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def quantize_rows_int8(weight: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [rows, cols] -> (q int8 [rows, cols], scale float32 [rows, 1]) with
-    weight · diag(column_scale) ≈ q · scale (column_scale [cols], default ones)."""
-    w = weight.detach().float()
-    if column_scale is not None:
-        w = w * column_scale.float()
-    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
-    return q, scale
+from lowrank_vit.layer import LowRankLinear
 
 
 def input_column_scales(down: torch.Tensor, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +44,6 @@ def quantize_factors_int8(model: nn.Module, second_moments: dict[str, torch.Tens
 
     second_moments: {layer name: XᵀX / N} from calibration; without it a layer is quantized
     plain per row (no activation scaling)."""
-    from lowrank_vit.layer import LowRankLinear
-
     count = 0
     for name, layer in model.named_modules():
         if isinstance(layer, LowRankLinear) and not layer.is_int8:

@@ -28,7 +28,7 @@ from lowrank_vit.allocate import (
     uniform_ranks,
 )
 from lowrank_vit.decompose import output_error, plain_svd, whitened_svd
-from lowrank_vit.quantize import quantize_rows_int8
+from lowrank_vit.layer import quantize_rows_int8
 
 FAST = {"compensate_steps": 10, "calib_images": 64}  # exercises refit and the trained residual
 
