@@ -1,8 +1,9 @@
 """Benchmark: aa-mixed against plain SVD, ASVD and aa-uniform at the same budget, on ref-vit
 (top-1 on the glyphs' test split) and on ref-lm's linears (test-split perplexity).
 
-    python -m lowrank_vit.benchmark vit --keeps 0.5 0.4 --out runs/lowrank-bench-vit
-    python -m lowrank_vit.benchmark lm  --keeps 0.8 0.6 0.5 --out runs/lowrank-bench-lm
+    slimtune lowrank-bench vit --keeps 0.5 0.4 --out runs/lowrank-bench-vit
+    slimtune lowrank-bench lm  --keeps 0.8 0.6 0.5 --out runs/lowrank-bench-lm
+    result, markdown = run_benchmark("vit", "runs/lowrank-bench-vit", keeps=(0.5, 0.4))   # the same, from Python
 
 Every variant starts from the same dense model and the same calibration samples (whose input
 statistics are collected once; `compress_time_s` excludes that shared calibration pass). Variants:
@@ -17,15 +18,16 @@ still separate the methods where 360 test images make top-1 differences noise.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from eval.calibration import collect_input_statistics
+from eval.errors import UserInputError
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.model import compress, find_targets
 
@@ -74,7 +76,7 @@ def _compress_variants(dense, calib, base: MixedRankConfig, keeps, variants, sco
 def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> dict:
     from eval.models import load_image_classifier
     from lowrank_vit.pipeline import (
-        _as_tensor_batches,
+        as_tensor_batches,
         image_accuracy,
         image_splits,
         images_per_second,
@@ -82,8 +84,8 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
 
     dense, processor = load_image_classifier("ref-vit")
     calib_set, calib_idx, eval_set, eval_idx, note = image_splits("ref-vit", None, processor, base.calib_images, base.seed)
-    calib = [p for p, _ in _as_tensor_batches(calib_set, calib_idx, batch_size)]
-    speed_batch = next(_as_tensor_batches(eval_set, eval_idx, batch_size))[0]
+    calib = [p for p, _ in as_tensor_batches(calib_set, calib_idx, batch_size)]
+    speed_batch = next(as_tensor_batches(eval_set, eval_idx, batch_size))[0]
     pixels = torch.stack([eval_set[i][0] for i in eval_idx])
     with torch.no_grad():
         reference = dense(pixel_values=pixels).logits
@@ -126,36 +128,35 @@ def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval
             "eval_blocks": int(test.shape[0]), "rows": rows}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lowrank_vit.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["vit", "lm"])
-    p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.4])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--calib", type=int, default=None, help="calibration images (vit, default 256) or blocks (lm, default 64)")
-    p.add_argument("--compensate-steps", type=int, default=MixedRankConfig.compensate_steps)
-    p.add_argument("--residual-rank", type=int, default=MixedRankConfig.residual_rank)
-    p.add_argument("--lr", type=float, default=MixedRankConfig.lr)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+MODELS = ("vit", "lm")
+DEFAULT_CALIB = {"vit": 256, "lm": 64}  # calibration images (vit) or token blocks (lm)
 
+
+def run_benchmark(model: str, out: str | Path, keeps=(0.5, 0.4), variants=tuple(VARIANTS), calib: int | None = None,
+                  compensate_steps: int = MixedRankConfig.compensate_steps,
+                  residual_rank: int = MixedRankConfig.residual_rank, lr: float = MixedRankConfig.lr,
+                  command: str | None = None) -> tuple[dict, str]:
+    """Compare the variants on ref-vit ("vit") or ref-lm ("lm"); write OUT/bench_{model}.{json,md}.
+
+    Returns (the report, its Markdown). `calib` defaults to DEFAULT_CALIB[model].
+    """
     from eval.report import markdown_table, write_report
 
-    base = MixedRankConfig(calib_images=args.calib or (256 if args.model == "vit" else 64),
-                           compensate_steps=args.compensate_steps, residual_rank=args.residual_rank, lr=args.lr)
-    result = (bench_vit if args.model == "vit" else bench_lm)(args.keeps, args.variants, base)
-    result.update(config=base.to_dict(), torch_threads=torch.get_num_threads(), command=" ".join(sys.argv))
-    metric = "accuracy" if args.model == "vit" else "perplexity"
+    if model not in MODELS:
+        raise UserInputError(f"unknown benchmark model {model!r}; expected one of {', '.join(MODELS)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise UserInputError(f"unknown variant(s) {unknown or list(variants)}; expected some of {', '.join(VARIANTS)}")
+    base = MixedRankConfig(calib_images=calib or DEFAULT_CALIB[model], compensate_steps=compensate_steps,
+                           residual_rank=residual_rank, lr=lr)
+    result = (bench_vit if model == "vit" else bench_lm)(list(keeps), list(variants), base)
+    result.update(config=base.to_dict(), torch_threads=torch.get_num_threads(), command=command or " ".join(sys.argv))
+    metric = "accuracy" if model == "vit" else "perplexity"
     md = f"# lowrank_vit benchmark: {result['model']}\n\n" + markdown_table(
         result["rows"], ["variant", "keep", "keep_achieved", "targeted_params", metric]
-        + (["agreement", "logit_error"] if args.model == "vit" else []) + ["compress_time_s"])
+        + (["agreement", "logit_error"] if model == "vit" else []) + ["compress_time_s"])
     if "images_per_s" in result:
         md += f"\n\nimages/s (batch {result['speed_batch_size']}): " + ", ".join(
             f"{k} {v:.1f}" for k, v in result["images_per_s"].items())
-    write_report(args.out, f"bench_{args.model}", result, md)
-    print(md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_report(out, f"bench_{model}", result, md)
+    return result, md

@@ -30,7 +30,7 @@ REPORT_NAME = "compress_report"
 # ------------------------------------------------------------------------------------- data
 
 
-def _as_tensor_batches(dataset, indices: list[int], batch_size: int, desc: str | None = None):
+def as_tensor_batches(dataset, indices: list[int], batch_size: int, desc: str | None = None):
     """Yield (pixel_values [B, 3, H, W], labels [B]) for `dataset[i]` = (pixels, label)."""
     for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=desc is None, leave=False):
         items = [dataset[i] for i in indices[start : start + batch_size]]
@@ -75,7 +75,7 @@ def image_accuracy(model: nn.Module, dataset, indices: list[int], batch_size: in
 
     device = next(model.parameters()).device
     predictions, labels = [], []
-    for pixels, label in _as_tensor_batches(dataset, indices, batch_size, desc):
+    for pixels, label in as_tensor_batches(dataset, indices, batch_size, desc):
         predictions.append(model(pixel_values=pixels.to(device)).logits.argmax(-1).cpu())
         labels.append(label)
     return accuracy(torch.cat(predictions), torch.cat(labels))
@@ -116,8 +116,8 @@ def _run_compress_vit(model_name: str, out: Path, config: MixedRankConfig, data:
     calib_set, calib_idx, eval_set, eval_idx, data_note = image_splits(
         model_name, data, processor, config.calib_images, config.seed, eval_limit)
     _check_labels(model, calib_set, data)
-    calib_batches = [pixels for pixels, _ in _as_tensor_batches(calib_set, calib_idx, batch_size, "calibration images")]
-    speed_batch = next(_as_tensor_batches(eval_set, eval_idx, batch_size))[0].to(device)
+    calib_batches = [pixels for pixels, _ in as_tensor_batches(calib_set, calib_idx, batch_size, "calibration images")]
+    speed_batch = next(as_tensor_batches(eval_set, eval_idx, batch_size))[0].to(device)
 
     accuracy_before = image_accuracy(model, eval_set, eval_idx, batch_size, "accuracy before")
     dense = copy.deepcopy(model)
@@ -213,4 +213,4 @@ def lowrank_layers(model: nn.Module) -> int:
     return sum(isinstance(m, LowRankLinear) for m in model.modules())
 
 
-__all__ = ["run_compress_vit", "image_accuracy", "images_per_second", "image_splits"]
+__all__ = ["run_compress_vit", "image_accuracy", "images_per_second", "image_splits", "as_tensor_batches"]

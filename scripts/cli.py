@@ -23,6 +23,7 @@ COMMANDS = [
     "prune",
     "compress_vit",
     "compress_lm",
+    "lowrank_bench",
     "zero_shot",
     "codegen_eval",
     "estimate_memory",

@@ -72,3 +72,36 @@ def test_compress_vit_refuses_to_overwrite_an_unrelated_directory(vit_and_folder
                  "--out", str(tmp_path)])
     assert code == 2 and "not an earlier compress-vit output" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_lowrank_bench_command_runs_the_library_comparison(monkeypatch, tmp_path, capsys):
+    """`slimtune lowrank-bench lm` hands its options to `run_benchmark`, which writes the report."""
+    import lowrank_vit.benchmark as bench
+
+    seen = {}
+
+    def fake_bench_lm(keeps, variants, base):  # the comparison itself is covered by test_lowrank
+        seen.update(keeps=keeps, variants=variants, base=base)
+        return {"model": "ref-lm", "rows": [{"variant": "dense", "keep": 1.0, "perplexity": 7.5},
+                                            {"variant": "svd", "keep": 0.6, "keep_achieved": 0.6,
+                                             "targeted_params": 10, "perplexity": 9.0, "compress_time_s": 0.1}]}
+
+    monkeypatch.setattr(bench, "bench_lm", fake_bench_lm)
+    out = tmp_path / "bench"
+    assert main(["lowrank-bench", "lm", "--keeps", "0.6", "--variants", "svd", "aa-mixed",
+                 "--compensate-steps", "3", "--out", str(out)]) == 0
+    assert seen["keeps"] == [0.6] and seen["variants"] == ["svd", "aa-mixed"]
+    assert seen["base"].calib_images == bench.DEFAULT_CALIB["lm"] and seen["base"].compensate_steps == 3
+    report = json.loads((out / "bench_lm.json").read_text())
+    assert report["command"].startswith("slimtune lowrank-bench lm") and report["config"]["compensate_steps"] == 3
+    assert "| svd" in (out / "bench_lm.md").read_text() and "perplexity" in capsys.readouterr().out
+
+
+def test_lowrank_bench_refuses_unknown_variants(tmp_path):
+    from eval.errors import UserInputError
+    from lowrank_vit.benchmark import run_benchmark
+
+    with pytest.raises(UserInputError, match="unknown variant.*'nope'"):
+        run_benchmark("lm", tmp_path / "o", variants=["svd", "nope"])
+    with pytest.raises(UserInputError, match="unknown benchmark model 'gpt'"):
+        run_benchmark("gpt", tmp_path / "o")
