@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from eval import architectures as arch
 from eval.errors import UserInputError
 
 METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
@@ -233,16 +234,16 @@ def _adapter(model, config):
 def add_houlsby_adapters(model: nn.Module, bottleneck: int) -> int:
     """Freeze `model` and insert a trainable adapter after every attention block and every MLP.
 
-    Generic over decoder architectures: a forward hook on each decoder layer's attention module
-    (the first child whose name contains "attn"/"attention") and on its MLP output (a child
-    named "mlp"/"feed_forward", else the output Linear "fc2" as in OPT) passes that output
-    through the adapter, before the residual add. Returns the number of adapters added.
+    A forward hook on each decoder layer's attention module and on its MLP output (the MLP
+    module, else its output Linear as in OPT), both named by `eval.architectures`, passes that
+    output through the adapter, before the residual add. Returns the number of adapters added.
     """
     model.requires_grad_(False)
     hidden = model.config.hidden_size
     added = 0
-    for layer in decoder_layers(model):
-        for site in (_attention_module(layer), _mlp_output_module(layer)):
+    layout = arch.decoder_layout(model, purpose="the adapter baseline")
+    for layer in arch.decoder_layers(model, layout):
+        for site in (arch.attention_module(layer, layout), arch.mlp_output_module(layer, layout)):
             adapter = HoulsbyAdapter(hidden, bottleneck).to(_module_device(site))
             site.add_module("houlsby_adapter", adapter)  # saved and counted with the model
             site.register_forward_hook(_apply_adapter)
@@ -259,7 +260,7 @@ def _apply_adapter(module, args, output):
 def _bitfit(model, config):
     """Train bias terms only; add zero biases to the decoder Linears that have none (LLaMA)."""
     model.requires_grad_(False)
-    for layer in decoder_layers(model):
+    for layer in arch.decoder_layers(model, arch.decoder_layout(model, purpose="the bitfit baseline")):
         for module in layer.modules():
             if isinstance(module, nn.Linear) and module.bias is None:
                 module.bias = nn.Parameter(
@@ -303,31 +304,7 @@ def labelled_positions_loss(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     return nn.functional.cross_entropy(logits.float(), targets[keep].to(logits.device))
 
 
-# --------------------------------------------------------------------------- finding submodules
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks (model.layers, decoder.layers, transformer.h, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
-            return module
-    raise UserInputError(f"could not find the {n_layers} decoder layers of {type(model).__name__}")
-
-
-def _attention_module(layer: nn.Module) -> nn.Module:
-    for name, child in layer.named_children():
-        if "attn" in name or "attention" in name:
-            return child
-    raise UserInputError(f"no attention module found in {type(layer).__name__}")
-
-
-def _mlp_output_module(layer: nn.Module) -> nn.Module:
-    for name in ("mlp", "feed_forward", "ffn", "fc2"):
-        child = getattr(layer, name, None)
-        if isinstance(child, nn.Module):
-            return child
-    raise UserInputError(f"no MLP module (mlp / feed_forward / fc2) found in {type(layer).__name__}")
+# --------------------------------------------------------------------------- helpers
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -159,3 +159,18 @@ def test_side_init_pruned_refuses_a_parallel_block_and_names_the_supported():
 
     with pytest.raises(UserInputError, match=r"side_init='pruned' does not support model type 'phi'.*qwen3.*side_init='random'"):
         QSTForCausalLM.from_base(tiny_decoder("phi"), QSTConfig(r=4, side_init="pruned"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "qwen3", "opt"])
+def test_adapter_baseline_sites_come_from_the_table(model_type):
+    from qst.baselines import add_houlsby_adapters
+
+    model = tiny_decoder(model_type)
+    layout = arch.decoder_layout(model)
+    assert add_houlsby_adapters(model, 4) == 4
+    layer = arch.decoder_layers(model, layout)[0]
+    sites = {n.removesuffix(".houlsby_adapter") for n, _ in layer.named_modules() if n.endswith("houlsby_adapter")}
+    # GPT-NeoX registers post_attention_layernorm before attention: a name search would pick the norm
+    assert sites == {layout.attn, layout.mlp or layout.down}
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(6)[None]).logits).all()
