@@ -204,8 +204,3 @@ def head_counts(config, layout: DecoderLayout) -> tuple[int, int]:
     heads = int(getattr(config, layout.heads))
     kv = getattr(config, layout.kv_heads, None) if layout.kv_heads else None
     return heads, int(kv or heads)
-
-
-def split_rows(weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """A fused projection's weight [sum(sizes), in] split into its parts ([q; k; v], [gate; up])."""
-    return list(weight.split(sizes, dim=0))

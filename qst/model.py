@@ -164,9 +164,8 @@ def random_block_spec(config: QSTConfig, spec: BackboneSpec) -> SideBlockSpec:
 
 
 def _side_init_supports(layout: DecoderLayout) -> bool:
-    """The pruned initialisation copies separate q/k/v and gate/up linears of sequential blocks."""
-    return (layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
-            and not layout.qkv and not layout.gate_up)
+    """The pruned initialisation copies the nn.Linear projections and two norms of sequential blocks."""
+    return layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
 
 
 def _prune_layout(backbone: nn.Module) -> DecoderLayout:
@@ -184,13 +183,12 @@ def pruned_block_spec(config: QSTConfig, spec: BackboneSpec, backbone: nn.Module
     """The side block mirrors the backbone block's flavour (FFN kind, activation, biases, norm)."""
     layout = _prune_layout(backbone)
     layer = arch.decoder_layers(backbone, layout)[0]
-    has_bias = any(getattr(layer.get_submodule(n), "bias", None) is not None
-                   for n in (layout.q, layout.k, layout.v, layout.o, layout.up, layout.down))
+    has_bias = any(getattr(layer.get_submodule(n), "bias", None) is not None for n in arch.block_linears(layout))
     norm = layer.get_submodule(layout.attn_norm)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return SideBlockSpec(
         width=side_width(config, spec), num_heads=spec.num_heads, ffn_width=max(1, spec.ffn_size // config.r),
-        ffn_kind="gated" if layout.gate else "plain", activation=str(getattr(backbone.config, layout.activation)),
+        ffn_kind="gated" if arch.is_gated(layout) else "plain", activation=str(getattr(backbone.config, layout.activation)),
         bias=has_bias, norm=layout.norm_kind, norm_eps=float(eps), rope_theta=config.rope_theta,
     )
 
@@ -233,16 +231,44 @@ def _normed(x: torch.Tensor) -> torch.Tensor:
     return x / x.mean().clamp_min(1e-12)
 
 
-def _residual_importance(layers, layout: DecoderLayout) -> torch.Tensor:
+_PROJECTIONS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")  # DecoderLayout fields
+
+
+def _block_weights(layer: nn.Module, layout: DecoderLayout, config) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Float32 (weight [out, in], bias or None) of one layer's projections by role: q, k, v, o,
+    up, down, and gate when gated. Fused projections are split: qkv rows are [q; k; v]
+    (heads·hd, kv·hd, kv·hd), gate_up rows are [gate; up] (Phi-3)."""
+    found = {}
+    for role in _PROJECTIONS:
+        if getattr(layout, role):
+            module = layer.get_submodule(getattr(layout, role))
+            found[role] = (_dense_weight(module), _bias(module))
+    if "qkv" in found:
+        heads, kv = arch.head_counts(config, layout)
+        hd = found["qkv"][0].shape[0] // (heads + 2 * kv)
+        found.update(_split(found.pop("qkv"), ("q", "k", "v"), [heads * hd, kv * hd, kv * hd]))
+    if "gate_up" in found:
+        half = found["gate_up"][0].shape[0] // 2
+        found.update(_split(found.pop("gate_up"), ("gate", "up"), [half, half]))
+    return found
+
+
+def _split(weight_bias, names: tuple[str, ...], sizes: list[int]) -> dict:
+    weight, bias = weight_bias
+    biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+    return dict(zip(names, zip(weight.split(sizes), biases)))
+
+
+def _residual_importance(layers, layout: DecoderLayout, config) -> torch.Tensor:
     """Importance of each residual channel [d]: the norms of the weights that read it (input
     columns of q, k, v, gate, up) and write it (output rows of o, down), each matrix's norms
     scaled to mean 1, summed over the layers. One channel set for every side block keeps the
     side residual stream consistent from block to block."""
     score = None
-    readers = (layout.q, layout.k, layout.v, layout.up) + ((layout.gate,) if layout.gate else ())
-    for layer in layers:
-        parts = [_dense_weight(layer.get_submodule(n)).norm(dim=0) for n in readers]
-        parts += [_dense_weight(layer.get_submodule(n)).norm(dim=1) for n in (layout.o, layout.down)]
+    for layer in layers:  # one layer's dense weights at a time
+        w = {role: weight for role, (weight, _) in _block_weights(layer, layout, config).items()}
+        parts = [w[r].norm(dim=0) for r in ("q", "k", "v", "up", "gate") if r in w]
+        parts += [w[r].norm(dim=1) for r in ("o", "down")]
         layer_score = sum(_normed(p) for p in parts)
         score = layer_score if score is None else score + layer_score
     return score
@@ -254,11 +280,12 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: DecoderLayout, keep: torch.Tensor,
+def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: DecoderLayout, config, keep: torch.Tensor,
                        side: SideBlockSpec) -> None:
+    # Qwen3's per-head q/k norms are not copied: the side block has none (an initialisation only).
     heads, hd_side = side.num_heads, side.head_dim
-    get = layer.get_submodule
-    q, k, v, o = (_dense_weight(get(n)) for n in (layout.q, layout.k, layout.v, layout.o))
+    weights = _block_weights(layer, layout, config)
+    (q, q_bias), (k, k_bias), (v, v_bias), (o, o_bias) = (weights[r] for r in ("q", "k", "v", "o"))
     hd = q.shape[0] // heads
     kv_heads = k.shape[0] // hd
     kv_of = torch.arange(heads) // (heads // kv_heads)  # grouped-query: q head -> its k/v head
@@ -272,22 +299,22 @@ def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: DecoderLayout
     rows_v = (kv_of[:, None] * hd + vo_dims).reshape(-1)
     cols_o = (torch.arange(heads)[:, None] * hd + vo_dims).reshape(-1)
     attn = block.attn
-    _set_linear(attn.q_proj, q[rows_q][:, keep], _pick(_bias(get(layout.q)), rows_q))
-    _set_linear(attn.k_proj, k[rows_k][:, keep], _pick(_bias(get(layout.k)), rows_k))
-    _set_linear(attn.v_proj, v[rows_v][:, keep], _pick(_bias(get(layout.v)), rows_v))
-    _set_linear(attn.o_proj, o[keep][:, cols_o], _pick(_bias(get(layout.o)), keep))
+    _set_linear(attn.q_proj, q[rows_q][:, keep], _pick(q_bias, rows_q))
+    _set_linear(attn.k_proj, k[rows_k][:, keep], _pick(k_bias, rows_k))
+    _set_linear(attn.v_proj, v[rows_v][:, keep], _pick(v_bias, rows_v))
+    _set_linear(attn.o_proj, o[keep][:, cols_o], _pick(o_bias, keep))
 
-    up, down = _dense_weight(get(layout.up)), _dense_weight(get(layout.down))
-    gate = _dense_weight(get(layout.gate)) if layout.gate else None
+    (up, up_bias), (down, down_bias) = weights["up"], weights["down"]
+    gate, gate_bias = weights.get("gate", (None, None))
     ffn_score = up.norm(dim=1) + down.norm(dim=0) + (gate.norm(dim=1) if gate is not None else 0)
     ffn = _top(ffn_score, side.ffn_width)
     mlp = block.mlp
-    _set_linear(mlp.up_proj, up[ffn][:, keep], _pick(_bias(get(layout.up)), ffn))
-    _set_linear(mlp.down_proj, down[keep][:, ffn], _pick(_bias(get(layout.down)), keep))
+    _set_linear(mlp.up_proj, up[ffn][:, keep], _pick(up_bias, ffn))
+    _set_linear(mlp.down_proj, down[keep][:, ffn], _pick(down_bias, keep))
     if gate is not None:
-        _set_linear(mlp.gate_proj, gate[ffn][:, keep], _pick(_bias(get(layout.gate)), ffn))
+        _set_linear(mlp.gate_proj, gate[ffn][:, keep], _pick(gate_bias, ffn))
     for side_norm, name in ((block.attn_norm, layout.attn_norm), (block.mlp_norm, layout.mlp_norm)):
-        norm = get(name)
+        norm = layer.get_submodule(name)
         side_norm.weight.copy_(norm.weight.detach().float()[keep])
         if getattr(side_norm, "bias", None) is not None and getattr(norm, "bias", None) is not None:
             side_norm.bias.copy_(norm.bias.detach().float()[keep])
@@ -309,9 +336,9 @@ def init_side_from_pruned_backbone(side: SideNetwork, backbone: nn.Module, layer
     layout = _prune_layout(backbone)
     all_layers = arch.decoder_layers(backbone, layout)
     layers = [all_layers[i] for i in layer_indices]
-    keep = _top(_residual_importance(layers, layout), side.spec.width)
+    keep = _top(_residual_importance(layers, layout, backbone.config), side.spec.width)
     for block, layer in zip(side.blocks, layers, strict=True):
-        _copy_pruned_block(block, layer, layout, keep, side.spec)
+        _copy_pruned_block(block, layer, layout, backbone.config, keep, side.spec)
 
 
 # ---------------------------------------------------------------------------------------------

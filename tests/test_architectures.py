@@ -174,3 +174,22 @@ def test_adapter_baseline_sites_come_from_the_table(model_type):
     assert sites == {layout.attn, layout.mlp or layout.down}
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(6)[None]).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "llama"])
+def test_pruned_init_at_full_width_reproduces_the_block_fused_projections_too(model_type):
+    # r = 1 keeps every channel, so the side block computes the backbone's layer exactly: Phi-3's
+    # fused qkv ([q; k; v] rows) and gate_up ([gate; up] rows) must be split in the right places.
+    from qst import QSTConfig, QSTForCausalLM
+    from qst.layer import rotary_tables, side_attention_mask, side_position_ids
+
+    model = tiny_decoder(model_type)
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=1, side_init="pruned"))
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    features = qst.backbone_features(ids)
+    side = qst.side
+    cos, sin = rotary_tables(side_position_ids(None, 2, 9, 0, ids.device), side.spec.head_dim, side.spec.rope_theta,
+                             torch.float32)
+    with torch.no_grad():
+        out = side.blocks[0](features.hidden_states[0], cos, sin, side_attention_mask(None, 2, 9, 0, ids.device))
+    torch.testing.assert_close(out, features.hidden_states[1], rtol=1e-4, atol=1e-5)
