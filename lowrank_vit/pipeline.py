@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from eval.errors import UserInputError
 from lowrank_vit.config import MixedRankConfig
-from lowrank_vit.layer import LowRankLinear
 from lowrank_vit.model import compress, save_pretrained
 
 REPORT_NAME = "compress_report"
@@ -207,10 +206,6 @@ def ranks_plot(report: dict):
         ax.legend(handles=[Patch(color=colors[r], label=r) for r in roles], fontsize=8)
 
     return draw
-
-
-def lowrank_layers(model: nn.Module) -> int:
-    return sum(isinstance(m, LowRankLinear) for m in model.modules())
 
 
 __all__ = ["run_compress_vit", "image_accuracy", "images_per_second", "image_splits", "as_tensor_batches"]

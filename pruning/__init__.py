@@ -12,13 +12,18 @@ Importing the package registers the saved model type (`slimtune_pruned`) with tr
 """
 
 from eval.model_specs import register_spec_loader
-
-from .arch import LAYOUTS, MASK_NAMES, BlockLayout, layout_for, model_geometry
-from .baselines import BASELINES, baseline_prune, magnitude_plan, slicegpt_prune, wanda_sp_plan
-from .config import DispConfig
-from .hypernetwork import HyperNetwork, gumbel_sigmoid, hard_mask, reinmax_bernoulli
-from .masking import DispTrainingModel, budget_regulariser, kept_block_params, masks_applied
-from .model import (
+from pruning.arch import LAYOUTS, MASK_NAMES, BlockLayout, layout_for, model_geometry
+from pruning.baselines import (
+    BASELINES,
+    baseline_prune,
+    magnitude_plan,
+    slicegpt_prune,
+    wanda_sp_plan,
+)
+from pruning.config import DispConfig
+from pruning.hypernetwork import HyperNetwork, gumbel_sigmoid, hard_mask, reinmax_bernoulli
+from pruning.masking import DispTrainingModel, budget_regulariser, kept_block_params, masks_applied
+from pruning.model import (
     FAMILY,
     PrunedDecoderLayer,
     PruningPlan,
@@ -27,7 +32,13 @@ from .model import (
     prune_model,
     pruning_plan,
 )
-from .trainer import DispResult, deterministic_masks, disp_prune, recover_with_lora, train_disp
+from pruning.trainer import (
+    DispResult,
+    deterministic_masks,
+    disp_prune,
+    recover_with_lora,
+    train_disp,
+)
 
 FAMILY.register()  # AutoConfig knows "slimtune_pruned" from here on
 

@@ -23,9 +23,15 @@ from torch import nn
 
 from eval.calibration import collect_input_statistics
 from eval.errors import UserInputError
-
-from .arch import MASK_NAMES, BlockLayout, LayerGeometry, decoder_layers, layout_for, model_geometry
-from .model import CONFIG_KEY, PruningPlan, _empty_structure
+from pruning.arch import (
+    MASK_NAMES,
+    BlockLayout,
+    LayerGeometry,
+    decoder_layers,
+    layout_for,
+    model_geometry,
+)
+from pruning.model import CONFIG_KEY, PruningPlan, empty_structure
 
 BASELINES = ("magnitude", "wanda-sp", "slicegpt")
 
@@ -226,7 +232,7 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
     setattr(config, CONFIG_KEY, plan.to_dict())
     with no_init_weights():
         sliced = AutoModelForCausalLM.from_config(config)
-        _empty_structure(sliced, plan)
+        empty_structure(sliced, plan)
     dtype = model.get_submodule(paths.embed_tokens).weight.dtype
     missing, unexpected = sliced.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=False)
     if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
@@ -237,7 +243,7 @@ def slicegpt_prune(model: nn.Module, kept: float, blocks: torch.Tensor, batch_si
 def baseline_prune(method: str, model: nn.Module, kept: float, blocks: torch.Tensor | None = None,
                    batch_size: int = 4) -> nn.Module:
     """Prune `model` with a baseline at `kept` of the block parameters; returns a new model."""
-    from .model import prune_model
+    from pruning.model import prune_model
 
     if method == "magnitude":
         return prune_model(model, magnitude_plan(model, kept))

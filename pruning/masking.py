@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import MASK_NAMES, BlockLayout, LayerGeometry, decoder_layers, layout_for, model_geometry
-from .config import DispConfig
-from .hypernetwork import HyperNetwork, sample_masks
+from pruning.arch import (
+    MASK_NAMES,
+    BlockLayout,
+    LayerGeometry,
+    decoder_layers,
+    layout_for,
+    model_geometry,
+)
+from pruning.config import DispConfig
+from pruning.hypernetwork import HyperNetwork, sample_masks
 
 
 class MaskState:

@@ -29,8 +29,7 @@ from torch import nn
 
 from eval.errors import UserInputError
 from eval.hf_auto import Family
-
-from .arch import MASK_NAMES, BlockLayout, decoder_layers, layout_for, model_geometry
+from pruning.arch import MASK_NAMES, BlockLayout, decoder_layers, layout_for, model_geometry
 
 CONFIG_KEY = "slimtune_pruning"
 
@@ -196,7 +195,7 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
     return model
 
 
-def _empty_structure(model: nn.Module, plan: PruningPlan) -> None:
+def empty_structure(model: nn.Module, plan: PruningPlan) -> None:
     """Give `model` the pruned shapes of `plan` (uninitialised weights, filled by loading), and
     the pruned model type (so `save_pretrained` writes `model_type: slimtune_pruned`)."""
     layout = layout_for(model.config)
@@ -232,7 +231,7 @@ def _build_from_config(model: nn.Module) -> None:
     plan = _plan_of(model.config, "the config")
     geometry = model_geometry(model)
     validate_plan(plan, geometry[0].hidden, [g.intermediate for g in geometry], len(geometry), where="config.json")
-    _empty_structure(model, plan)
+    empty_structure(model, plan)
 
 
 def _write_card(model: nn.Module, directory) -> None:

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from eval.errors import UserInputError
-
-from .arch import MASK_NAMES, layout_for
-from .baselines import BASELINES, baseline_prune
-from .config import DispConfig
-from .model import block_params, pruning_plan
-from .trainer import kept_widths, recover_with_lora, train_disp
+from pruning.arch import MASK_NAMES, layout_for
+from pruning.baselines import BASELINES, baseline_prune
+from pruning.config import DispConfig
+from pruning.model import block_params, pruning_plan
+from pruning.trainer import kept_widths, recover_with_lora, train_disp
 
 METHODS = ("disp", *BASELINES)
 
@@ -175,7 +174,7 @@ def _run_prune(method, model_name, out: Path, kept, calib, eval_text, steps, est
     hypernet = None
     if method == "disp":
         result = train_disp(model, blocks, config, batch_size=batch_size, out_dir=checkpoint_dir)
-        from .model import prune_model
+        from pruning.model import prune_model
 
         pruned = prune_model(model, result.plan)
         hypernet = result.hypernet

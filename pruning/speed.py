@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from eval.errors import UserInputError
-
-from .arch import MASK_NAMES, layout_for, model_geometry
-from .baselines import shared_widths
-from .model import PruningPlan, block_params, prune_model
-from .pipeline import measure_throughput
+from pruning.arch import MASK_NAMES, layout_for, model_geometry
+from pruning.baselines import shared_widths
+from pruning.model import PruningPlan, block_params, prune_model
+from pruning.pipeline import measure_throughput
 
 
 def random_disp_plan(model: nn.Module, kept: float, seed: int = 0) -> PruningPlan:

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import MASK_NAMES, LayerGeometry, decoder_layers, layout_for
-from .config import DispConfig
-from .hypernetwork import HyperNetwork, hard_mask
-from .masking import DispTrainingModel, kept_block_params
-from .model import PruningPlan, prune_model
+from pruning.arch import MASK_NAMES, LayerGeometry, decoder_layers, layout_for
+from pruning.config import DispConfig
+from pruning.hypernetwork import HyperNetwork, hard_mask
+from pruning.masking import DispTrainingModel, kept_block_params
+from pruning.model import PruningPlan, prune_model
 
 
 def calibration_batches(blocks: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
