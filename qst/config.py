@@ -4,14 +4,14 @@ The side network (see `qst.layer`) reads the frozen backbone's hidden states h_0
 
     g_0 = down_0(h_0)
     g_i = (1 - beta_i) * down_i(h_i) + beta_i * side_i(g_{i-1}),   beta_i = sigmoid(gamma_i)
-    h   = h_N + up(norm(g_N))                                  -> the backbone's frozen LM head
+    h   = alpha * h_N + (1 - alpha) * up(norm(g_N))          -> the backbone's frozen LM head
 
-`output_mix` picks that last line. "additive" (above) starts `up` at zero, as LoRA starts its B
-at zero: the model's output equals the backbone's before the first step, and `up` gets a
-gradient from the first step on. "paper" is the paper's learned mix
-h = alpha * h_N + (1 - alpha) * up(norm(g_N)); at alpha = 1 it starts exactly at the backbone
-too, but then no gradient reaches the side network until alpha has moved, so it can start
-alpha lower (`alpha_init`) and train alpha faster (`alpha_lr`).
+`output_mix` picks that last line. "paper" (above, the default): alpha starts at 1, so the
+model's output equals the backbone's before the first step, but the side network's gradient is
+scaled by (1 - alpha) = 0 until alpha moves; alpha therefore trains at `alpha_lr` (100) times
+the learning rate, and may start lower (`alpha_init`). "additive": h = h_N + up(norm(g_N)) with
+`up` zero-initialised, as LoRA starts its B at zero: the same exact start, and `up` gets a
+gradient from the first step on. docs/RESULTS.md ("QST output mix") compares them.
 
 `r` shrinks the width d of the backbone to d // r on the side path; `downsample` picks how each
 h_i is brought down to that width (ANCHORS §1, the paper's Table 6).
@@ -29,8 +29,8 @@ DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
 POOLING_DOWNSAMPLERS = ("maxpool", "avgpool")
 SIDE_INITS = ("random", "pruned")
 OUTPUT_MIXES = ("additive", "paper")
-# Saved configs from before `output_mix` existed used the paper's mix.
-LEGACY_OUTPUT_MIX = "paper"
+# Saved configs from before `output_mix` / `alpha_lr` existed: the paper's mix, alpha at the side lr.
+LEGACY_DEFAULTS = {"output_mix": "paper", "alpha_lr": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,10 @@ class QSTConfig:
     - `output_mix`: `"additive"` (h_N + up(norm(g_N)), `up` zero-initialised) or `"paper"`
       (alpha * h_N + (1 - alpha) * up(norm(g_N)), alpha learned).
     - `alpha_init`: (paper mix) starting alpha; 1 starts training exactly at the backbone's output.
-    - `alpha_lr`: (paper mix) alpha's learning rate as a multiple of the side network's.
+    - `alpha_lr`: (paper mix; the additive mix ignores it) alpha's learning rate as a multiple of
+      the side network's. 100 by default: at 1, alpha moves about one learning rate per step, so
+      the side network, whose gradient is scaled by (1 - alpha), barely trains (docs/RESULTS.md,
+      "QST output mix").
     - `dropout`: dropout on each downsampler's output.
     - `side_init`: `"random"`, or `"pruned"` (side blocks start from the backbone's blocks,
       structurally pruned by weight-norm importance, as LST did).
@@ -62,7 +65,7 @@ class QSTConfig:
     gate_per_channel: bool = True
     output_mix: str = "paper"
     alpha_init: float = 1.0
-    alpha_lr: float = 1.0
+    alpha_lr: float = 100.0
     dropout: float = 0.0
     side_init: str = "random"
     side_layers: tuple[int, ...] | None = None
@@ -91,10 +94,10 @@ class QSTConfig:
         finite("alpha_lr", self.alpha_lr)
         if self.alpha_lr <= 0:
             raise UserInputError(f"QSTConfig.alpha_lr must be positive, got {self.alpha_lr!r}")
-        if self.output_mix != "paper" and (self.alpha_init != 1.0 or self.alpha_lr != 1.0):
+        if self.output_mix != "paper" and self.alpha_init != 1.0:
             raise UserInputError(
-                f"QSTConfig.alpha_init and alpha_lr belong to output_mix='paper'; the {self.output_mix!r} mix has "
-                "no alpha (leave them at 1, or set output_mix='paper')"
+                f"QSTConfig.alpha_init belongs to output_mix='paper'; the {self.output_mix!r} mix has no alpha "
+                "(leave it at 1, or set output_mix='paper')"
             )
         finite("rope_theta", self.rope_theta)
         if self.rope_theta <= 0:
@@ -129,4 +132,4 @@ class QSTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserInputError(f"unknown QSTConfig fields {unknown}; expected some of {sorted(known)}")
-        return cls(**{"output_mix": LEGACY_OUTPUT_MIX, **d})
+        return cls(**{**LEGACY_DEFAULTS, **d})

@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
                       help="additive: h_N + up(norm(g_N)) with up starting at zero; paper: alpha * h_N + "
                            "(1 - alpha) * up(norm(g_N)) with alpha learned")
     side.add_argument("--alpha-init", type=float, default=1.0, help="(paper mix) starting alpha")
-    side.add_argument("--alpha-lr", type=float, default=1.0,
+    side.add_argument("--alpha-lr", type=float, default=QSTConfig.alpha_lr,
                       help="(paper mix) alpha's learning rate as a multiple of --lr")
     side.add_argument("--dropout", type=float, default=0.0, help="dropout on the downsamplers' outputs")
     side.add_argument("--side-init", choices=SIDE_INITS, default="random")
