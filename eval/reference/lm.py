@@ -145,6 +145,7 @@ def build_reference_lm(out_dir: str | os.PathLike, seed: int = 0, steps: int | N
 
         log("ref-lm: evaluating held-out perplexity and bits per byte")
         metrics = _evaluate_lm(model, tokenizer, corpus, blocks)
+        machine = _machine()  # inside _threads: the thread count training ran with
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -171,7 +172,7 @@ def build_reference_lm(out_dir: str | os.PathLike, seed: int = 0, steps: int | N
             "build_seconds": round(time.perf_counter() - started, 1),
             "resumed_from_step": result.resumed_from,
             "snapshots": _Snapshots.names(recipe),
-            "trained_on": _machine(),
+            "trained_on": machine,
             "versions": versions(),
         }
         write_json(tmp / CARD_NAME, card)  # last: the completion mark
