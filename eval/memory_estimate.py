@@ -2,7 +2,7 @@
 
 Two sets of assumptions:
 
-* ``"course"`` — the lightweight-tuning course's worked example (ANCHORS.md §4): 16-bit weights,
+* ``"course"`` — the lightweight-tuning course's worked example (docs/METHODS.md §4): 16-bit weights,
   fp32 gradients when every parameter trains (16-bit when only a fraction does), Adam at 4 bytes
   per trainable parameter, and activations = one hidden state per layer
   (bytes · batch · seq · hidden · layers, i.e. what full activation checkpointing keeps).
@@ -41,7 +41,7 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, 
 
 # Default LoRA recipe, shared with qst.baselines so that the estimate matches what bench trains.
 DEFAULT_LORA_RANK = 16
-# QST defaults (ANCHORS.md §1): reduction factor r = 16, adapter downsampler rank k = 16.
+# QST defaults (docs/METHODS.md §1): reduction factor r = 16, adapter downsampler rank k = 16.
 DEFAULT_QST_REDUCTION = 16
 DEFAULT_QST_ADAPTER_RANK = 16
 # Adam moments: PyTorch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
@@ -175,7 +175,7 @@ def _trainable_count(method, counts, fraction, trainable_params) -> float:
 
 
 def _course(shape, counts, method, batch, seq, nbytes, trainable, reduction) -> dict:
-    """The course's arithmetic (ANCHORS.md §4), extended to LoRA/QLoRA/QST in the same spirit."""
+    """The course's arithmetic (docs/METHODS.md §4), extended to LoRA/QLoRA/QST in the same spirit."""
     total = counts["total"]
     quantized = method in ("qlora", "qst")
     weights = total * (0.5 if quantized else nbytes)  # "QLoRA stores P in 4 bits (0.5P)"
@@ -278,7 +278,7 @@ def _side_shape(shape: _Shape, reduction: int) -> _Shape:
 
 def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
                         adapter_rank: int = DEFAULT_QST_ADAPTER_RANK) -> int:
-    """QST's trainable parameters (ANCHORS.md §1): 28.68 M for LLaMA-2-7B at r = 16 (paper: 28.6 M).
+    """QST's trainable parameters (docs/METHODS.md §1): 28.68 M for LLaMA-2-7B at r = 16 (paper: 28.6 M).
 
     (L + 1) adapter downsamplers d → k → d/r with biases and a LayerNorm; L side decoder blocks
     of width d/r (q, k, v, o; gated MLP of width ffn/r; two RMSNorm scales); L per-channel gates;

@@ -21,7 +21,7 @@ class MixedRankConfig:
     method:
         "aa-mixed"   activation-aware (whitened) truncation, ranks chosen per layer by a global
                      greedy under the budget, then sequential layer-wise error compensation
-                     (the method of ANCHORS.md §3): each layer, fed by the already compressed
+                     (the method of docs/METHODS.md §3): each layer, fed by the already compressed
                      model, is refit to the dense model's outputs in closed form (`refit`) and,
                      with compensate_steps > 0, a residual term is trained by Adam on top;
         "aa-uniform" whitened truncation, the same parameter fraction in every layer;

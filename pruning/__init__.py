@@ -1,4 +1,4 @@
-"""DISP-LLM: dimension-independent structural pruning driven by a hypernetwork (ANCHORS §2),
+"""DISP-LLM: dimension-independent structural pruning driven by a hypernetwork (docs/METHODS.md §2),
 exported as a physically smaller model, plus the magnitude / wanda-sp / slicegpt baselines.
 
     from pruning import DispConfig, train_disp, prune_model, load_pruned

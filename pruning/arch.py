@@ -1,6 +1,6 @@
 """Where the five DISP selections act: DISP's view of the shared decoder layouts.
 
-The five selections of one decoder layer (ANCHORS §2, LLaMA naming):
+The five selections of one decoder layer (docs/METHODS.md §2, LLaMA naming):
   attn_in  (S1, hidden wide)        input columns of q, k, v
   attn_out (S2, hidden wide)        output rows of o
   mlp_in   (S3, hidden wide)        input columns of gate and up

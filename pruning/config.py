@@ -11,7 +11,7 @@ ESTIMATORS = ("reinmax", "gumbel")
 
 @dataclass(frozen=True)
 class DispConfig:
-    """How to prune with DISP-LLM (ANCHORS §2).
+    """How to prune with DISP-LLM (docs/METHODS.md §2).
 
     kept: fraction of the attention + MLP weight parameters that the pruned model keeps, in (0, 1].
     lam: weight λ of the two-sided log-ratio parameter regulariser (paper: 16; λ ≥ 6 is stable).

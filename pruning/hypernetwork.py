@@ -1,6 +1,6 @@
 """The DISP hypernetwork and the straight-through estimators that turn its logits into masks.
 
-Hypernetwork (ANCHORS §2): a fixed random input, one `z_dim` vector per mask (5 per layer, in
+Hypernetwork (docs/METHODS.md §2): a fixed random input, one `z_dim` vector per mask (5 per layer, in
 layer order attn_in, attn_out, mlp_in, mlp_mid, mlp_out) → bidirectional GRU (hidden `gru_hidden`
 per direction) → per-step LayerNorm(2·gru_hidden) + GELU → one Linear(2·gru_hidden → width) per
 mask. Its outputs plus `offset` are the mask logits ℓ; P(keep channel) grows with ℓ.

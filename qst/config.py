@@ -14,7 +14,7 @@ the learning rate, and may start lower (`alpha_init`). "additive": h = h_N + up(
 gradient from the first step on. docs/RESULTS.md ("QST output mix") compares them.
 
 `r` shrinks the width d of the backbone to d // r on the side path; `downsample` picks how each
-h_i is brought down to that width (ANCHORS §1, the paper's Table 6).
+h_i is brought down to that width (docs/METHODS.md §1, the paper's Table 6).
 """
 
 from __future__ import annotations

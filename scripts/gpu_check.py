@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 REPORT = "gpu_check"
 GB = 1e9
 
-# Paper-measured peak memory, GB (QST paper; ANCHORS.md §1): LLaMA-2-7B MMLU at 4 x 384, OPT-1.3B
+# Paper-measured peak memory, GB (QST paper; docs/METHODS.md §1): LLaMA-2-7B MMLU at 4 x 384, OPT-1.3B
 # GLUE (classification) at 16 x 512.
 PAPER_GB = {"llama-2-7b": {"qlora": 15.6, "qst": 7.3}, "opt-1.3b": {"qlora": 31.3, "qst": 17.7}}
 # (name, arch, methods, batch, seq); --tiny swaps in the test architectures at small shapes.

@@ -1,4 +1,4 @@
-"""AdapT: adaptive temperature sampling for code (Zhu et al., AAAI 2024; ANCHORS.md §5).
+"""AdapT: adaptive temperature sampling for code (Zhu et al., AAAI 2024; docs/METHODS.md §5).
 
 The hard tokens of generated code sit at the start of code blocks. So the first token of a
 line that opens a block body is sampled at a high ("hard") temperature, to explore, and every
