@@ -124,11 +124,14 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> 
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """nanoGPT's AdamW groups: decay matrices only; norms and biases are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def adamw(model, lr: float, weight_decay: float):
     import torch
 
-    # nanoGPT: decay matrices only; norms and biases are not decayed.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))

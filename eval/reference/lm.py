@@ -17,6 +17,7 @@ from eval.errors import UserInputError
 from eval.io import atomic_directory, write_json
 from eval.reference.common import (
     CARD_NAME,
+    decay_groups,
     log,
     positive,
     recipe_hash,
@@ -269,13 +270,6 @@ def _new_llama(recipe: LMRecipe, tokenizer):
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
-
-
-def decay_groups(model, weight_decay: float) -> list[dict]:
-    """nanoGPT's AdamW groups: decay matrices only; norms and biases are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 class _ShuffledBlocks:
