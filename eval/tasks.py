@@ -95,6 +95,11 @@ class Task:
 # --------------------------------------------------------------------------------------------
 
 
+def lm_eval_task_name(name: str) -> str:
+    """The lm-eval name of suite task `name` (its YAML's `task:`), e.g. def-kind -> slimtune_def_kind."""
+    return "slimtune_" + name.replace("-", "_")
+
+
 def load_task(name: str) -> Task:
     """One of `TASKS`, generated on first use and read from the cache afterwards."""
     if name not in TASKS:
@@ -165,7 +170,7 @@ def _write_task(task: Task, out: Path, final: Path) -> None:
         _write_jsonl(out / f"lm_eval_{split}.jsonl",
                      [{"query": task.prompt(ex), "choices": task.candidates(ex), "answer": task.target(ex)}
                       for ex in examples])
-    lm_eval_name = "slimtune_" + task.name.replace("-", "_")
+    lm_eval_name = lm_eval_task_name(task.name)
     (out / f"{lm_eval_name}.yaml").write_text(_lm_eval_yaml(lm_eval_name, final), encoding="utf-8")
 
 

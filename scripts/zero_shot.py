@@ -152,12 +152,9 @@ def _suite_task_dir():
 
 def _suite_task_names() -> dict[str, str]:
     """The suite's tasks: {lm-eval task name: suite name}, e.g. slimtune_def_kind: def-kind."""
-    try:
-        from eval.tasks import TASKS
-    except ImportError:  # pragma: no cover - the harness always ships its tasks
-        return {}
-    # eval.tasks names each task's YAML "slimtune_" + its name with '-' -> '_'.
-    return {"slimtune_" + name.replace("-", "_"): name for name in TASKS}
+    from eval.tasks import TASKS, lm_eval_task_name
+
+    return {lm_eval_task_name(name): name for name in TASKS}
 
 
 def _task_names(tasks: str | None) -> list[str]:

@@ -149,6 +149,7 @@ def test_lm_eval_task_manager_loads_the_yaml(cached_dir, generated):
 
     manager = TaskManager(include_path=str(cached_dir), include_defaults=False)
     assert {"slimtune_docstring_match", "slimtune_stdlib_module", "slimtune_def_kind"} <= set(manager.all_tasks)
+    assert {tasks.lm_eval_task_name(name) for name in tasks.TASKS} <= set(manager.all_tasks)
     task = get_task_dict(["slimtune_docstring_match"], manager)["slimtune_docstring_match"]
     docs = list(task.eval_docs)
     expected = generated["docstring-match"].test
