@@ -1,4 +1,5 @@
-"""eval.tasks: deterministic, file-disjoint tasks; the cache and lm-eval YAMLs; batches; accuracy.
+"""eval.reference.tasks: deterministic, file-disjoint tasks; eval.tasks: the cache and lm-eval
+YAMLs; batches; accuracy.
 
 Generation is tested on a slice of the corpus (four packages) to stay fast; the code path is
 the one the full corpus takes.
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import eval.reference.tasks as reference_tasks
 import eval.tasks as tasks
 from eval.data import ClassificationExample, MultipleChoiceExample
 from eval.errors import UserInputError
@@ -31,13 +33,13 @@ def _slice_documents() -> dict:
 
 @pytest.fixture(scope="module")
 def generated():
-    return tasks.generate_tasks(_slice_documents())
+    return tasks.build_tasks(_slice_documents())
 
 
 @pytest.fixture
 def cached_dir(generated, monkeypatch):
     # task_yaml_dir() writes the slice's tasks into the session's isolated cache.
-    monkeypatch.setattr(tasks, "generate_tasks", lambda: generated)
+    monkeypatch.setattr(tasks, "build_tasks", lambda: generated)
     return tasks.task_yaml_dir()
 
 
@@ -49,7 +51,7 @@ def tiny_llama(tiny_llama_dir):
 
 
 def test_generation_is_deterministic(generated):
-    again = tasks.generate_tasks(_slice_documents())
+    again = tasks.build_tasks(_slice_documents())
     for name in tasks.TASKS:
         assert again[name].train == generated[name].train
         assert again[name].test == generated[name].test
@@ -118,7 +120,7 @@ async def fetch(url):
 def test_function_records_kinds_signatures_and_bodies():
     from eval.reference import Document
 
-    records = {r.name: r for r in tasks._functions([Document("pkg/mod.py", _SNIPPET)])}
+    records = {r.name: r for r in reference_tasks._functions([Document("pkg/mod.py", _SNIPPET)])}
     assert {name: r.kind for name, r in records.items()} == {
         "plain": "function", "size": "method", "each": "method", "walk": "generator", "fetch": "coroutine"}
     plain = records["plain"]

@@ -3,6 +3,8 @@
 - `ref-lm` (`eval.reference.lm`): a LLaMA-architecture causal LM pretrained on real text
   (`eval.reference.corpus`), with a byte-level BPE tokenizer trained on the same text.
 - `ref-vit` (`eval.reference.vit`): a small ViT trained on real images.
+- the suite's downstream tasks (`eval.reference.tasks`), generated from the same corpus and
+  served by the harness (`eval.tasks`).
 
 `reference_path(kind)` returns a model's directory, building it once into the cache
 (`eval.reference.common`) when needed.
