@@ -4,7 +4,9 @@
     model = QSTForCausalLM.from_base("ref-lm", QSTConfig(r=16, downsample="adapter"))
 
 See `qst.config` for the hyperparameters, `qst.layer` for the side network, `qst.model` for the
-wrappers (save / load / generate) and `qst.cache` for the on-disk backbone feature cache.
+wrappers (save / load), `qst.generation` for `generate`, `qst.backbone` and `qst.side_init` for
+reading the backbone and starting the side network from it, and `qst.cache` for the on-disk
+backbone feature cache.
 
 Public names are imported on first use, so that `import qst` (done by the CLI to list its
 options) does not load torch and transformers.
@@ -25,9 +27,9 @@ _EXPORTS = {
     "SideBlockSpec": "qst.layer",
     "SideNetwork": "qst.layer",
     "downsampler_parameter_count": "qst.layer",
-    "QSTCache": "qst.model",
+    "QSTCache": "qst.generation",
     "QSTForCausalLM": "qst.model",
-    "QSTGenerationCache": "qst.model",
+    "QSTGenerationCache": "qst.generation",
     "QSTForSequenceClassification": "qst.model",
 }
 

@@ -11,6 +11,10 @@ which is exactly the tensor the backbone's LM head consumes (final norm applied)
 tensor is checked once, when wrapping, against the backbone's own logits, so the side path has
 no per-architecture code: before training the QST logits are the backbone's logits bit for bit.
 Only `side_init="pruned"` reads backbone weights by name, through `eval.architectures`.
+
+This file holds the model classes (save / load included); `qst.backbone` inspects and loads the
+backbone, `qst.side_init` sizes the side network and starts it from a pruned backbone, and
+`qst.generation` is the glue to transformers' `GenerationMixin`.
 """
 
 from __future__ import annotations
@@ -24,336 +28,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin
 
-from eval import architectures as arch
-from eval.architectures import DecoderLayout
 from eval.errors import UserInputError
 from eval.models import avoid_bnb_cpu_repacking_failure
+from qst.backbone import (
+    BackboneSpec,
+    detect_quantization,
+    inspect_backbone,
+    load_backbone,
+    module_device,
+)
 from qst.cache import (
     BackboneFeatureCache,
     BackboneFeatures,
     backbone_fingerprint,
     default_cache_root,
 )
-from qst.config import POOLING_DOWNSAMPLERS, QSTConfig
-from qst.layer import SideBlock, SideBlockSpec, SideKVCache, SideNetwork
+from qst.config import QSTConfig
+from qst.generation import QSTCache, QSTGenerationCache, QSTGenerationMixin
+from qst.layer import SideBlockSpec, SideNetwork
+from qst.side_init import (
+    _dense_weight,  # noqa: F401 - tests/test_architectures.py imports it from here
+    init_side_from_pruned_backbone,
+    pruned_block_spec,
+    random_block_spec,
+    side_layer_indices,
+)
 
 CONFIG_NAME = "qst_config.json"
 WEIGHTS_NAME = "side_network.safetensors"
 FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# What the side network needs to know about the backbone
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """Dimensions of the backbone, read from one probe pass (saved, and checked on load)."""
-
-    model_type: str
-    hidden_size: int  # d of h_0 .. h_N
-    head_input_size: int  # d_out of the LM head's input (differs from d e.g. for OPT-350m)
-    num_layers: int  # N
-    num_heads: int
-    ffn_size: int
-    vocab_size: int
-
-
-def _config_value(config, names: tuple[str, ...]):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def inspect_backbone(model: nn.Module) -> BackboneSpec:
-    """Check that `model` is a decoder-only LM whose LM head reads `last_hidden_state`."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        raise UserInputError(f"QST needs a decoder-only causal LM with a transformers config, got {type(model).__name__}")
-    base = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or base is model or head is None:
-        raise UserInputError(
-            f"{type(model).__name__} has no separate base model and LM head; QST expects a transformers "
-            "*ForCausalLM model (Llama, OPT, Mistral, Qwen2, Phi, GPT-NeoX, GPT-2, ...)"
-        )
-    vocab = int(head.weight.shape[0]) if hasattr(head, "weight") else int(config.vocab_size)
-    probe = (torch.arange(1, 6, device=_module_device(model)) % vocab)[None]
-    with torch.no_grad():
-        try:
-            out = base(input_ids=probe, output_hidden_states=True, use_cache=False, return_dict=True)
-        except TypeError as e:
-            raise UserInputError(f"{type(model).__name__} cannot return hidden states ({e}); QST needs them") from e
-        full = model(input_ids=probe, use_cache=False).logits
-    states = getattr(out, "hidden_states", None)
-    last = getattr(out, "last_hidden_state", None)
-    if not states or len(states) < 2 or last is None:
-        raise UserInputError(
-            f"{type(model).__name__} did not return hidden states with output_hidden_states=True; "
-            "QST needs the embedding output and every layer's output"
-        )
-    if not torch.allclose(head(last).float(), full.float(), rtol=1e-3, atol=1e-3):
-        raise UserInputError(
-            f"{type(model).__name__}'s logits are not its LM head applied to last_hidden_state (the "
-            "architecture transforms the head's output, e.g. logit soft-capping); QST cannot mix its output"
-        )
-    num_heads = _config_value(config, ("num_attention_heads", "n_head"))
-    if not num_heads:
-        raise UserInputError(f"the backbone config ({config.model_type}) has no num_attention_heads")
-    hidden = int(states[0].shape[-1])
-    ffn = _config_value(config, ("intermediate_size", "ffn_dim", "n_inner")) or 4 * hidden
-    return BackboneSpec(
-        model_type=str(config.model_type), hidden_size=hidden, head_input_size=int(last.shape[-1]),
-        num_layers=len(states) - 1, num_heads=int(num_heads), ffn_size=int(ffn), vocab_size=int(full.shape[-1]),
-    )
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _detect_quantization(model: nn.Module) -> str | None:
-    if getattr(model, "is_loaded_in_4bit", False):
-        qc = getattr(model.config, "quantization_config", None)
-        qtype = qc.get("bnb_4bit_quant_type") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_quant_type", None)
-        return str(qtype or "nf4")
-    if getattr(model, "is_loaded_in_8bit", False):
-        return "int8"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Side block shape, and initialisation from pruned backbone blocks
-
-
-def side_width(config: QSTConfig, spec: BackboneSpec) -> int:
-    d = spec.hidden_size
-    if config.downsample in POOLING_DOWNSAMPLERS and d % config.r:
-        raise UserInputError(
-            f"r={config.r} does not divide the backbone's hidden size {d}; the {config.downsample} "
-            f"downsampler pools groups of r channels, so r must divide {d}"
-        )
-    width = d // config.r
-    if width < spec.num_heads or width % spec.num_heads:
-        raise UserInputError(
-            f"side width {d} // r={config.r} = {width} is not a positive multiple of the backbone's "
-            f"{spec.num_heads} attention heads; pick r so that {d} / r is divisible by {spec.num_heads}"
-        )
-    return width
-
-
-def side_layer_indices(config: QSTConfig, spec: BackboneSpec) -> tuple[int, ...]:
-    if config.side_layers is None:
-        return tuple(range(spec.num_layers))
-    bad = [i for i in config.side_layers if i >= spec.num_layers]
-    if bad:
-        raise UserInputError(f"side_layers {bad} are out of range: the backbone has {spec.num_layers} layers (0..{spec.num_layers - 1})")
-    return config.side_layers
-
-
-def random_block_spec(config: QSTConfig, spec: BackboneSpec) -> SideBlockSpec:
-    """LLaMA-style side block: RMSNorm, SwiGLU FFN, no biases, RoPE."""
-    return SideBlockSpec(
-        width=side_width(config, spec), num_heads=spec.num_heads, ffn_width=max(1, spec.ffn_size // config.r),
-        rope_theta=config.rope_theta,
-    )
-
-
-def _side_init_supports(layout: DecoderLayout) -> bool:
-    """The pruned initialisation copies the nn.Linear projections and two norms of sequential blocks."""
-    return layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
-
-
-def _prune_layout(backbone: nn.Module) -> DecoderLayout:
-    try:
-        layout = arch.decoder_layout(backbone.config, purpose="side_init='pruned'", needs=_side_init_supports)
-    except UserInputError as e:
-        raise UserInputError(f"{e}; use side_init='random'") from None
-    if not arch.is_pre_norm(layout, backbone.config):
-        raise UserInputError(f"side_init='pruned' needs a pre-norm {backbone.config.model_type} "
-                             f"({layout.pre_norm_flag}=True); use side_init='random'")
-    return layout
-
-
-def pruned_block_spec(config: QSTConfig, spec: BackboneSpec, backbone: nn.Module) -> SideBlockSpec:
-    """The side block mirrors the backbone block's flavour (FFN kind, activation, biases, norm)."""
-    layout = _prune_layout(backbone)
-    layer = arch.decoder_layers(backbone, layout)[0]
-    has_bias = any(getattr(layer.get_submodule(n), "bias", None) is not None for n in arch.block_linears(layout))
-    norm = layer.get_submodule(layout.attn_norm)
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return SideBlockSpec(
-        width=side_width(config, spec), num_heads=spec.num_heads, ffn_width=max(1, spec.ffn_size // config.r),
-        ffn_kind="gated" if arch.is_gated(layout) else "plain", activation=str(getattr(backbone.config, layout.activation)),
-        bias=has_bias, norm=layout.norm_kind, norm_eps=float(eps), rope_theta=config.rope_theta,
-    )
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """A linear layer's weight in float32 [out, in]; 4-bit weights are dequantized (one layer at a time)."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.detach().float()
-    if not getattr(quant_state, "packing_format_for_cpu", False):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
-    # bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference pass; read
-    # that layout back through the layer itself: row i of W^T is the layer applied to e_i.
-    return _weight_by_probing(module).float()
-
-
-@torch.no_grad()
-def _weight_by_probing(module: nn.Module, chunk: int = 1024) -> torch.Tensor:
-    in_features = module.in_features
-    dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
-    device = module.weight.device
-    columns = []
-    for start in range(0, in_features, chunk):
-        eye = torch.eye(in_features, dtype=dtype, device=device)[start:start + chunk]
-        out = module(eye).float()
-        if getattr(module, "bias", None) is not None:
-            out = out - module.bias.float()
-        columns.append(out)
-    return torch.cat(columns).T.contiguous()  # [out, in]
-
-
-def _bias(module: nn.Module) -> torch.Tensor | None:
-    return module.bias.detach().float() if getattr(module, "bias", None) is not None else None
-
-
-def _normed(x: torch.Tensor) -> torch.Tensor:
-    return x / x.mean().clamp_min(1e-12)
-
-
-_PROJECTIONS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")  # DecoderLayout fields
-
-
-def _block_weights(layer: nn.Module, layout: DecoderLayout, config) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Float32 (weight [out, in], bias or None) of one layer's projections by role: q, k, v, o,
-    up, down, and gate when gated. Fused projections are split: qkv rows are [q; k; v]
-    (heads·hd, kv·hd, kv·hd), gate_up rows are [gate; up] (Phi-3)."""
-    found = {}
-    for role in _PROJECTIONS:
-        if getattr(layout, role):
-            module = layer.get_submodule(getattr(layout, role))
-            found[role] = (_dense_weight(module), _bias(module))
-    if "qkv" in found:
-        heads, kv = arch.head_counts(config, layout)
-        hd = found["qkv"][0].shape[0] // (heads + 2 * kv)
-        found.update(_split(found.pop("qkv"), ("q", "k", "v"), [heads * hd, kv * hd, kv * hd]))
-    if "gate_up" in found:
-        half = found["gate_up"][0].shape[0] // 2
-        found.update(_split(found.pop("gate_up"), ("gate", "up"), [half, half]))
-    return found
-
-
-def _split(weight_bias, names: tuple[str, ...], sizes: list[int]) -> dict:
-    weight, bias = weight_bias
-    biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
-    return dict(zip(names, zip(weight.split(sizes), biases)))
-
-
-def _residual_importance(layers, layout: DecoderLayout, config) -> torch.Tensor:
-    """Importance of each residual channel [d]: the norms of the weights that read it (input
-    columns of q, k, v, gate, up) and write it (output rows of o, down), each matrix's norms
-    scaled to mean 1, summed over the layers. One channel set for every side block keeps the
-    side residual stream consistent from block to block."""
-    score = None
-    for layer in layers:  # one layer's dense weights at a time
-        w = {role: weight for role, (weight, _) in _block_weights(layer, layout, config).items()}
-        parts = [w[r].norm(dim=0) for r in ("q", "k", "v", "up", "gate") if r in w]
-        parts += [w[r].norm(dim=1) for r in ("o", "down")]
-        layer_score = sum(_normed(p) for p in parts)
-        score = layer_score if score is None else score + layer_score
-    return score
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along the last dim, in increasing order."""
-    return score.topk(k, dim=-1).indices.sort(dim=-1).values
-
-
-@torch.no_grad()
-def _copy_pruned_block(block: SideBlock, layer: nn.Module, layout: DecoderLayout, config, keep: torch.Tensor,
-                       side: SideBlockSpec) -> None:
-    # Qwen3's per-head q/k norms are not copied: the side block has none (an initialisation only).
-    heads, hd_side = side.num_heads, side.head_dim
-    weights = _block_weights(layer, layout, config)
-    (q, q_bias), (k, k_bias), (v, v_bias), (o, o_bias) = (weights[r] for r in ("q", "k", "v", "o"))
-    hd = q.shape[0] // heads
-    kv_heads = k.shape[0] // hd
-    kv_of = torch.arange(heads) // (heads // kv_heads)  # grouped-query: q head -> its k/v head
-    # Per head, keep the hd_side query/key dims (shared: they meet in the dot product) and the
-    # hd_side value/output dims with the largest weight norms.
-    qk_score = q.view(heads, hd, -1).norm(dim=-1) + k.view(kv_heads, hd, -1).norm(dim=-1)[kv_of]
-    vo_score = v.view(kv_heads, hd, -1).norm(dim=-1)[kv_of] + o.view(o.shape[0], heads, hd).norm(dim=0)
-    qk_dims, vo_dims = _top(qk_score, hd_side), _top(vo_score, hd_side)  # [H, hd_side]
-    rows_q = (torch.arange(heads)[:, None] * hd + qk_dims).reshape(-1)
-    rows_k = (kv_of[:, None] * hd + qk_dims).reshape(-1)
-    rows_v = (kv_of[:, None] * hd + vo_dims).reshape(-1)
-    cols_o = (torch.arange(heads)[:, None] * hd + vo_dims).reshape(-1)
-    attn = block.attn
-    _set_linear(attn.q_proj, q[rows_q][:, keep], _pick(q_bias, rows_q))
-    _set_linear(attn.k_proj, k[rows_k][:, keep], _pick(k_bias, rows_k))
-    _set_linear(attn.v_proj, v[rows_v][:, keep], _pick(v_bias, rows_v))
-    _set_linear(attn.o_proj, o[keep][:, cols_o], _pick(o_bias, keep))
-
-    (up, up_bias), (down, down_bias) = weights["up"], weights["down"]
-    gate, gate_bias = weights.get("gate", (None, None))
-    ffn_score = up.norm(dim=1) + down.norm(dim=0) + (gate.norm(dim=1) if gate is not None else 0)
-    ffn = _top(ffn_score, side.ffn_width)
-    mlp = block.mlp
-    _set_linear(mlp.up_proj, up[ffn][:, keep], _pick(up_bias, ffn))
-    _set_linear(mlp.down_proj, down[keep][:, ffn], _pick(down_bias, keep))
-    if gate is not None:
-        _set_linear(mlp.gate_proj, gate[ffn][:, keep], _pick(gate_bias, ffn))
-    for side_norm, name in ((block.attn_norm, layout.attn_norm), (block.mlp_norm, layout.mlp_norm)):
-        norm = layer.get_submodule(name)
-        side_norm.weight.copy_(norm.weight.detach().float()[keep])
-        if getattr(side_norm, "bias", None) is not None and getattr(norm, "bias", None) is not None:
-            side_norm.bias.copy_(norm.bias.detach().float()[keep])
-
-
-def _pick(bias: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    return None if bias is None else bias[index]
-
-
-def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    linear.weight.copy_(weight)
-    if linear.bias is not None:
-        linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
-
-
-def init_side_from_pruned_backbone(side: SideNetwork, backbone: nn.Module, layer_indices: tuple[int, ...]) -> None:
-    """LST-style start: side block j copies backbone layer layer_indices[j], pruned to the side
-    width by weight-norm importance (residual channels, per-head dims, FFN channels)."""
-    layout = _prune_layout(backbone)
-    all_layers = arch.decoder_layers(backbone, layout)
-    layers = [all_layers[i] for i in layer_indices]
-    keep = _top(_residual_importance(layers, layout, backbone.config), side.spec.width)
-    for block, layer in zip(side.blocks, layers, strict=True):
-        _copy_pruned_block(block, layer, layout, backbone.config, keep, side.spec)
-
-
-# ---------------------------------------------------------------------------------------------
-# The models
-
-
-@dataclasses.dataclass
-class QSTCache:
-    """Generation cache: the backbone's transformers cache and the side network's own."""
-
-    backbone: Any = None
-    side: SideKVCache = dataclasses.field(default_factory=SideKVCache)
-
-    def get_seq_length(self) -> int:
-        return self.side.length()
 
 
 class _QSTModel(nn.Module):
@@ -383,9 +87,9 @@ class _QSTModel(nn.Module):
         self.side = SideNetwork(
             config, block_spec, self.backbone_spec.hidden_size, self.backbone_spec.head_input_size,
             num_blocks=len(self.side_layer_indices),
-        ).to(_module_device(backbone))
+        ).to(module_device(backbone))
         self.base_name_or_path = base_name_or_path or getattr(backbone.config, "_name_or_path", None) or None
-        self.quantize = quantize if quantize is not None else _detect_quantization(backbone)
+        self.quantize = quantize if quantize is not None else detect_quantization(backbone)
         self.tokenizer = tokenizer
         self.feature_cache: BackboneFeatureCache | None = None
         forward_params = inspect.signature(backbone.base_model.forward).parameters
@@ -543,7 +247,7 @@ class _QSTModel(nn.Module):
         NF4) or an already loaded transformers causal LM (used as it is: its own quantization, if
         any, is recorded and `quantize` is ignored)."""
         config = config or QSTConfig()
-        backbone, tokenizer, name, quant = _load_backbone(base, quantize, dtype, device)
+        backbone, tokenizer, name, quant = load_backbone(base, quantize, dtype, device)
         model = cls(backbone, config, base_name_or_path=base_name_or_path or name, quantize=quant,
                     tokenizer=tokenizer, **kwargs)
         if config.side_init == "pruned":
@@ -566,7 +270,7 @@ class _QSTModel(nn.Module):
             base = saved["base_model_name_or_path"]
             if not base:
                 raise UserInputError(f"{directory / CONFIG_NAME} names no backbone; pass base=...")
-        backbone, tokenizer, name, quant = _load_backbone(base, saved["quantize"], dtype, device)
+        backbone, tokenizer, name, quant = load_backbone(base, saved["quantize"], dtype, device)
         spec = inspect_backbone(backbone)
         expected = saved["backbone"]
         if dataclasses.asdict(spec) != expected:
@@ -586,28 +290,13 @@ class _QSTModel(nn.Module):
         return {}
 
 
-def _load_backbone(base, quantize, dtype, device):
-    """(model, tokenizer or None, name or path, quantization actually in use)."""
-    if isinstance(base, nn.Module):
-        config = getattr(base, "config", None)
-        if config is None:
-            raise UserInputError(f"QST needs a transformers decoder-only causal LM, got {type(base).__name__}")
-        return base, None, getattr(config, "_name_or_path", None) or None, _detect_quantization(base)
-    if not isinstance(base, (str, os.PathLike)):
-        raise UserInputError(f"base must be a model name, a path or a loaded model, got {type(base).__name__}")
-    from eval.models import load_causal_lm
-
-    model, tokenizer = load_causal_lm(os.fspath(base), quantize=quantize, dtype=dtype, device=device)
-    return model, tokenizer, os.fspath(base), quantize
-
-
 def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy; label -100 is ignored (prompt and padding tokens)."""
     shifted = logits[:, :-1].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-class QSTForCausalLM(_QSTModel, GenerationMixin):
+class QSTForCausalLM(_QSTModel, QSTGenerationMixin):
     """A frozen causal LM with a QST side network mixed into the input of its frozen LM head."""
 
     task = "causal_lm"
@@ -616,16 +305,6 @@ class QSTForCausalLM(_QSTModel, GenerationMixin):
     @property
     def lm_head(self) -> nn.Module:
         return self.backbone.get_output_embeddings()
-
-    @property
-    def generation_config(self):
-        from transformers import GenerationConfig
-
-        gc = getattr(self.backbone, "generation_config", None)
-        return gc if gc is not None else GenerationConfig.from_model_config(self.backbone.config)
-
-    def can_generate(self) -> bool:
-        return True
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, cache=None,
                 use_cache: bool = False, past_key_values=None, logits_to_keep: int = 0, **kwargs):
@@ -659,94 +338,6 @@ class QSTForCausalLM(_QSTModel, GenerationMixin):
         logits = head(mixed.to(head.weight.device, head.weight.dtype))
         loss = _causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=generation_cache or cache)
-
-    # --- generation: transformers' GenerationMixin drives the decoding -------------------------
-
-    _supports_cache_class = True
-    _is_stateful = False
-
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True, **kwargs):
-        """Each step's inputs: the new token(s) once the caches hold the prefix, with left-padding-aware
-        positions (the same ones the backbone's own generation uses)."""
-        position_ids = None
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        past = cache.get_seq_length() if (use_cache and cache is not None) else 0
-        if past:
-            input_ids, position_ids = input_ids[:, past:], None if position_ids is None else position_ids[:, past:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                "cache": cache if use_cache else None, "use_cache": use_cache, "logits_to_keep": 1}
-
-    def get_experts_implementation(self) -> dict:
-        get = getattr(self.backbone, "get_experts_implementation", None)
-        return get() if get is not None else {}
-
-    def set_experts_implementation(self, implementation) -> None:
-        self.backbone.set_experts_implementation(implementation)
-
-    def _supports_default_dynamic_cache(self) -> bool:
-        return False  # generate() below brings the cache: backbone and side network in one object
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, logits_processor=None,
-                 stopping_criteria=None, **kwargs):
-        """`transformers.GenerationMixin.generate` (greedy, sampling, beam search, streamers, logits
-        processors, stopping criteria, `return_dict_in_generate`, ...) over the backbone's and the
-        side network's key/value caches, held together in one `QSTGenerationCache`.
-
-        Greedy decoding with `use_cache=True` gives the same tokens as without caches."""
-        from transformers import GenerationMixin
-
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        if input_ids is None:
-            raise UserInputError("generate needs input_ids [batch, prompt length]")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(generation_config or self.generation_config, "use_cache", True)
-        kwargs["use_cache"] = bool(use_cache)
-        if kwargs.get("past_key_values") is not None:  # the name before transformers 5.x's `cache`
-            kwargs["cache"] = kwargs.pop("past_key_values")
-        if use_cache and kwargs.get("cache") is None:
-            kwargs["cache"] = QSTGenerationCache(self.backbone.config)
-        elif kwargs.get("cache") is not None and not isinstance(kwargs["cache"], QSTGenerationCache):
-            raise UserInputError("QST generate keeps its own caches; pass cache=QSTGenerationCache(config) or none")
-        was_training = self.training
-        self.eval()
-        try:
-            return GenerationMixin.generate(self, input_ids, generation_config=generation_config,
-                                            logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                                            **kwargs)
-        finally:
-            self.train(was_training)
-
-
-class QSTGenerationCache(DynamicCache):
-    """The generation cache of `QSTForCausalLM.generate`: the backbone's `DynamicCache` (the
-    backbone reads and writes it as its `past_key_values`) plus the side network's keys and values
-    (`.side`), reordered together by beam search (`reorder_cache`) and by the batch expansion and
-    selection of other decoding modes."""
-
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config=config, **kwargs)
-        self.side = SideKVCache()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        super().reorder_cache(beam_idx)
-        self.side.reorder(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int):
-        super().batch_repeat_interleave(repeats)
-        if self.side.keys:
-            batch = next(iter(self.side.keys.values())).shape[0]
-            device = next(iter(self.side.keys.values())).device
-            self.side.reorder(torch.arange(batch, device=device).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        super().batch_select_indices(indices)
-        self.side.reorder(indices)
-
-    def crop(self, max_length: int):
-        raise NotImplementedError("QST generation does not crop its caches (assisted decoding is not supported)")
 
 
 class QSTForSequenceClassification(_QSTModel):
