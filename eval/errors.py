@@ -1,11 +1,44 @@
-"""The one exception type for bad input anywhere in the suite.
+"""The one exception type for bad input anywhere in the suite, and the one positive-count check.
 
 Every check on user input (a missing file, a wrong format, an unknown name, a value out of
 range) raises `UserInputError` with a message that says what was wrong and what was expected.
 It subclasses `ValueError`, so callers that catch `ValueError` keep working, and the
 `slimtune` command prints it as one line (no traceback) and exits with status 2.
+
+Library code names settings by their Python names (`block_size`); an error about one setting
+records it in `field`, so that a command can name its flag instead (`naming_flags`).
 """
+
+from __future__ import annotations
+
+import numbers
 
 
 class UserInputError(ValueError):
-    """Bad input: the message says what was given and what was expected."""
+    """Bad input: the message says what was given and what was expected.
+
+    `field`: the setting the message is about (named first in the message), when there is one.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def require_positive(name: str, value, minimum: int = 1) -> int:
+    """`value` if it is an integer >= `minimum` (a count: steps, sizes, ranks), else `UserInputError`.
+
+    Booleans are refused (True is not a count). `minimum=0` accepts zero ("none").
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+    return int(value)
+
+
+def naming_flags(error: UserInputError, flags: dict[str, str] | None = None) -> UserInputError:
+    """`error` with its setting named as a command-line flag: `block_size` -> `--block-size`
+    (or `flags[field]`); an error about no particular setting comes back unchanged."""
+    if error.field is None:
+        return error
+    flag = (flags or {}).get(error.field, "--" + error.field.replace("_", "-"))
+    return UserInputError(str(error).replace(error.field, flag, 1), field=error.field)

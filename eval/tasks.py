@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from eval.data import ClassificationExample, MultipleChoiceExample
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.io import atomic_directory, read_json, write_json
 from eval.reference.common import build_lock, cache_root, remove_stale_temporaries
 from eval.reference.tasks import TASKS, TASKS_VERSION, generate_tasks, tasks_hash
@@ -189,10 +189,8 @@ def _lm_eval_yaml(name: str, final: Path) -> str:
 
 
 def _check_batching(batch_size: int, seq_len: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserInputError(f"batch_size={batch_size!r} must be a positive integer")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise UserInputError(f"seq_len={seq_len!r} must be an integer >= 2")
+    require_positive("batch_size", batch_size)
+    require_positive("seq_len", seq_len, minimum=2)
 
 
 def _order(n: int, shuffle: bool, seed: int) -> list[int]:
@@ -273,9 +271,7 @@ def task_accuracy(model, tokenizer, task: Task, split: str = "test", batch_size:
 
     examples = task.split(split)
     if max_examples is not None:
-        if not isinstance(max_examples, int) or max_examples < 1:
-            raise UserInputError(f"max_examples={max_examples!r} must be a positive integer or None")
-        examples = examples[:max_examples]
+        examples = examples[: require_positive("max_examples", max_examples)]
     if _is_sequence_classifier(model, tokenizer):
         if task.kind != "classification":
             raise UserInputError(f"task {task.name!r} is multiple choice; a sequence-classification model cannot "

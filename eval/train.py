@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -70,17 +70,11 @@ class TrainConfig:
     log_every: int = 1  # the progress bar shows the mean loss of the last `log_every` steps
 
     def __post_init__(self):
-        def positive_int(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserInputError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-
-        positive_int("max_steps", self.max_steps)
-        positive_int("grad_accum", self.grad_accum)
-        positive_int("log_every", self.log_every)
-        positive_int("eval_every", self.eval_every, allow_none=True)
-        positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
+        for name in ("max_steps", "grad_accum", "log_every"):
+            require_positive(f"TrainConfig.{name}", getattr(self, name))
+        for name in ("eval_every", "checkpoint_every"):  # None: never
+            if getattr(self, name) is not None:
+                require_positive(f"TrainConfig.{name}", getattr(self, name))
         if not isinstance(self.seed, int):
             raise UserInputError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -172,81 +166,48 @@ def train(
       it is a list); anything else is a `UserInputError` saying what differs.
     """
     from accelerate import Accelerator
-    from accelerate.utils import send_to_device
-    from tqdm.auto import tqdm
 
     if not isinstance(config, TrainConfig):
         raise UserInputError(f"config must be a TrainConfig, got {type(config).__name__}")
     groups = _param_groups(model, param_groups)
     named_trainable = _named_trainable(model, groups)
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIRNAME if out_dir is not None else None
+    identity = _run_identity(run, train_batches) if ckpt_dir is not None else None
 
-    # Mixed precision is done with torch.autocast below rather than through Accelerator, so
-    # that the caller's model.forward is never patched and repeated calls in one process with
-    # different settings do not clash in accelerate's process-wide state.
+    # Mixed precision is done with torch.autocast (in `_optimizer_step`) rather than through
+    # Accelerator, so that the caller's model.forward is never patched and repeated calls in one
+    # process with different settings do not clash in accelerate's process-wide state.
     accelerator = Accelerator(mixed_precision="no")
-    use_bf16 = config.mixed_precision == "bf16" or (
-        config.mixed_precision == "auto" and accelerator.device.type == "cuda"
-    )
     _seed_everything(config.seed + accelerator.process_index)
-
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))
-    state = {"step": 0, "epoch": 0, "batch_index": 0, "losses": [], "eval_history": [], "step_times": []}
-    resumed_from = None
-    identity = _run_identity(run, train_batches) if ckpt_dir is not None else None
-    if ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
-        state = _load_checkpoint(ckpt_dir, named_trainable, optimizer, scheduler, config, identity)
-        resumed_from = state["step"]
+    state, resumed_from = _start_state(ckpt_dir, named_trainable, optimizer, scheduler, config, identity)
 
     # The scheduler is deliberately not prepared: accelerate would step it once per process.
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    loop = _Loop(prepared_model, prepared_optimizer, scheduler, accelerator,
+                 params=[p for g in groups for p in g["params"]], compute_loss=loss_fn or _default_loss,
+                 use_bf16=_uses_bf16(config, accelerator.device))
     unwrapped = accelerator.unwrap_model(prepared_model)
     was_training = unwrapped.training
-    compute_loss = loss_fn or _default_loss
     batches = _micro_batches(train_batches, state, config.seed, accelerator)
     if resumed_from is not None:
         _set_rng_state(state.pop("rng"), accelerator.process_index)
 
-    bar = tqdm(
-        total=config.max_steps, initial=min(state["step"], config.max_steps), desc=desc,
-        disable=not accelerator.is_local_main_process, dynamic_ncols=True,
-    )
+    bar = _progress_bar(config, state, desc, accelerator)
     prepared_model.train()
     try:
         while state["step"] < config.max_steps:
-            step = state["step"]
             start = _now(accelerator.device)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(config.grad_accum):
-                batch = send_to_device(next(batches), accelerator.device)
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = accelerator.no_sync(prepared_model) if micro < config.grad_accum - 1 else nullcontext()
-                with sync:
-                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = compute_loss(prepared_model, batch)
-                    _check_loss(loss, step)
-                    accelerator.backward(loss / config.grad_accum)
-                step_loss += loss.detach().float() / config.grad_accum
-            if config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
-            prepared_optimizer.step()
-            scheduler.step()
-            prepared_optimizer.zero_grad(set_to_none=True)
-            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            loss = _optimizer_step(loop, batches, config, state["step"])
             state["step_times"].append(_now(accelerator.device) - start)
-            state["losses"].append(mean_loss)
-            state["step"] = step = step + 1
-
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.max_steps:
-                recent = state["losses"][-config.log_every:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            last = step == config.max_steps
-            if eval_fn is not None and (last or (config.eval_every and step % config.eval_every == 0)):
-                state["eval_history"].append({"step": step, **_evaluate(unwrapped, eval_fn)})
+            state["losses"].append(loss)
+            state["step"] += 1
+            _show_loss(bar, state, config, scheduler)
+            if eval_fn is not None and _due(state["step"], config.eval_every, config):
+                state["eval_history"].append({"step": state["step"], **_evaluate(unwrapped, eval_fn)})
                 bar.set_postfix({k: _short(v) for k, v in state["eval_history"][-1].items() if k != "step"})
-            if ckpt_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            if ckpt_dir is not None and _due(state["step"], config.checkpoint_every, config):
                 _save_checkpoint(ckpt_dir, state, named_trainable, optimizer, scheduler, config, accelerator,
                                  identity)
     finally:
@@ -261,7 +222,85 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces of the loop
+# The steps of the loop
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What every optimizer step uses: the prepared (DDP-wrapped under `accelerate launch`)
+    model and optimizer, the schedule, the optimised parameters and how the loss is computed."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    params: list[nn.Parameter]
+    compute_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+    use_bf16: bool
+
+
+def _uses_bf16(config: TrainConfig, device: torch.device) -> bool:
+    return config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
+
+
+def _start_state(ckpt_dir: Path | None, named_trainable, optimizer, scheduler, config: TrainConfig,
+                 identity: dict | None) -> tuple[dict[str, Any], int | None]:
+    """(the loop's state, the step resumed from): a fresh start, or `ckpt_dir`'s checkpoint loaded
+    into the parameters, optimizer and scheduler when there is one."""
+    if ckpt_dir is not None and (ckpt_dir / "state.json").is_file():
+        state = _load_checkpoint(ckpt_dir, named_trainable, optimizer, scheduler, config, identity)
+        return state, state["step"]
+    return {"step": 0, "epoch": 0, "batch_index": 0, "losses": [], "eval_history": [], "step_times": []}, None
+
+
+def _optimizer_step(loop: _Loop, batches: Iterator[dict[str, Any]], config: TrainConfig, step: int) -> float:
+    """One optimizer step over `config.grad_accum` micro-batches; its mean loss over processes."""
+    from accelerate.utils import send_to_device
+
+    device = loop.accelerator.device
+    step_loss = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        batch = send_to_device(next(batches), device)
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        sync = loop.accelerator.no_sync(loop.model) if micro < config.grad_accum - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.use_bf16):
+                loss = loop.compute_loss(loop.model, batch)
+            _check_loss(loss, step)
+            loop.accelerator.backward(loss / config.grad_accum)
+        step_loss += loss.detach().float() / config.grad_accum
+    if config.max_grad_norm is not None:
+        loop.accelerator.clip_grad_norm_(loop.params, config.max_grad_norm)
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return loop.accelerator.reduce(step_loss, reduction="mean").item()
+
+
+def _due(step: int, every: int | None, config: TrainConfig) -> bool:
+    """Is an evaluation / checkpoint due after `step` (every `every` steps, and after the last)?"""
+    return step == config.max_steps or bool(every and step % every == 0)
+
+
+def _progress_bar(config: TrainConfig, state: dict[str, Any], desc: str, accelerator):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.max_steps, initial=min(state["step"], config.max_steps), desc=desc,
+        disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+    )
+
+
+def _show_loss(bar, state: dict[str, Any], config: TrainConfig, scheduler) -> None:
+    bar.update(1)
+    step = state["step"]
+    if step % config.log_every == 0 or step == config.max_steps:
+        recent = state["losses"][-config.log_every:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop: loss, parameters, data, evaluation
 
 
 def _default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
