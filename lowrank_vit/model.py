@@ -13,6 +13,7 @@ reductions and classifier / LM heads are not in blocks and are never touched.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -149,8 +150,35 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
         raise UserInputError("no calibration batches were given; expected at least one batch of images or token ids")
     samples = sum(batch_size_of(b) for b in batches)
     params_before = count_weights(model)
-    layers = {name: model.get_submodule(name) for name in targets}
 
+    layers, stats, unused = _calibrate(model, targets, batches, input_stats, progress)
+    _check_enough_tokens(stats, layers, samples)
+    order = sorted(layers, key=lambda n: stats[n].order)
+    with torch.no_grad():
+        decomps = {n: decompose(config.method, layers[n].weight, stats[n]) for n in order}
+    budget_params, ranks = _allocate_ranks(config, layers, decomps)
+
+    # Compensation refits each layer to the dense model's outputs: keep a dense copy for it.
+    dense_model = copy.deepcopy(model) if config.compensates and any(r is not None for r in ranks.values()) else None
+    generator = torch.Generator().manual_seed(config.seed)  # the residual terms' initialisation, in order
+    layer_reports = {name: _factorise(model, name, targets[name], decomps[name], ranks[name], stats[name],
+                                      config.effective_residual_rank, generator) for name in order}
+    if dense_model is not None:
+        _compensate(model, dense_model, order, batches, config, progress, layer_reports)
+        del dense_model
+    _finish_layers(model, order, config, stats)
+
+    report = _report(config, budget_params, layer_reports, params_before, count_weights(model), samples, stats, unused)
+    report["compress_time_s"] = time.perf_counter() - start
+    adopt(model, report)  # a transformers model now saves (save_pretrained) and loads (Auto classes) as low-rank
+    return report
+
+
+def _calibrate(model: nn.Module, targets: dict[str, str], batches: list, input_stats: dict | None,
+               progress: bool) -> tuple[dict[str, nn.Module], dict, list[str]]:
+    """(targeted layers, their input statistics, the unused ones left out): collected over
+    `batches`, or taken from `input_stats`. A layer no forward pass calls is left dense."""
+    layers = {name: model.get_submodule(name) for name in targets}
     if input_stats is None:
         stats = collect_input_statistics(model, layers, batches, ("xtx", "abs_mean"), progress=progress)
     else:
@@ -159,64 +187,69 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
             raise UserInputError(f"input_stats lacks targeted layers {missing[:3]}; collect them for this model and targets")
         stats = {n: input_stats[n] for n in layers}
     unused = [n for n, s in stats.items() if s.count == 0]
-    for name in unused:  # never called in a forward pass: nothing to calibrate on, leave dense
-        del targets[name], layers[name], stats[name]
-    _check_enough_tokens(stats, layers, samples)
-    order = sorted(targets, key=lambda n: stats[n].order)
+    for name in unused:  # never called in a forward pass: nothing to calibrate on
+        del layers[name], stats[name]
+    return layers, stats, unused
 
+
+def _allocate_ranks(config: MixedRankConfig, layers: dict[str, nn.Module], decomps: dict) -> tuple[int, dict]:
+    """(the parameter budget, {layer: rank or None for dense}): greedy over the whitened gains
+    for aa-mixed, the same fraction in every layer otherwise."""
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
-    residual = config.effective_residual_rank
-    with torch.no_grad():
-        decomps = {n: decompose(config.method, layers[n].weight, stats[n]) for n in order}
     budget_params = budget(shapes, config.keep)
     if config.method == "aa-mixed":
         gains = {n: d.normalized_gains() for n, d in decomps.items()}
-        ranks = greedy_ranks(shapes, gains, budget_params, residual, config.min_rank)
+        return budget_params, greedy_ranks(shapes, gains, budget_params, config.effective_residual_rank, config.min_rank)
+    return budget_params, uniform_ranks(shapes, config.keep, config.min_rank)
+
+
+def _factorise(model: nn.Module, name: str, role: str, decomp, rank: int | None, stats, residual: int,
+               generator: torch.Generator) -> dict:
+    """Replace linear `name` by its rank-`rank` `LowRankLinear` (none when `rank` is None); its report entry."""
+    dense = model.get_submodule(name)
+    shape = (dense.out_features, dense.in_features)
+    entry = {"role": role, "shape": list(shape), "rank": rank, "residual_rank": 0, "params_dense": shape[0] * shape[1]}
+    if rank is None:
+        entry.update(params=entry["params_dense"], output_error=0.0)
     else:
-        ranks = uniform_ranks(shapes, config.keep, config.min_rank)
+        up, down = decomp.factors(rank)
+        with torch.no_grad():
+            entry["output_error"] = output_error(dense.weight, up @ down, stats.xtx)
+        bias = dense.bias.detach() if dense.bias is not None else None
+        new = LowRankLinear.from_factors(up.to(dense.weight), down.to(dense.weight), bias, residual, generator)
+        new.train(dense.training)
+        _replace(model, name, new)
+        entry.update(residual_rank=residual, params=new.weight_parameters())
+    if decomp.jitter:
+        entry["cholesky_jitter"] = decomp.jitter
+    return entry
 
-    dense_model = None
-    if config.compensates and any(r is not None for r in ranks.values()):
-        import copy
 
-        dense_model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(config.seed)
-    layer_reports = {}
-    for name in order:
-        dense, rank = layers[name], ranks[name]
-        entry = {"role": targets[name], "shape": list(shapes[name]), "rank": rank, "residual_rank": 0,
-                 "params_dense": shapes[name][0] * shapes[name][1]}
-        if rank is None:
-            entry.update(params=entry["params_dense"], output_error=0.0)
-        else:
-            up, down = decomps[name].factors(rank)
-            with torch.no_grad():
-                entry["output_error"] = output_error(dense.weight, up @ down, stats[name].xtx)
-            bias = dense.bias.detach() if dense.bias is not None else None
-            new = LowRankLinear.from_factors(up.to(dense.weight), down.to(dense.weight), bias, residual, generator)
-            new.train(dense.training)
-            _replace(model, name, new)
-            entry.update(residual_rank=residual, params=new.weight_parameters())
-        if decomps[name].jitter:
-            entry["cholesky_jitter"] = decomps[name].jitter
-        layer_reports[name] = entry
+def _compensate(model: nn.Module, dense_model: nn.Module, order: list[str], batches: list,
+                config: MixedRankConfig, progress: bool, layer_reports: dict) -> None:
+    """Sequential layer-wise error compensation; each layer's before / after error goes in its entry."""
+    results = compensate_sequential(model, dense_model, order, batches, config.compensate_steps, config.lr,
+                                    config.compensate_factors, config.seed, progress, config.refit)
+    for name, r in results.items():
+        layer_reports[name]["compensation"] = {"error_before": r.error_before, "error_after": r.error_after,
+                                               "reverted": r.reverted}
 
-    if dense_model is not None:
-        results = compensate_sequential(model, dense_model, order, batches, config.compensate_steps, config.lr,
-                                        config.compensate_factors, config.seed, progress, config.refit)
-        for name, r in results.items():
-            layer_reports[name]["compensation"] = {"error_before": r.error_before, "error_after": r.error_after, "reverted": r.reverted}
-        del dense_model
+
+def _finish_layers(model: nn.Module, order: list[str], config: MixedRankConfig, stats: dict) -> None:
+    """Merge the residual terms (exact: one pair of thin matmuls at inference), then int8 if asked."""
     for name in order:
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
-            module.merge_residual()  # exact: one pair of thin matmuls at inference
+            module.merge_residual()
     if config.int8:
         quantize_factors_int8(model, {n: stats[n].xtx / stats[n].count for n in order})
 
+
+def _report(config: MixedRankConfig, budget_params: int, layer_reports: dict, params_before: int,
+            params_after: int, samples: int, stats: dict, unused: list[str]) -> dict:
     targeted_before = sum(e["params_dense"] for e in layer_reports.values())
     targeted_after = sum(e["params"] for e in layer_reports.values())
-    report = {
+    return {
         "method": config.method,
         "config": config.to_dict(),
         "budget": budget_params,
@@ -224,16 +257,13 @@ def compress(model: nn.Module, calib_batches, config: MixedRankConfig, progress:
         "targeted_params_after": targeted_after,
         "keep_achieved": targeted_after / targeted_before,
         "params_before": params_before,
-        "params_after": count_weights(model),
+        "params_after": params_after,
         "calib_samples": samples,
         "calib_tokens_per_layer": min(s.count for s in stats.values()),
         "ranks": {n: ("dense" if e["rank"] is None else e["rank"] + e["residual_rank"]) for n, e in layer_reports.items()},
         "layers": layer_reports,
         "skipped_unused_layers": unused,
-        "compress_time_s": time.perf_counter() - start,
     }
-    adopt(model, report)  # a transformers model now saves (save_pretrained) and loads (Auto classes) as low-rank
-    return report
 
 
 def _check_enough_tokens(stats, layers, samples: int) -> None:
