@@ -27,7 +27,6 @@ set-up (model loading, data) is finished and the measured work starts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eval.bnb import kernel_path, logical_numel, quant_state, quant_state_tensors
 from eval.errors import UserInputError
 
 if TYPE_CHECKING:  # torch is imported where used, so a fresh worker process starts fast
@@ -52,43 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Parameters
 
 
-def _quant_state(p: torch.Tensor):
-    """bitsandbytes 4-bit parameters carry a QuantState (with the logical `.shape`) once quantized."""
-    qs = getattr(p, "quant_state", None)
-    return qs if qs is not None and hasattr(qs, "shape") else None
-
-
-def _logical_numel(p: torch.Tensor) -> int:
-    qs = _quant_state(p)
-    if qs is not None:
-        # the packed uint8 tensor holds two 4-bit elements per byte; the quant state knows the shape
-        return math.prod(qs.shape)
-    return p.numel()
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones once); a 4-bit weight counts its logical elements."""
-    return sum(_logical_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _is_tensor(value) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
-def _quant_state_tensors(qs, seen: set[int] | None = None) -> list[torch.Tensor]:
-    """Every tensor a QuantState holds (absmax, code, offset, and the nested state's)."""
-    seen = set() if seen is None else seen
-    if id(qs) in seen:
-        return []
-    seen.add(id(qs))
-    tensors = []
-    for value in vars(qs).values():
-        if _is_tensor(value):
-            tensors.append(value)
-        elif value is not None and hasattr(value, "absmax"):  # nested QuantState (state2)
-            tensors.extend(_quant_state_tensors(value, seen))
-    return tensors
+    return sum(logical_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -109,9 +75,9 @@ def parameter_bytes(model: nn.Module) -> int:
 
     for p in model.parameters():
         add(p)
-        qs = _quant_state(p)
+        qs = quant_state(p)
         if qs is not None:
-            for t in _quant_state_tensors(qs):
+            for t in quant_state_tensors(qs).values():
                 add(t)
     return sum(storages.values())
 
@@ -177,26 +143,6 @@ def _cpuinfo() -> tuple[str | None, list[str]]:
     return model or platform.processor() or None, [f for f in VECTOR_FLAGS if f in flags]
 
 
-def _bnb_4bit_path(torch) -> str | None:
-    """Which bitsandbytes kernels run 4-bit layers here, as far as can be told without a model:
-    CUDA; on CPU the AVX512-BF16 kernel (inference forwards, weights repacked), the native CPU
-    library (dequantize, then a torch matmul), or its pure-torch fallback. None without bitsandbytes."""
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
-        from bitsandbytes.functional import has_avx512bf16
-    except Exception:  # not installed, or it failed to load: reports still get written
-        return None
-    version = getattr(bnb, "__version__", "?")
-    if torch.cuda.is_available():
-        return f"bitsandbytes {version}: CUDA kernels"
-    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
-        return f"bitsandbytes {version}: pure-torch CPU fallback (native library not loaded)"
-    if has_avx512bf16():
-        return f"bitsandbytes {version}: AVX512-BF16 CPU kernel (inference), native CPU dequantize (training)"
-    return f"bitsandbytes {version}: native CPU dequantize + torch matmul (no AVX512-BF16 kernel)"
-
-
 def machine_info() -> dict[str, Any]:
     """What a timing depends on, for every report: CPU model and vector extensions, torch's
     CPU kernel level and threads, bitsandbytes' 4-bit path, the GPU if any. Plain JSON."""
@@ -211,7 +157,7 @@ def machine_info() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "bnb_4bit_path": _bnb_4bit_path(torch),
+        "bnb_4bit_path": kernel_path(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),

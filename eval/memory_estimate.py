@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from eval.bnb import nf4_bytes_per_weight
 from eval.errors import UserInputError
-from eval.models import nf4_bytes_per_weight
 
 GB = 1e9
 METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")

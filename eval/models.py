@@ -28,6 +28,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from eval.bnb import (
+    avoid_bnb_cpu_repacking_failure,
+    check_bitsandbytes_cuda,
+    is_4bit_linear,
+    mark_loaded_in_nf4,
+    nf4_bytes_per_weight,
+    nf4_config,
+    replace_linears_with_nf4,
+    set_random_nf4_weight,
+)
 from eval.errors import UserInputError
 
 QUANTIZE_CHOICES = (None, "nf4")
@@ -183,15 +193,6 @@ def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype | str:
     raise UserInputError(f"dtype={dtype!r} is not supported; expected one of float32, bfloat16, float16, auto")
 
 
-# How to get bitsandbytes onto a machine without network (scripts/gpu_check.sh, README "GPUs").
-BNB_HOW_TO_PROVIDE = (
-    "on a machine with network run `bash scripts/gpu_check.sh --prepare-wheels` (it writes a "
-    "bitsandbytes wheel holding the CUDA 13 library to build/gpu-wheels/) and carry that folder "
-    "here, then run scripts/gpu_check.sh (it installs the wheel); or `pip install bitsandbytes` "
-    "where there is network"
-)
-
-
 def resolve_device(device, four_bit: bool = False) -> torch.device:
     """The one check of a device name: 'cpu', 'cuda' or 'cuda:N' that exists here.
 
@@ -215,46 +216,6 @@ def resolve_device(device, four_bit: bool = False) -> torch.device:
     if four_bit and dev.type == "cuda":
         check_bitsandbytes_cuda()
     return dev
-
-
-def check_bitsandbytes_cuda(cuda_version: str | None = None, package_dir: Path | None = None) -> Path:
-    """The bitsandbytes CUDA library this torch will load; `UserInputError` if there is none.
-
-    bitsandbytes picks `libbitsandbytes_cuda<MAJOR><MINOR>.so` for torch's CUDA version, or the
-    nearest one of the same major version. `cuda_version` (default `torch.version.cuda`) and
-    `package_dir` (default the installed bitsandbytes) are parameters so the check can be tested.
-    """
-    cuda_version = cuda_version or torch.version.cuda
-    if cuda_version is None:
-        raise UserInputError("bitsandbytes' CUDA kernels need a CUDA build of torch; this one is CPU-only")
-    if package_dir is None:
-        try:
-            import bitsandbytes
-        except ImportError as e:
-            raise UserInputError(
-                f"bitsandbytes is not installed (import failed: {e}); the 4-bit methods (qlora, qst) need it "
-                f"on CUDA. To provide it: {BNB_HOW_TO_PROVIDE}"
-            ) from e
-        package_dir = Path(bitsandbytes.__file__).parent
-    major = cuda_version.split(".")[0]
-    found = sorted(Path(package_dir).glob(f"libbitsandbytes_cuda{major}[0-9]*.so"))
-    if not found:
-        present = sorted(p.name for p in Path(package_dir).glob("libbitsandbytes_*.so")) or ["none"]
-        raise UserInputError(
-            f"bitsandbytes in {package_dir} has no CUDA {major}.x library (torch uses CUDA {cuda_version}; "
-            f"expected libbitsandbytes_cuda{major}*.so, found: {', '.join(present)}). "
-            f"To provide it: {BNB_HOW_TO_PROVIDE}"
-        )
-    return found[-1]
-
-
-def _nf4_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +382,7 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
     _verify_weight_files(source, what)
     kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
     if quantize == "nf4":
-        kwargs["quantization_config"] = _nf4_config()
+        kwargs["quantization_config"] = nf4_config()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev),
                                                            output_loading_info=True, **kwargs)
@@ -458,22 +419,6 @@ def _check_loading_info(info: dict, source: str, what: str) -> None:
                                                                     sorted(unexpected), mismatched))
     if errors:
         raise UserInputError(f"{what}: could not load the weights of {source!r}: {str(errors[0]).splitlines()[0]}")
-
-
-def avoid_bnb_cpu_repacking_failure(model: nn.Module) -> None:
-    """Keep NF4 layers that bitsandbytes 0.50 cannot repack for its CPU kernel on the generic path.
-
-    On a CPU with AVX512-BF16, `Linear4bit` repacks its weight on the first inference-mode
-    forward; that repacking fails (AssertionError / RuntimeError from inside bitsandbytes) unless
-    out_features is a multiple of 32 and in_features a multiple of the quantization block (64).
-    Such layers keep the generic 4-bit path: same weights, same result, no repacking.
-    """
-    for module in model.modules():
-        if not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        block = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or 64
-        if module.out_features % 32 or module.in_features % block:
-            module.support_avx512bf16_for_cpu = False
 
 
 def _ensure_pad_token(model, tokenizer) -> None:
@@ -609,26 +554,13 @@ def build_model_from_arch(arch: str, dtype=None, device="cpu", quantize=None, vo
 
 
 def _build_nf4(config, dtype: torch.dtype, device: torch.device):
-    import bitsandbytes as bnb
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    quant_config = _nf4_config()
-    model = _empty_model(config, dtype)
-    # The same modules from_pretrained keeps in full precision (output head, tied weights).
-    keep = get_keys_to_not_convert(model)
-    model = replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=quant_config)
+    quant_config = nf4_config()
+    model = replace_linears_with_nf4(_empty_model(config, dtype), quant_config)
     std = getattr(config, "initializer_range", 0.02)
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # [out, in] random weight, quantized as soon as it lands on the device
-            w = torch.empty(module.out_features, module.in_features, dtype=torch.bfloat16, device=device).normal_(0, std)
-            module.weight = bnb.nn.Params4bit(
-                w, requires_grad=False, quant_type="nf4", compress_statistics=True,
-                quant_storage=quant_config.bnb_4bit_quant_storage, module=module,
-            ).to(device)
-            del w
+        if is_4bit_linear(module):
+            set_random_nf4_weight(module, std, device, quant_config)  # [out, in], quantized on the device
             if module.bias is not None:
                 module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device))
             continue
@@ -637,9 +569,7 @@ def _build_nf4(config, dtype: torch.dtype, device: torch.device):
                 continue
             module._parameters[name] = nn.Parameter(_random_like(module, name, p, dtype, device, std), requires_grad=p.requires_grad)
     model.tie_weights()  # tied heads (OPT) point at the materialised embedding again
-    model.is_loaded_in_4bit = True
-    model.config.quantization_config = quant_config
-    avoid_bnb_cpu_repacking_failure(model)
+    mark_loaded_in_nf4(model, quant_config)
     return model
 
 
@@ -655,12 +585,6 @@ def _random_like(module: nn.Module, name: str, p: torch.Tensor, dtype, device, s
     else:
         t.zero_()
     return t
-
-
-def nf4_bytes_per_weight() -> float:
-    """Bytes per NF4 weight with double quantization: 4 bits + an 8-bit absmax per 64 weights,
-    whose fp32 scale is shared by 256 absmax values (QLoRA: 4 + 8/64 + 32/(64*256) bits)."""
-    return (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import nn
 
+from eval.bnb import quantization_of
 from eval.errors import UserInputError
 
 
@@ -85,23 +86,13 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def detect_quantization(model: nn.Module) -> str | None:
-    if getattr(model, "is_loaded_in_4bit", False):
-        qc = getattr(model.config, "quantization_config", None)
-        qtype = qc.get("bnb_4bit_quant_type") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_quant_type", None)
-        return str(qtype or "nf4")
-    if getattr(model, "is_loaded_in_8bit", False):
-        return "int8"
-    return None
-
-
 def load_backbone(base, quantize, dtype, device):
     """(model, tokenizer or None, name or path, quantization actually in use)."""
     if isinstance(base, nn.Module):
         config = getattr(base, "config", None)
         if config is None:
             raise UserInputError(f"QST needs a transformers decoder-only causal LM, got {type(base).__name__}")
-        return base, None, getattr(config, "_name_or_path", None) or None, detect_quantization(base)
+        return base, None, getattr(config, "_name_or_path", None) or None, quantization_of(base)
     if not isinstance(base, (str, os.PathLike)):
         raise UserInputError(f"base must be a model name, a path or a loaded model, got {type(base).__name__}")
     from eval.models import load_causal_lm

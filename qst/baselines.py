@@ -163,8 +163,7 @@ def _qlora(model, config):
 def _side_tuning(model, config):
     from qst import QSTConfig, QSTForCausalLM
 
-    quantize = "nf4" if getattr(model, "is_loaded_in_4bit", False) else None
-    return QSTForCausalLM.from_base(model, QSTConfig(**config.qst_options), quantize=quantize)
+    return QSTForCausalLM.from_base(model, QSTConfig(**config.qst_options))  # records the model's own quantization
 
 
 def _prefix(model, config):

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eval.bnb import cpu_packed, quant_state, quant_state_tensors
+
 FORMAT_VERSION = 1
 _SAMPLE = 4096
 # torch dtype -> (numpy storage dtype, name); 16-bit floats travel as their raw bits.
@@ -82,23 +84,15 @@ def backbone_fingerprint(model: torch.nn.Module, name_or_path: str | None, quant
     tensors = dict(model.named_buffers())
     for name, p in model.named_parameters():
         tensors[name] = p
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None:
-            h.update(f"|{name}:cpu-packed={getattr(quant_state, 'packing_format_for_cpu', False)}".encode())
-            for part, t in _quant_state_tensors(quant_state).items():
+        qs = quant_state(p)
+        if qs is not None:
+            h.update(f"|{name}:cpu-packed={cpu_packed(qs)}".encode())
+            for part, t in quant_state_tensors(qs).items():
                 tensors[f"{name}.{part}"] = t
     for name, tensor in sorted(tensors.items()):
         h.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(_sample_bytes(tensor))
     return h.hexdigest()[:32]
-
-
-def _quant_state_tensors(quant_state) -> dict[str, torch.Tensor]:
-    parts = {"absmax": quant_state.absmax, "code": quant_state.code, "offset": getattr(quant_state, "offset", None)}
-    state2 = getattr(quant_state, "state2", None)
-    if state2 is not None:
-        parts.update({"absmax2": state2.absmax, "code2": state2.code})
-    return {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
 
 
 def _sample_bytes(tensor: torch.Tensor) -> bytes:

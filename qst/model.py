@@ -29,15 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.bnb import avoid_bnb_cpu_repacking_failure, quantization_of
+from eval.bnb import dense_weight as _dense_weight  # noqa: F401 - tests/test_architectures.py imports it from here
 from eval.errors import UserInputError
-from eval.models import avoid_bnb_cpu_repacking_failure
-from qst.backbone import (
-    BackboneSpec,
-    detect_quantization,
-    inspect_backbone,
-    load_backbone,
-    module_device,
-)
+from qst.backbone import BackboneSpec, inspect_backbone, load_backbone, module_device
 from qst.cache import (
     BackboneFeatureCache,
     BackboneFeatures,
@@ -48,7 +43,6 @@ from qst.config import QSTConfig
 from qst.generation import QSTCache, QSTGenerationCache, QSTGenerationMixin
 from qst.layer import SideBlockSpec, SideNetwork
 from qst.side_init import (
-    _dense_weight,  # noqa: F401 - tests/test_architectures.py imports it from here
     init_side_from_pruned_backbone,
     pruned_block_spec,
     random_block_spec,
@@ -89,7 +83,7 @@ class _QSTModel(nn.Module):
             num_blocks=len(self.side_layer_indices),
         ).to(module_device(backbone))
         self.base_name_or_path = base_name_or_path or getattr(backbone.config, "_name_or_path", None) or None
-        self.quantize = quantize if quantize is not None else detect_quantization(backbone)
+        self.quantize = quantize if quantize is not None else quantization_of(backbone)
         self.tokenizer = tokenizer
         self.feature_cache: BackboneFeatureCache | None = None
         forward_params = inspect.signature(backbone.base_model.forward).parameters

@@ -4,7 +4,7 @@
 backbone (width d / r, the backbone's head count). `side_init="pruned"` (`pruned_block_spec`,
 `init_side_from_pruned_backbone`) copies each fed backbone layer into its side block, pruned to
 the side width by weight-norm importance; it reads the backbone's weights by name through
-`eval.architectures`, the only QST code that does.
+`eval.architectures` (4-bit ones dequantized by `eval.bnb`), the only QST code that does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from eval import architectures as arch
 from eval.architectures import DecoderLayout
+from eval.bnb import dense_weight
 from eval.errors import UserInputError
 from qst.backbone import BackboneSpec
 from qst.config import POOLING_DOWNSAMPLERS, QSTConfig
@@ -83,36 +84,6 @@ def pruned_block_spec(config: QSTConfig, spec: BackboneSpec, backbone: nn.Module
     )
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """A linear layer's weight in float32 [out, in]; 4-bit weights are dequantized (one layer at a time)."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.detach().float()
-    if not getattr(quant_state, "packing_format_for_cpu", False):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
-    # bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference pass; read
-    # that layout back through the layer itself: row i of W^T is the layer applied to e_i.
-    return _weight_by_probing(module).float()
-
-
-@torch.no_grad()
-def _weight_by_probing(module: nn.Module, chunk: int = 1024) -> torch.Tensor:
-    in_features = module.in_features
-    dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
-    device = module.weight.device
-    columns = []
-    for start in range(0, in_features, chunk):
-        eye = torch.eye(in_features, dtype=dtype, device=device)[start:start + chunk]
-        out = module(eye).float()
-        if getattr(module, "bias", None) is not None:
-            out = out - module.bias.float()
-        columns.append(out)
-    return torch.cat(columns).T.contiguous()  # [out, in]
-
-
 def _bias(module: nn.Module) -> torch.Tensor | None:
     return module.bias.detach().float() if getattr(module, "bias", None) is not None else None
 
@@ -132,7 +103,7 @@ def _block_weights(layer: nn.Module, layout: DecoderLayout, config) -> dict[str,
     for role in _PROJECTIONS:
         if getattr(layout, role):
             module = layer.get_submodule(getattr(layout, role))
-            found[role] = (_dense_weight(module), _bias(module))
+            found[role] = (dense_weight(module), _bias(module))
     if "qkv" in found:
         heads, kv = arch.head_counts(config, layout)
         hd = found["qkv"][0].shape[0] // (heads + 2 * kv)

@@ -275,9 +275,9 @@ def test_pruned_init_copies_backbone_weights(request, name, blocks):
     assert spec.ffn_kind == ("plain" if name == "opt" else "gated")
     up_name = "fc1" if name == "opt" else "mlp.up_proj"
     layer = (model.model.decoder.layers if name == "opt" else model.model.layers)[0]
-    from qst.side_init import _dense_weight
+    from eval.bnb import dense_weight
 
-    dense = _dense_weight(layer.get_submodule(up_name))
+    dense = dense_weight(layer.get_submodule(up_name))
     side_up = qst.side.blocks[0].mlp.up_proj.weight
     # every side weight is one of the backbone's weights (a sub-matrix)
     assert torch.isin(side_up.detach(), dense).all()
