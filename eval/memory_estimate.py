@@ -377,6 +377,14 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def check_seq(config, seq: int, name: str) -> None:
+    """--seq must fit the model's context (`max_position_embeddings`), when it declares one."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seq > context:
+        raise UserInputError(f"--seq {seq} is longer than {name}'s context of {context} tokens "
+                             f"(max_position_embeddings); use --seq {context} or less")
+
+
 def fits(estimate: dict, available_bytes: float) -> bool:
     """Whether an estimate fits in `available_bytes` (used by bench before it starts)."""
     return math.isfinite(estimate["total_bytes"]) and estimate["total_bytes"] <= available_bytes

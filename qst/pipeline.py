@@ -1,0 +1,277 @@
+"""`slimtune tune` end to end: load the backbone, wrap it with a side network, train it on a task,
+score it before and after, save it, and report what it cost.
+
+    report = run_tune(TuneSettings(task="TASK", qst=QSTConfig(r=16)), "runs/qst-TASK")
+
+writes into OUT: the side network (`qst_config.json`, `side_network.safetensors`; load it with
+`qst.QSTForCausalLM.from_pretrained(OUT)`), `tune_report.json` / `.md`, `loss.png`, and the
+training checkpoint (`checkpoint/`: a rerun with the same settings resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.errors import UserInputError
+from eval.train import TrainConfig
+from qst.config import QSTConfig
+
+METHODS = {"qst": "nf4", "lst": None}  # method -> backbone quantization
+HEADS = ("lm", "classifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """One tuning run (validated on construction).
+
+    - `method`: "qst" (NF4 backbone) or "lst" (the same side network on an unquantized backbone).
+    - `model`: "ref-lm", a local model directory or a hub id; `task`: a name `eval.tasks.load_task` knows.
+    - `head`: "lm" learns the answer text with the frozen LM head; "classifier" trains a fresh
+      score head (classification tasks only).
+    - `batch` x `seq`: examples per step and tokens per example; `train_examples`: train on a
+      fixed random subset of this many (None: the whole train split).
+    - `eval_examples`: cap on test examples (None: all); `eval_batch`; `skip_before`: no accuracy
+      before training.
+    - `device`: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...; `fit_check`: refuse a
+      run the memory estimate says will not fit.
+    - `cache_backbone`: store the backbone's hidden states on disk in the first epoch (in
+      `cache_dir`, default $SLIMTUNE_CACHE/qst-features); later epochs run only the side network.
+    """
+
+    task: str
+    method: str = "qst"
+    model: str = "ref-lm"
+    head: str = "lm"
+    batch: int = 8
+    seq: int = 128
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    eval_batch: int = 8
+    skip_before: bool = False
+    device: str = "auto"
+    fit_check: bool = True
+    cache_backbone: bool = False
+    cache_dir: str | Path | None = None
+    qst: QSTConfig = dataclasses.field(default_factory=QSTConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserInputError(f"TuneSettings.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.head not in HEADS:
+            raise UserInputError(f"TuneSettings.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        for name in ("batch", "seq", "eval_batch", "train_examples"):  # eval_examples: task_accuracy checks it
+            value = getattr(self, name)
+            if value is None and name == "train_examples":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"TuneSettings.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.qst, QSTConfig) or not isinstance(self.train, TrainConfig):
+            raise UserInputError("TuneSettings.qst must be a QSTConfig and TuneSettings.train a TrainConfig")
+
+    @property
+    def quantize(self) -> str | None:
+        return METHODS[self.method]
+
+
+def run_tune(settings: TuneSettings, out) -> dict[str, Any]:
+    """Train a side network as `settings` say; write it and its report to `out`; return the report.
+
+    `out` follows `eval.io.prepare_output_dir`: new, empty, or an earlier tune output (whose
+    checkpoint a run with the same settings resumes); nothing else in it is ever deleted.
+    """
+    from eval.io import prepare_output_dir
+
+    with prepare_output_dir(out, "tune", signature="tune_report.json"):
+        return _run_tune(settings, Path(out))
+
+
+def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
+    from eval.measure import count_parameters, machine_info, parameter_bytes, peak_memory
+    from eval.models import load_causal_lm
+    from eval.train import train
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    task = _load_task(s)
+    backbone, tokenizer = load_causal_lm(s.model, quantize=s.quantize, device=device)
+    _check_fits(s, backbone.config, device)  # before any training memory is taken
+    model, batches = _wrap(s, backbone, tokenizer, task)
+    if s.cache_backbone:
+        model.enable_feature_cache(s.cache_dir)
+
+    def accuracy() -> float:
+        from eval.tasks import task_accuracy
+
+        model.eval()
+        with torch.no_grad():
+            return task_accuracy(model, tokenizer, task, split="test", batch_size=s.eval_batch,
+                                 max_examples=s.eval_examples)
+
+    # Everything that defines the run: a checkpoint made with anything else is not resumed.
+    run_description = {"command": "tune", "method": s.method, "model": str(s.model), "task": task.name,
+                       "head": s.head, "batch": s.batch, "seq": s.seq, "seed": s.train.seed,
+                       "train_examples": s.train_examples, "qst_config": s.qst.to_dict()}
+    before = None if s.skip_before else accuracy()
+    result = {}
+
+    def fit():
+        result["train"] = train(model, batches, s.train, out_dir=out, desc=f"{s.method} {task.name}",
+                                run=run_description, param_groups=model.parameter_groups(s.train.lr))
+
+    start = time.perf_counter()
+    peak = peak_memory(fit, device)
+    train_seconds = time.perf_counter() - start
+    after = accuracy()
+    model.save_pretrained(out)
+
+    history = result["train"]
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    per_epoch = len(batches)
+    first, later = history.step_times[:per_epoch], history.step_times[per_epoch:]
+    report = {
+        "method": s.method, "model": s.model, "task": task.name, "head": s.head,
+        "quantize": s.quantize, "device": device, "qst_config": s.qst.to_dict(), "train_config": s.train.to_dict(),
+        "batch": s.batch, "seq": s.seq, "train_examples": len(task.train), "train_batches_per_epoch": per_epoch,
+        "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
+        "backbone_bytes": parameter_bytes(model.backbone),
+        "accuracy_before": before, "accuracy_after": after,
+        "losses": history.losses, "steps": history.steps, "resumed_from": history.resumed_from,
+        "peak_memory_bytes": peak,
+        "process_peak_rss_bytes": _process_peak_rss(),
+        "peak_memory_method": "torch.cuda.max_memory_allocated" if device.startswith("cuda")
+        else "peak RSS growth during training (this process)",
+        "median_step_time_s": history.median_step_time,
+        "median_step_time_first_epoch_s": statistics.median(first) if first else None,
+        "median_step_time_later_epochs_s": statistics.median(later) if later else None,
+        "train_seconds": train_seconds,
+        "feature_cache": model.feature_cache.stats() if model.feature_cache is not None else None,
+        "machine": machine_info(),
+    }
+    _write_report(out, report)
+    return report
+
+
+def _load_task(s: TuneSettings):
+    from eval.tasks import load_task
+
+    task = load_task(s.task)
+    if s.train_examples is not None:
+        subset = random.Random(s.train.seed).sample(task.train, min(s.train_examples, len(task.train)))
+        task = dataclasses.replace(task, train=subset)
+    if s.head == "classifier" and task.kind != "classification":
+        raise UserInputError(f"--head classifier needs a classification task; {task.name} is {task.kind}")
+    return task
+
+
+def _wrap(s: TuneSettings, backbone, tokenizer, task):
+    """The QST model for `s.head` on the loaded backbone, and the shuffled training batches."""
+    from eval.tasks import classification_batches, lm_batches
+    from qst.model import QSTForCausalLM, QSTForSequenceClassification
+
+    if s.head == "classifier":
+        model = QSTForSequenceClassification.from_base(backbone, s.qst, base_name_or_path=s.model,
+                                                       num_labels=len(task.labels))
+        return model, classification_batches(task.train, tokenizer, s.batch, s.seq, shuffle=True, seed=s.train.seed)
+    model = QSTForCausalLM.from_base(backbone, s.qst, base_name_or_path=s.model)
+    return model, lm_batches(task, "train", tokenizer, s.batch, s.seq, shuffle=True, seed=s.train.seed)
+
+
+def _check_fits(s: TuneSettings, model_config, device: str) -> None:
+    """Refuse a sequence beyond the model's context, and a run the memory estimate says will not fit."""
+    from eval.memory_estimate import check_seq, estimate_memory, fits
+
+    check_seq(model_config, s.seq, s.model)
+    if not s.fit_check:
+        return
+    try:
+        estimate = estimate_memory(model_config, s.method, batch=s.batch, seq=s.seq,
+                                   dtype="bfloat16" if s.quantize else "float32", device=device,
+                                   qst_reduction=s.qst.r, qst_adapter_rank=s.qst.adapter_rank)
+    except UserInputError:
+        return  # a side-network setting the estimate cannot model: QSTConfig says what is wrong
+    available = _available_bytes(device)
+    if available is not None and not fits(estimate, 0.9 * available):
+        raise UserInputError(f"batch {s.batch} x seq {s.seq} will not fit on {device}: the memory estimate is "
+                             f"{estimate['total_gb']:.2f} GB, only {available / 1e9:.2f} GB is free; use a smaller "
+                             "--batch or --seq, or --no-fit-check to try anyway")
+
+
+def _available_bytes(device: str) -> int | None:
+    import psutil
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+    return psutil.virtual_memory().available
+
+
+def _process_peak_rss() -> int | None:
+    """Peak resident memory of this whole process so far (backbone, data, training, evaluation)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line: accuracy before and after, trainable parameters, peak memory, step time."""
+    trainable, total = report["trainable_parameters"], report["total_parameters"]
+    return (f"{report['method']} on {report['task']}: accuracy {_fmt(report['accuracy_before'])} -> "
+            f"{_fmt(report['accuracy_after'])}, {trainable:,} trainable parameters ({100 * trainable / total:.2f} %), "
+            f"peak memory {report['peak_memory_bytes'] / 2**20:.1f} MiB, "
+            f"median step {report['median_step_time_s'] * 1e3:.1f} ms")
+
+
+def _mix(qst: dict) -> str:
+    if qst.get("output_mix") != "paper":
+        return str(qst.get("output_mix"))
+    return f"paper (alpha_init {qst['alpha_init']}, alpha_lr {qst['alpha_lr']})"
+
+
+def _mib(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.0f} MiB"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _write_report(out: Path, data: dict) -> None:
+    from eval.measure import machine_line
+    from eval.report import line_chart, write_report
+
+    ms = lambda s: "n/a" if s is None else f"{s * 1e3:.1f} ms"  # noqa: E731
+    cache = data["feature_cache"]
+    lines = [
+        f"# {data['method'].upper()} on {data['task']} ({data['model']})", "",
+        "| | |", "|---|---|",
+        f"| backbone | {data['model']} ({data['quantize'] or 'unquantized'}, {data['backbone_bytes'] / 2**20:.1f} MiB) |",
+        f"| side network | r={data['qst_config']['r']}, downsample={data['qst_config']['downsample']}, "
+        f"side_init={data['qst_config']['side_init']}, output_mix={_mix(data['qst_config'])} |",
+        f"| trainable parameters | {data['trainable_parameters']:,} of {data['total_parameters']:,} "
+        f"({100 * data['trainable_share']:.3f} %) |",
+        f"| accuracy before → after | {_fmt(data['accuracy_before'])} → {_fmt(data['accuracy_after'])} |",
+        f"| steps × batch × seq | {data['steps']} × {data['batch']} × {data['seq']} |",
+        f"| final loss (mean of last 10 steps) | {statistics.mean(data['losses'][-10:]):.4f} |",
+        f"| peak memory | {data['peak_memory_bytes'] / 2**20:.1f} MiB ({data['peak_memory_method']}); "
+        f"process peak RSS {_mib(data['process_peak_rss_bytes'])} |",
+        f"| median step time | {ms(data['median_step_time_s'])} (first epoch {ms(data['median_step_time_first_epoch_s'])}, "
+        f"later epochs {ms(data['median_step_time_later_epochs_s'])}) |",
+    ]
+    if cache is not None:
+        lines.append(f"| feature cache | {cache['hits']} hits, {cache['misses']} misses ({cache['root']}) |")
+    lines += ["", f"Device: {data['device']}. {machine_line(data['machine'])}", ""]
+    steps = list(range(1, len(data["losses"]) + 1))
+    write_report(out, "tune_report", data, "\n".join(lines),
+                 plots={"loss": line_chart({"train loss": (steps, data["losses"])}, xlabel="step", ylabel="loss")})
