@@ -8,6 +8,9 @@ last dimension being the channel), the statistics a caller may ask for:
 and always `count` = N and `order` (the position of the module's first call in a forward pass).
 All sums are float64: XᵀX adds tens of thousands of outer products and its Cholesky / eigen
 factors must be accurate. Results are returned on the CPU whatever `device` accumulated them.
+
+`calibration_texts` chooses the text a causal LM is calibrated on and the held-out text it is
+scored on, the same way for every method (pruning, low-rank compression).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from eval.data import load_text_corpus
+from eval.errors import UserInputError
 
 STATISTICS = ("xtx", "abs_mean", "sq_norm")
 
@@ -165,3 +171,35 @@ def capture(model: nn.Module, module: nn.Module, batches: Iterable, what: str) -
         handle.remove()
         model.train(was_training)
     return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration text
+
+
+def calibration_texts(model_name: str, calib=None, eval_text=None) -> tuple[list[str], list[str], str]:
+    """(calibration texts, held-out texts, where the held-out texts came from) for a causal LM.
+
+    `calib` / `eval_text`: a text file or folder (`eval.data.load_text_corpus`). ref-lm brings
+    its own: the reference corpus's train split to calibrate on, its test split to score. Any
+    other model needs `calib`; without `eval_text` the last tenth of its documents is held out
+    (never calibrated on).
+    """
+    if calib is None and model_name != "ref-lm":
+        raise UserInputError("calib (a text file or folder) is required for models other than ref-lm "
+                             "(ref-lm calibrates on its own reference corpus)", field="calib")
+    if calib is None:
+        from eval.reference import reference_corpus
+
+        calib_texts = [d.text for d in reference_corpus("train")]
+        if eval_text is None:
+            return calib_texts, [d.text for d in reference_corpus("test")], "reference corpus, test split"
+    else:
+        calib_texts = load_text_corpus(calib)
+    if eval_text is not None:
+        return calib_texts, load_text_corpus(eval_text), str(eval_text)
+    if len(calib_texts) < 2:
+        raise UserInputError(f"eval_text (held-out text) is needed: {calib} holds fewer than 2 documents, so none "
+                             "can be held out from calibration for perplexity (the last tenth is)", field="eval_text")
+    cut = max(1, len(calib_texts) // 10)
+    return calib_texts[:-cut], calib_texts[-cut:], f"last {cut} documents of {calib} (held out from calibration)"

@@ -5,8 +5,9 @@ range) raises `UserInputError` with a message that says what was wrong and what 
 It subclasses `ValueError`, so callers that catch `ValueError` keep working, and the
 `slimtune` command prints it as one line (no traceback) and exits with status 2.
 
-Library code names settings by their Python names (`block_size`); an error about one setting
-records it in `field`, so that a command can name its flag instead (`naming_flags`).
+Library code names settings by their Python names (`block_size`), never by a command's flags;
+an error about one setting records it in `field`, so that a command can name its flag instead
+(`naming_flags`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,20 @@ def require_positive(name: str, value, minimum: int = 1) -> int:
     Booleans are refused (True is not a count). `minimum=0` accepts zero ("none").
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UserInputError(f"{name} must be {wanted}, got {value!r}", field=name)
     return int(value)
 
 
-def naming_flags(error: UserInputError, flags: dict[str, str] | None = None) -> UserInputError:
-    """`error` with its setting named as a command-line flag: `block_size` -> `--block-size`
-    (or `flags[field]`); an error about no particular setting comes back unchanged."""
-    if error.field is None:
+def naming_flags(error: UserInputError, settings, renames: dict[str, str] | None = None) -> UserInputError:
+    """`error` naming the command-line flag that sets its setting: `block_size` -> `--block-size`,
+    or `renames[field]` (`eval_text` -> `--eval`). `settings`: the names the command sets (its
+    argparse dests); an error about another setting, or about none, comes back unchanged."""
+    renames = renames or {}
+    if error.field in renames:
+        flag = renames[error.field]
+    elif error.field is not None and error.field in settings:
+        flag = "--" + error.field.replace("_", "-")
+    else:
         return error
-    flag = (flags or {}).get(error.field, "--" + error.field.replace("_", "-"))
     return UserInputError(str(error).replace(error.field, flag, 1), field=error.field)

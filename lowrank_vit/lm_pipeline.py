@@ -14,34 +14,10 @@ from pathlib import Path
 
 import torch
 
-from eval.errors import UserInputError
+from eval.errors import require_positive
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.model import compress
 from lowrank_vit.pipeline import REPORT_NAME, ranks_plot
-
-
-def lm_texts(model_name: str, calib, eval_text) -> tuple[list[str], list[str], str]:
-    """(calibration texts, held-out texts, a description of both)."""
-    from eval.data import load_text_corpus
-
-    if calib is None:
-        if model_name != "ref-lm":
-            raise UserInputError("--calib FILE_OR_DIR is required for models other than ref-lm "
-                                 "(ref-lm calibrates on its own reference corpus)")
-        from eval.reference import reference_corpus
-
-        calib_texts = [d.text for d in reference_corpus("train")]
-        if eval_text is None:
-            return calib_texts, [d.text for d in reference_corpus("test")], "ref-lm reference corpus: train to calibrate, test to score"
-    else:
-        calib_texts = load_text_corpus(calib)
-    if eval_text is not None:
-        return calib_texts, load_text_corpus(eval_text), f"calibration {calib or 'ref-lm train split'}, scored on {eval_text}"
-    if len(calib_texts) < 2:
-        raise UserInputError(f"{calib}: need --eval held-out text, or at least 2 documents in --calib "
-                             "(the last tenth is held out for perplexity)")
-    cut = max(1, len(calib_texts) // 10)
-    return calib_texts[:-cut], calib_texts[-cut:], f"{calib}: last {cut} documents held out for perplexity"
 
 
 @torch.no_grad()
@@ -61,16 +37,19 @@ def run_compress_lm(model_name: str, out, config: MixedRankConfig, calib=None, e
     """Load, score, compress, score again; write the model (with its card) and the reports under `out`."""
     import copy
 
+    from eval.calibration import calibration_texts
     from eval.data import pack_token_blocks
     from eval.io import atomic_directory
     from eval.metrics import perplexity_of_blocks
     from eval.models import load_causal_lm
     from eval.report import markdown_table, write_report
 
-    if block_size < 2 or eval_blocks < 1 or batch_size < 1:
-        raise UserInputError("--block-size must be >= 2 and --eval-blocks, --batch-size >= 1")
+    require_positive("block_size", block_size, minimum=2)
+    require_positive("eval_blocks", eval_blocks)
+    require_positive("batch_size", batch_size)
     model, tokenizer = load_causal_lm(model_name, device=device)
-    calib_texts, eval_texts, data_note = lm_texts(model_name, calib, eval_text)
+    calib_texts, eval_texts, held_out = calibration_texts(model_name, calib, eval_text)
+    data_note = f"calibration: {calib or 'reference corpus, train split'}; held out: {held_out}"
     calib_blocks = pack_token_blocks(calib_texts, tokenizer, block_size, max_blocks=config.calib_images).to(device)
     test_blocks = pack_token_blocks(eval_texts, tokenizer, block_size, max_blocks=eval_blocks).to(device)
     ppl_before = perplexity_of_blocks(model, test_blocks, batch_size=batch_size)
@@ -120,4 +99,4 @@ def lm_report_markdown(s: dict, markdown_table) -> str:
             + markdown_table(rows) + "\n\n## Per-layer ranks\n\n" + markdown_table(layers))
 
 
-__all__ = ["run_compress_lm", "lm_texts"]
+__all__ = ["run_compress_lm"]

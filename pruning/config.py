@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 ESTIMATORS = ("reinmax", "gumbel")
 
@@ -38,20 +38,21 @@ class DispConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kept <= 1.0:
-            raise UserInputError(f"kept must be a fraction in (0, 1] of the block parameters to keep; got {self.kept}")
+            raise UserInputError(f"kept must be a fraction in (0, 1] of the block parameters to keep; got {self.kept}",
+                                 field="kept")
         if self.lam < 0:
-            raise UserInputError(f"lam (the regulariser weight) must be >= 0; got {self.lam}")
+            raise UserInputError(f"lam (the regulariser weight) must be >= 0; got {self.lam}", field="lam")
         for name in ("steps", "z_dim", "gru_hidden"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise UserInputError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+            require_positive(name, getattr(self, name))
         if self.lr <= 0:
-            raise UserInputError(f"lr must be > 0; got {self.lr}")
+            raise UserInputError(f"lr must be > 0; got {self.lr}", field="lr")
         if self.weight_decay < 0:
-            raise UserInputError(f"weight_decay must be >= 0; got {self.weight_decay}")
+            raise UserInputError(f"weight_decay must be >= 0; got {self.weight_decay}", field="weight_decay")
         if self.tau <= 0:
-            raise UserInputError(f"tau (temperature) must be > 0; got {self.tau}")
+            raise UserInputError(f"tau (temperature) must be > 0; got {self.tau}", field="tau")
         if self.estimator not in ESTIMATORS:
-            raise UserInputError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {self.estimator!r}")
+            raise UserInputError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {self.estimator!r}",
+                                 field="estimator")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,6 @@
 """`slimtune prune` end to end: load, calibrate, prune (DISP or a baseline), recover, measure, save.
 
-    summary = run_prune("disp", "ref-lm", "runs/disp50", kept=0.5, steps=300)
+    summary = run_prune(PruneSettings(model="ref-lm", method="disp", kept=0.5, steps=300), "runs/disp50")
 
 writes OUT/model (load with `pruning.load_pruned`), OUT/prune_report.{json,md} and
 OUT/kept_width.png; the whole directory appears at once (nothing half-written on error).
@@ -14,12 +14,13 @@ import platform
 import shutil
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from pruning.arch import MASK_NAMES, layout_for
 from pruning.baselines import BASELINES, baseline_prune
 from pruning.config import DispConfig
@@ -29,28 +30,62 @@ from pruning.trainer import kept_widths, recover_with_lora, train_disp
 METHODS = ("disp", *BASELINES)
 
 
-def _texts(model_name: str, calib, eval_texts) -> tuple[list[str], list[str], str]:
-    """(calibration texts, held-out texts, where the held-out text came from)."""
-    from eval.data import load_text_corpus
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything a prune run depends on, validated on construction (`UserInputError` naming the field).
 
-    if calib is None and model_name != "ref-lm":
-        raise UserInputError("--calib FILE_OR_DIR is required for models other than ref-lm "
-                             "(ref-lm calibrates on its own reference corpus)")
-    if calib is None:
-        from eval.reference import reference_corpus
+    model: 'ref-lm', a local causal-LM directory or a hub id. method: "disp" or one of `BASELINES`.
+    kept: fraction of the attention + MLP weight parameters kept, in (0, 1] (every method).
+    calib / eval_text: calibration and held-out text, a file or folder (`eval.calibration.calibration_texts`).
+    steps, estimator, lam, lr, tau, offset: DISP's hypernetwork training (`DispConfig`; a short
+        run by default, the paper trains 10,000 steps).
+    block_size: tokens per block; batch_size: blocks per step (training, perplexity, tokens/s);
+    calib_blocks / eval_blocks: at most this many calibration / held-out blocks.
+    recover_steps, recover_lr, lora_rank: LoRA recovery fine-tuning after pruning (0 steps: none).
+    threads: CPU threads for the whole run (None: torch's choice).
+    """
 
-        calib_texts = [d.text for d in reference_corpus("train")]
-        if eval_texts is None:
-            return calib_texts, [d.text for d in reference_corpus("test")], "reference corpus, test split"
-    else:
-        calib_texts = load_text_corpus(calib)
-    if eval_texts is not None:
-        return calib_texts, load_text_corpus(eval_texts), str(eval_texts)
-    if len(calib_texts) < 2:
-        raise UserInputError(f"{calib}: need --eval held-out text, or at least 2 documents in --calib "
-                             "(the last tenth is held out for perplexity)")
-    cut = max(1, len(calib_texts) // 10)
-    return calib_texts[:-cut], calib_texts[-cut:], f"last {cut} documents of {calib} (held out from calibration)"
+    model: str
+    method: str = "disp"
+    kept: float = 0.5
+    calib: str | None = None
+    eval_text: str | None = None
+    steps: int = 300
+    estimator: str = DispConfig.estimator
+    lam: float = DispConfig.lam
+    lr: float = DispConfig.lr
+    tau: float = DispConfig.tau
+    offset: float = DispConfig.offset
+    block_size: int = 256
+    batch_size: int = 4
+    calib_blocks: int = 128
+    eval_blocks: int = 64
+    recover_steps: int = 0
+    recover_lr: float = 2e-4
+    lora_rank: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserInputError(f"method {self.method!r} is unknown; expected one of {', '.join(METHODS)}",
+                                 field="method")
+        for name in ("block_size", "batch_size", "calib_blocks", "eval_blocks"):
+            require_positive(name, getattr(self, name))
+        require_positive("recover_steps", self.recover_steps, minimum=0)
+        if self.recover_steps:
+            require_positive("lora_rank", self.lora_rank)
+        if self.threads is not None:
+            require_positive("threads", self.threads)
+        self.disp_config()  # validates the hypernetwork's settings, whatever the method
+
+    def disp_config(self) -> DispConfig:
+        return DispConfig(kept=self.kept, steps=self.steps, estimator=self.estimator, lam=self.lam, lr=self.lr,
+                          tau=self.tau, offset=self.offset, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def measure_throughput(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int = 5) -> dict[str, float]:
@@ -107,113 +142,120 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_prune(method: str, model_name: str, out, kept: float = 0.5, calib=None, eval_text=None,
-              steps: int = 300, estimator: str = "reinmax", lam: float = 16.0, lr: float = 1e-3,
-              tau: float = 0.4, offset: float = 3.0, block_size: int = 256, batch_size: int = 4,
-              calib_blocks: int = 128, eval_blocks: int = 64, recover_steps: int = 0, recover_lr: float = 2e-4,
-              lora_rank: int = 8, seed: int = 0, device: str = "cpu", threads: int | None = None) -> dict:
-    """Prune `model_name` with `method` at `kept` of the block parameters; write everything to `out`.
+def run_prune(settings: PruneSettings, out) -> dict:
+    """Prune as `settings` say; write the model, the report and the plot to `out`.
 
     `out` follows `eval.io.prepare_output_dir`: new, empty or an earlier prune output; nothing
     else in it is ever deleted.
     """
     from eval.io import prepare_output_dir
 
-    _check_args(method, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, lora_rank, threads)
-    DispConfig(kept=kept, steps=steps, estimator=estimator, lam=lam, lr=lr, tau=tau, offset=offset, seed=seed)
+    if not isinstance(settings, PruneSettings):
+        raise UserInputError(f"settings must be a PruneSettings, got {type(settings).__name__}")
     with prepare_output_dir(out, "prune", signature="prune_report.json"):
-        return _run_prune(method, model_name, Path(out), kept, calib, eval_text, steps, estimator, lam, lr, tau,
-                          offset, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, recover_lr,
-                          lora_rank, seed, device, threads)
+        return _run_prune(settings, Path(out))
 
 
-def _check_args(method, block_size, batch_size, calib_blocks, eval_blocks, recover_steps, lora_rank, threads) -> None:
-    if method not in METHODS:
-        raise UserInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("calib_blocks", calib_blocks),
-                        ("eval_blocks", eval_blocks)):
-        if value < 1:
-            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
-    if recover_steps < 0:
-        raise UserInputError(f"--recover-steps must be >= 0; got {recover_steps}")
-    if recover_steps and lora_rank < 1:
-        raise UserInputError(f"--lora-rank must be a positive integer for LoRA recovery; got {lora_rank}")
-    if threads is not None and threads < 1:
-        raise UserInputError(f"--threads must be a positive integer; got {threads}")
-
-
-def _run_prune(method, model_name, out: Path, kept, calib, eval_text, steps, estimator, lam, lr, tau, offset,
-               block_size, batch_size, calib_blocks, eval_blocks, recover_steps, recover_lr, lora_rank, seed,
-               device, threads) -> dict:
-    from eval.data import pack_token_blocks
-    from eval.io import atomic_contents
+def _run_prune(s: PruneSettings, out: Path) -> dict:
     from eval.measure import count_parameters
-    from eval.metrics import model_context_length, perplexity_of_blocks
+    from eval.metrics import perplexity_of_blocks
     from eval.models import load_causal_lm
-    from eval.report import write_report
 
-    config = DispConfig(kept=kept, steps=steps, estimator=estimator, lam=lam, lr=lr, tau=tau, offset=offset, seed=seed)
-    if threads is not None:
-        torch.set_num_threads(threads)  # on a shared CPU, oversubscribed threads distort tokens/s
-    torch.manual_seed(seed)
-
-    model, tokenizer = load_causal_lm(model_name, device=device)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)  # on a shared CPU, oversubscribed threads distort tokens/s
+    torch.manual_seed(s.seed)
+    model, tokenizer = load_causal_lm(s.model, device=s.device)
     layout_for(model.config)  # an unsupported architecture fails here, before any work
-    calib_texts, held_out, eval_source = _texts(model_name, calib, eval_text)
-    context = model_context_length(model)
-    blocks = pack_token_blocks(calib_texts, tokenizer, block_size, max_blocks=calib_blocks, max_positions=context)
-    test_blocks = pack_token_blocks(held_out, tokenizer, block_size, max_blocks=eval_blocks, max_positions=context)
+    blocks, test_blocks, eval_source = _token_blocks(s, model, tokenizer)
 
-    ppl_before = perplexity_of_blocks(model, test_blocks, batch_size=batch_size)
-    report: dict = {"method": method, "model": model_name, "kept": kept}
-    # Inside OUT (kept if interrupted; a rerun of the same command resumes), named by everything
-    # that defines the hypernetwork's training, so that a different run never resumes it.
-    run_key = json.dumps([model_name, calib, block_size, batch_size, calib_blocks, config.to_dict()], default=str)
-    checkpoint_dir = out / f".disp-checkpoint-{hashlib.sha256(run_key.encode()).hexdigest()[:12]}"
+    ppl_before = perplexity_of_blocks(model, test_blocks, batch_size=s.batch_size)
+    checkpoint_dir = _checkpoint_dir(s, out)
     start = time.perf_counter()
-    hypernet = None
-    if method == "disp":
-        result = train_disp(model, blocks, config, batch_size=batch_size, out_dir=checkpoint_dir)
-        from pruning.model import prune_model
-
-        pruned = prune_model(model, result.plan)
-        hypernet = result.hypernet
-        report.update(hypernet_train_time_s=result.train_time_s, steps=steps, estimator=estimator,
-                      export_threshold=result.plan.info["export_threshold"],
-                      # sampled masks' kept share over the last steps: far from `kept` means the
-                      # export leaned on the threshold fit rather than on converged masks
-                      train_kept_ratio_final=sum(result.kept_ratio[-20:]) / len(result.kept_ratio[-20:]),
-                      train_curve={"loss": result.losses, "ce": result.ce, "kept_ratio": result.kept_ratio})
-    else:
-        pruned = baseline_prune(method, model, kept, blocks, batch_size)
+    pruned, hypernet, training = _prune(s, model, blocks, checkpoint_dir)
     prune_time = time.perf_counter() - start
     pruned.eval()
 
-    ppl_after = perplexity_of_blocks(pruned, test_blocks, batch_size=batch_size)
-    speed_batch = test_blocks[:batch_size].to(model.device)
+    ppl_after = perplexity_of_blocks(pruned, test_blocks, batch_size=s.batch_size)
+    speed_batch = test_blocks[: s.batch_size].to(model.device)
     speed = measure_throughput({"dense": model, "pruned": pruned}, speed_batch)
     ppl_recovered = None
-    if recover_steps:
-        pruned = recover_with_lora(pruned, blocks, recover_steps, lr=recover_lr, rank=lora_rank,
-                                   batch_size=batch_size, seed=seed)
-        ppl_recovered = perplexity_of_blocks(pruned, test_blocks, batch_size=batch_size)
+    if s.recover_steps:
+        pruned = recover_with_lora(pruned, blocks, s.recover_steps, lr=s.recover_lr, rank=s.lora_rank,
+                                   batch_size=s.batch_size, seed=s.seed)
+        ppl_recovered = perplexity_of_blocks(pruned, test_blocks, batch_size=s.batch_size)
 
-    plan = pruning_plan(pruned)
+    report = {"method": s.method, "model": s.model, "kept": s.kept, **training}
     report.update(
         params_before=count_parameters(model), params_after=count_parameters(pruned),
         block_params_before=block_params(model), block_params_after=block_params(pruned),
-        ppl_before=ppl_before, ppl_after=ppl_after, ppl_after_recovery=ppl_recovered, recover_steps=recover_steps,
-        tokens_per_s_before=speed["dense"], tokens_per_s_after=speed["pruned"], prune_time_s=prune_time,
-        kept_widths=kept_widths(pruned), dense_widths=kept_widths(model),
-        block_size=block_size, calib_blocks=int(blocks.shape[0]), eval_blocks=int(test_blocks.shape[0]),
-        eval_text=eval_source, throughput_batch=list(speed_batch.shape), plan_info=plan.info if plan else {},
-        config=config.to_dict() if method == "disp" else None, device=str(model.device),
+        ppl_before=ppl_before, ppl_after=ppl_after, ppl_after_recovery=ppl_recovered,
+        recover_steps=s.recover_steps, tokens_per_s_before=speed["dense"], tokens_per_s_after=speed["pruned"],
+        prune_time_s=prune_time, **_widths_report(s.method, model, pruned),
+        block_size=s.block_size, calib_blocks=int(blocks.shape[0]), eval_blocks=int(test_blocks.shape[0]),
+        eval_text=eval_source, throughput_batch=list(speed_batch.shape),
+        config=s.disp_config().to_dict() if s.method == "disp" else None, device=str(model.device),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     )
     report["kept_ratio"] = report["block_params_after"] / report["block_params_before"]
+    _write(out, pruned, tokenizer, hypernet, report)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return report
+
+
+def _token_blocks(s: PruneSettings, model: nn.Module, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(calibration blocks, held-out blocks, where the held-out text came from)."""
+    from eval.calibration import calibration_texts
+    from eval.data import pack_token_blocks
+    from eval.metrics import model_context_length
+
+    calib_texts, held_out, eval_source = calibration_texts(s.model, s.calib, s.eval_text)
+    context = model_context_length(model)
+    blocks = pack_token_blocks(calib_texts, tokenizer, s.block_size, max_blocks=s.calib_blocks,
+                               max_positions=context)
+    test_blocks = pack_token_blocks(held_out, tokenizer, s.block_size, max_blocks=s.eval_blocks,
+                                    max_positions=context)
+    return blocks, test_blocks, eval_source
+
+
+def _checkpoint_dir(s: PruneSettings, out: Path) -> Path:
+    """Inside OUT (kept if interrupted; a rerun of the same command resumes), named by everything
+    that defines the hypernetwork's training, so that a different run never resumes it."""
+    run_key = json.dumps([s.model, s.calib, s.block_size, s.batch_size, s.calib_blocks, s.disp_config().to_dict()],
+                         default=str)
+    return out / f".disp-checkpoint-{hashlib.sha256(run_key.encode()).hexdigest()[:12]}"
+
+
+def _prune(s: PruneSettings, model: nn.Module, blocks: torch.Tensor, checkpoint_dir: Path):
+    """(the pruned model, the trained hypernetwork or None, DISP's training record for the report)."""
+    if s.method != "disp":
+        return baseline_prune(s.method, model, s.kept, blocks, s.batch_size), None, {}
+    from pruning.model import prune_model
+
+    result = train_disp(model, blocks, s.disp_config(), batch_size=s.batch_size, out_dir=checkpoint_dir)
+    last = result.kept_ratio[-20:]
+    training = dict(
+        hypernet_train_time_s=result.train_time_s, steps=s.steps, estimator=s.estimator,
+        export_threshold=result.plan.info["export_threshold"],
+        # sampled masks' kept share over the last steps: far from `kept` means the export
+        # leaned on the threshold fit rather than on converged masks
+        train_kept_ratio_final=sum(last) / len(last),
+        train_curve={"loss": result.losses, "ce": result.ce, "kept_ratio": result.kept_ratio},
+    )
+    return prune_model(model, result.plan), result.hypernet, training
+
+
+def _widths_report(method: str, model: nn.Module, pruned: nn.Module) -> dict:
+    """Kept and dense width per layer and the pruning plan's record."""
+    plan = pruning_plan(pruned)
+    widths = kept_widths(pruned)
     if method == "slicegpt":  # its residual is narrower: plot the kept share of the dense width
-        report["kept_widths"] = [{m: (w[m] if m == "mlp_mid" else plan.info["kept_residual"]) for m in MASK_NAMES}
-                                 for w in report["kept_widths"]]
+        widths = [{m: (w[m] if m == "mlp_mid" else plan.info["kept_residual"]) for m in MASK_NAMES} for w in widths]
+    return {"kept_widths": widths, "dense_widths": kept_widths(model), "plan_info": plan.info if plan else {}}
+
+
+def _write(out: Path, pruned: nn.Module, tokenizer, hypernet, report: dict) -> None:
+    from eval.io import atomic_contents
+    from eval.report import write_report
 
     with atomic_contents(out) as tmp:
         pruned.save_pretrained(tmp / "model")
@@ -222,5 +264,3 @@ def _run_prune(method, model_name, out: Path, kept, calib, eval_text, steps, est
             hypernet.save(tmp / "hypernetwork.safetensors")
         write_report(tmp, "prune_report", report, _markdown(report),
                      plots={"kept_width": _kept_width_plot(report["kept_widths"], report["dense_widths"])})
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return report

@@ -6,7 +6,10 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from pruning.pipeline import METHODS
+    from pruning.config import ESTIMATORS
+    from pruning.pipeline import METHODS, PruneSettings
+
+    defaults = PruneSettings  # its class attributes are the fields' defaults
 
     p = subparsers.add_parser(
         "prune",
@@ -18,47 +21,51 @@ def add_parser(subparsers) -> None:
         "Example: slimtune prune --method disp --model ref-lm --kept 0.5 --steps 300 --out runs/disp50",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--method", default="disp", choices=METHODS)
+    p.add_argument("--method", default=defaults.method, choices=METHODS)
     p.add_argument("--model", required=True, help="'ref-lm' (built on first use) or a local model directory / hub id "
                    "(Llama, Mistral, Qwen2, OPT)")
-    p.add_argument("--kept", type=float, default=0.5, help="fraction of attention + MLP weight parameters kept, in (0, 1]")
+    p.add_argument("--kept", type=float, default=defaults.kept, help="fraction of attention + MLP weight parameters kept, in (0, 1]")
     p.add_argument("--calib", default=None, help="calibration text: a file (.txt, .jsonl, .parquet, WikiText raw) or a "
                    "folder of them; default for ref-lm: its reference corpus (train split)")
     p.add_argument("--eval", dest="eval_text", default=None, help="held-out text for perplexity; default: the reference "
                    "test split for ref-lm, else the last tenth of --calib's documents")
-    p.add_argument("--steps", type=int, default=300, help="hypernetwork training steps (disp; the paper uses 10,000)")
-    p.add_argument("--estimator", default="reinmax", choices=("reinmax", "gumbel"),
+    p.add_argument("--steps", type=int, default=defaults.steps, help="hypernetwork training steps (disp; the paper uses 10,000)")
+    p.add_argument("--estimator", default=defaults.estimator, choices=ESTIMATORS,
                    help="straight-through estimator: ReinMax (paper) or Gumbel-sigmoid (reference code)")
-    p.add_argument("--lam", type=float, default=16.0, help="weight of the parameter-budget regulariser")
-    p.add_argument("--lr", type=float, default=1e-3, help="hypernetwork learning rate (AdamW, weight decay 0.05)")
-    p.add_argument("--tau", type=float, default=0.4, help="estimator temperature")
-    p.add_argument("--offset", type=float, default=3.0, help="added to every mask logit (starts near 'keep all')")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per calibration / evaluation block")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per step (training, perplexity, tokens/s)")
-    p.add_argument("--calib-blocks", type=int, default=128, help="at most this many calibration blocks")
-    p.add_argument("--eval-blocks", type=int, default=64, help="at most this many held-out blocks for perplexity")
-    p.add_argument("--recover-steps", type=int, default=0, help="LoRA recovery fine-tuning steps after pruning (0: none)")
-    p.add_argument("--recover-lr", type=float, default=2e-4, help="LoRA recovery learning rate")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for recovery")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the whole run (default: torch's "
+    p.add_argument("--lam", type=float, default=defaults.lam, help="weight of the parameter-budget regulariser")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="hypernetwork learning rate (AdamW, weight decay 0.05)")
+    p.add_argument("--tau", type=float, default=defaults.tau, help="estimator temperature")
+    p.add_argument("--offset", type=float, default=defaults.offset, help="added to every mask logit (starts near 'keep all')")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per calibration / evaluation block")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="blocks per step (training, perplexity, tokens/s)")
+    p.add_argument("--calib-blocks", type=int, default=defaults.calib_blocks, help="at most this many calibration blocks")
+    p.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks, help="at most this many held-out blocks for perplexity")
+    p.add_argument("--recover-steps", type=int, default=defaults.recover_steps, help="LoRA recovery fine-tuning steps after pruning (0: none)")
+    p.add_argument("--recover-lr", type=float, default=defaults.recover_lr, help="LoRA recovery learning rate")
+    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank for recovery")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads for the whole run (default: torch's "
                    "choice); on a shared machine 1 gives steadier tokens/s")
     p.add_argument("--out", required=True, help="output directory (replaced as a whole when the run succeeds)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from pruning.pipeline import run_prune
+    from eval.errors import UserInputError, naming_flags
+    from pruning.pipeline import PruneSettings, run_prune
 
-    r = run_prune(
-        args.method, args.model, args.out, kept=args.kept, calib=args.calib, eval_text=args.eval_text,
-        steps=args.steps, estimator=args.estimator, lam=args.lam, lr=args.lr, tau=args.tau, offset=args.offset,
-        block_size=args.block_size, batch_size=args.batch_size, calib_blocks=args.calib_blocks,
-        eval_blocks=args.eval_blocks, recover_steps=args.recover_steps, recover_lr=args.recover_lr,
-        lora_rank=args.lora_rank, seed=args.seed, device=args.device,
-        threads=args.threads,
-    )
+    try:
+        settings = PruneSettings(
+            model=args.model, method=args.method, kept=args.kept, calib=args.calib, eval_text=args.eval_text,
+            steps=args.steps, estimator=args.estimator, lam=args.lam, lr=args.lr, tau=args.tau, offset=args.offset,
+            block_size=args.block_size, batch_size=args.batch_size, calib_blocks=args.calib_blocks,
+            eval_blocks=args.eval_blocks, recover_steps=args.recover_steps, recover_lr=args.recover_lr,
+            lora_rank=args.lora_rank, seed=args.seed, device=args.device, threads=args.threads,
+        )
+        r = run_prune(settings, args.out)
+    except UserInputError as error:  # the library names its settings; say which flag sets each
+        raise naming_flags(error, vars(args), {"eval_text": "--eval"}) from None
     print(f"{r['method']}: block params {r['block_params_before']:,} -> {r['block_params_after']:,} "
           f"(kept {r['kept_ratio']:.3f}); perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}"
           + (f" ({r['ppl_after_recovery']:.3f} after recovery)" if r["ppl_after_recovery"] is not None else "")

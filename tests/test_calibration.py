@@ -88,3 +88,26 @@ def test_dict_batches_match_tensor_batches(net):
 def test_unknown_statistic_is_refused(net):
     with pytest.raises(ValueError, match="unknown calibration statistics.*xtx, abs_mean, sq_norm"):
         collect_input_statistics(net, {"up": net.up}, _batches(), ("xtx", "mean"), progress=False)
+
+
+def test_calibration_texts_hold_out_the_last_tenth_or_the_given_text(tmp_path):
+    from eval.calibration import calibration_texts
+    from eval.errors import UserInputError
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"doc{i:02d}.txt").write_text(f"document {i}\n" * 3)
+    calib, held_out, source = calibration_texts("some/model", folder)
+    assert len(calib) == 18 and len(held_out) == 2 and not set(calib) & set(held_out)
+    assert source == f"last 2 documents of {folder} (held out from calibration)"
+    (tmp_path / "eval.txt").write_text("held out\n")
+    calib, held_out, source = calibration_texts("some/model", folder, tmp_path / "eval.txt")
+    assert len(calib) == 20 and held_out == ["held out\n"] and source == str(tmp_path / "eval.txt")
+    with pytest.raises(UserInputError, match="^calib .* is required for models other than ref-lm") as info:
+        calibration_texts("some/model")
+    assert info.value.field == "calib"
+    (tmp_path / "one.txt").write_text("only one document\n")
+    with pytest.raises(UserInputError, match="^eval_text .* is needed"):
+        calibration_texts("some/model", tmp_path / "one.txt")
+

@@ -120,6 +120,22 @@ def test_cli_bad_input_is_one_clear_error_and_writes_nothing(tiny_llama_dir, cal
     assert not out.exists()
 
 
+def test_settings_name_their_fields_and_the_cli_names_its_flags(tiny_llama_dir, calib_dir, tmp_path, capsys):
+    from eval.errors import UserInputError
+    from pruning.pipeline import PruneSettings, run_prune
+
+    with pytest.raises(UserInputError, match=r"^block_size must be a positive integer, got 0$"):
+        PruneSettings(model="ref-lm", block_size=0)
+    with pytest.raises(UserInputError, match=r"^calib \(a text file or folder\) is required"):
+        run_prune(PruneSettings(model=str(tiny_llama_dir)), tmp_path / "out")
+    assert main(_args(tiny_llama_dir, calib_dir, tmp_path / "out", "--block-size", "0")) == 2
+    assert "--block-size must be a positive integer, got 0" in capsys.readouterr().err
+    argv = [a for a in _args(tiny_llama_dir, calib_dir, tmp_path / "out") if a not in ("--calib", str(calib_dir))]
+    assert main(argv) == 2
+    assert "--calib (a text file or folder) is required" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_unsupported_architecture(tmp_path, tiny_tokenizer, calib_dir, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
