@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 
 class CausalLMAdapter(nn.Module):
@@ -202,8 +202,7 @@ def run_lm_eval(
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise UserInputError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    require_positive("batch_size", batch_size)
     manager = _resolve_tasks(tasks, include_path, include_defaults)
 
     from lm_eval import simple_evaluate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 METHODS = ("aa-mixed", "aa-uniform", "asvd", "svd")
 # Roles of the linear layers inside one transformer block (see `model.find_targets`).
@@ -67,24 +67,22 @@ class MixedRankConfig:
         if isinstance(self.targets, str | list):
             object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         if not isinstance(self.keep, int | float) or not 0.0 < float(self.keep) <= 1.0:
-            raise UserInputError(f"keep must be a fraction in (0, 1] (0.4 keeps 40 % of the targeted parameters); got {self.keep!r}")
+            raise UserInputError(f"keep must be a fraction in (0, 1] (0.4 keeps 40 % of the targeted parameters); "
+                                 f"got {self.keep!r}", field="keep")
         if self.method not in METHODS:
-            raise UserInputError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+            raise UserInputError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}", field="method")
         for name in ("residual_rank", "compensate_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise UserInputError(f"{name} must be an integer >= 0; got {value!r}")
+            require_positive(name, getattr(self, name), minimum=0)
         for name in ("calib_images", "min_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserInputError(f"{name} must be an integer >= 1; got {value!r}")
+            require_positive(name, getattr(self, name))
         if not self.lr > 0:
-            raise UserInputError(f"lr must be > 0; got {self.lr!r}")
+            raise UserInputError(f"lr must be > 0; got {self.lr!r}", field="lr")
         if not self.targets:
-            raise UserInputError(f"targets must name at least one of {', '.join(ROLES)}")
+            raise UserInputError(f"targets must name at least one of {', '.join(ROLES)}", field="targets")
         unknown = [t for t in self.targets if t not in ROLES]
         if unknown:
-            raise UserInputError(f"unknown target role(s) {unknown}; expected some of {', '.join(ROLES)}")
+            raise UserInputError(f"targets names unknown role(s) {unknown}; expected some of {', '.join(ROLES)}",
+                                 field="targets")
 
     @property
     def compensates(self) -> bool:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.errors import require_positive
+
 
 def quantize_rows_int8(weight: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [rows, cols] -> (q int8 [rows, cols], scale float32 [rows, 1]) with
@@ -49,8 +51,8 @@ class LowRankLinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if rank < 1 or residual_rank < 0:
-            raise ValueError(f"rank must be >= 1 and residual_rank >= 0; got {rank}, {residual_rank}")
+        require_positive("rank", rank)
+        require_positive("residual_rank", residual_rank, minimum=0)
         self.in_features, self.out_features = in_features, out_features
         kw = {"device": device, "dtype": dtype}
         if int8:

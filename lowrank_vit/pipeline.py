@@ -42,13 +42,14 @@ def image_splits(model_name: str, data: str | None, image_processor, calib: int,
     generator = torch.Generator().manual_seed(seed)
     if data is None:
         if model_name != "ref-vit":
-            raise UserInputError(f"--data is required for model {model_name!r}; expected an ImageNet-style folder "
-                                 "(one subfolder per class); only ref-vit brings its own images")
+            raise UserInputError(f"data (an ImageNet-style folder, one subfolder per class) is required for model "
+                                 f"{model_name!r}; only ref-vit brings its own images", field="data")
         from eval.reference import reference_vit_split
 
         train, test = reference_vit_split("train"), reference_vit_split("test")
         if calib > len(train):
-            raise UserInputError(f"--calib {calib} is more than the {len(train)} ref-vit training images")
+            raise UserInputError(f"calib_images={calib} is more than the {len(train)} ref-vit training images",
+                                 field="calib_images")
         calib_idx = torch.randperm(len(train), generator=generator)[:calib].tolist()
         eval_idx = list(range(len(test)))[: eval_limit or None]
         return train, calib_idx, test, eval_idx, f"ref-vit glyphs: {calib} train images to calibrate, {len(eval_idx)} test images"
@@ -56,8 +57,8 @@ def image_splits(model_name: str, data: str | None, image_processor, calib: int,
 
     folder = load_image_folder(data, image_processor)
     if calib >= len(folder):
-        raise UserInputError(f"--calib {calib} leaves no images to evaluate: {data} has {len(folder)} readable images; "
-                             "use fewer calibration images or a larger folder")
+        raise UserInputError(f"calib_images={calib} leaves no images to evaluate: {data} has {len(folder)} readable "
+                             "images; use fewer calibration images or a larger folder", field="calib_images")
     order = torch.randperm(len(folder), generator=generator).tolist()
     calib_idx, eval_idx = order[:calib], sorted(order[calib:])[: eval_limit or None]
     skipped = f", {folder.skipped} unreadable file(s) skipped" if folder.skipped else ""
@@ -160,8 +161,8 @@ def _check_labels(model: nn.Module, dataset, data: str | None) -> None:
     classes = getattr(dataset, "classes", None)
     labels = getattr(model.config, "num_labels", None)
     if data is not None and classes is not None and labels is not None and len(classes) != labels:
-        raise UserInputError(f"--data {data} has {len(classes)} class folders but the model has {labels} labels; "
-                             "expected one subfolder per model label, in label order")
+        raise UserInputError(f"data={data} has {len(classes)} class folders but the model has {labels} labels; "
+                             "expected one subfolder per model label, in label order", field="data")
 
 
 def report_markdown(s: dict, markdown_table) -> str:

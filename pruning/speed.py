@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from pruning.arch import MASK_NAMES, layout_for, model_geometry
 from pruning.baselines import shared_widths
 from pruning.model import PruningPlan, block_params, prune_model
@@ -54,8 +54,7 @@ def pruned_speed(model: nn.Module, kept: float = 0.5, batch: int = 8, seq: int =
                  seed: int = 0) -> dict[str, Any]:
     """Forward tokens/s of `model` and of its random DISP-style pruned copy, in alternating rounds."""
     for name, value in (("batch", batch), ("seq", seq), ("rounds", rounds)):
-        if not isinstance(value, int) or value < 1:
-            raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        require_positive(name, value)
     plan = random_disp_plan(model, kept, seed=seed)
     pruned = prune_model(model, plan)  # a physically smaller copy (the export `slimtune prune` saves)
     generator = torch.Generator().manual_seed(seed)

@@ -54,7 +54,7 @@ def run(args) -> int:
     from eval.codegen.report import codegen_markdown, codegen_plots
     from eval.codegen.run import SamplingConfig, evaluate_codegen, parse_samplers
     from eval.codegen.sandbox import SandboxLimits, resolve_isolation
-    from eval.errors import UserInputError
+    from eval.errors import UserInputError, require_positive
     from eval.report import write_report
     from scripts.specs import load_spec
 
@@ -67,8 +67,9 @@ def run(args) -> int:
                             easy_temperature=args.easy_temperature, max_new_tokens=args.max_new_tokens)
     SandboxLimits(timeout_s=args.timeout)  # a positive finite number, checked before any work
     isolation = resolve_isolation(args.sandbox)
-    if args.workers < 1 or (args.limit is not None and args.limit < 1):
-        raise UserInputError("--workers and --limit must be positive")
+    require_positive("--workers", args.workers)
+    if args.limit is not None:
+        require_positive("--limit", args.limit)
     problems = load_humaneval(args.problems)[: args.limit]
     model, tokenizer = load_spec(args.model, base=args.base, device=args.device)
     report = evaluate_codegen(model, tokenizer, problems, samplers, n=args.n, ks=ks, config=config,

@@ -43,17 +43,22 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from eval.errors import UserInputError, naming_flags
     from eval.model_card import current_command
     from lowrank_vit.config import MixedRankConfig
     from lowrank_vit.lm_pipeline import run_compress_lm
 
-    config = MixedRankConfig(
-        keep=args.keep, method=args.method, residual_rank=args.residual_rank, compensate_steps=args.compensate_steps,
-        lr=args.lr, calib_images=args.calib_blocks, targets=tuple(args.targets), int8=args.int8, seed=args.seed,
-    )
-    s = run_compress_lm(args.model, args.out, config, calib=args.calib, eval_text=args.eval_text,
-                        block_size=args.block_size, eval_blocks=args.eval_blocks, batch_size=args.batch_size,
-                        device=args.device, command=getattr(args, "command_line", None) or current_command())
+    try:
+        config = MixedRankConfig(
+            keep=args.keep, method=args.method, residual_rank=args.residual_rank,
+            compensate_steps=args.compensate_steps, lr=args.lr, calib_images=args.calib_blocks,
+            targets=tuple(args.targets), int8=args.int8, seed=args.seed,
+        )
+        s = run_compress_lm(args.model, args.out, config, calib=args.calib, eval_text=args.eval_text,
+                            block_size=args.block_size, eval_blocks=args.eval_blocks, batch_size=args.batch_size,
+                            device=args.device, command=getattr(args, "command_line", None) or current_command())
+    except UserInputError as error:  # the library names its settings; say which flag sets each
+        raise naming_flags(error, vars(args), {"eval_text": "--eval", "calib_images": "--calib-blocks"}) from None
     print(s["data"])
     print(f"params {s['params_before']:,} -> {s['params_after']:,} "
           f"(targeted {s['targeted_params_before']:,} -> {s['targeted_params_after']:,})")

@@ -43,19 +43,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from eval.errors import UserInputError
+    from eval.errors import UserInputError, naming_flags, require_positive
     from lowrank_vit.config import MixedRankConfig
     from lowrank_vit.pipeline import run_compress_vit
 
-    if args.batch_size < 1 or (args.eval_limit is not None and args.eval_limit < 1):
-        raise UserInputError("--batch-size and --eval-limit must be positive integers")
-    config = MixedRankConfig(
-        keep=args.keep, method=args.method, residual_rank=args.residual_rank, compensate_steps=args.compensate_steps,
-        compensate_factors=args.compensate_factors, lr=args.lr, calib_images=args.calib, targets=tuple(args.targets),
-        int8=args.int8, seed=args.seed,
-    )
-    s = run_compress_vit(args.model, args.out, config, data=args.data, batch_size=args.batch_size,
-                         eval_limit=args.eval_limit, device=args.device)
+    require_positive("--batch-size", args.batch_size)
+    if args.eval_limit is not None:
+        require_positive("--eval-limit", args.eval_limit)
+    try:
+        config = MixedRankConfig(
+            keep=args.keep, method=args.method, residual_rank=args.residual_rank,
+            compensate_steps=args.compensate_steps, compensate_factors=args.compensate_factors, lr=args.lr,
+            calib_images=args.calib, targets=tuple(args.targets), int8=args.int8, seed=args.seed,
+        )
+        s = run_compress_vit(args.model, args.out, config, data=args.data, batch_size=args.batch_size,
+                             eval_limit=args.eval_limit, device=args.device)
+    except UserInputError as error:  # the library names its settings; say which flag sets each
+        raise naming_flags(error, vars(args), {"calib_images": "--calib"}) from None
     print(s["data"])
     print(f"params {s['params_before']:,} -> {s['params_after']:,} "
           f"(targeted {s['targeted_params_before']:,} -> {s['targeted_params_after']:,})")

@@ -103,7 +103,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from eval.errors import UserInputError
+    from eval.errors import require_positive
     from eval.lm_eval_bridge import run_lm_eval
     from eval.measure import count_parameters
     from eval.report import markdown_table, write_report
@@ -114,8 +114,8 @@ def _run(args) -> int:
     # The suite's task YAMLs are generated on first use (seconds): only when a suite task is asked for.
     suite_dir = _suite_task_dir() if set(tasks) & set(_suite_task_names()) else None
     include_paths = [p for p in (suite_dir, *args.include_path) if p is not None] or None
-    if args.num_fewshot < 0 or args.batch_size < 1:
-        raise UserInputError("--num-fewshot must be >= 0 and --batch-size >= 1")
+    require_positive("--num-fewshot", args.num_fewshot, minimum=0)
+    require_positive("--batch-size", args.batch_size)
 
     evaluated = []
     for spec in specs:
