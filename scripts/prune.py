@@ -31,7 +31,9 @@ def add_parser(subparsers) -> None:
                    "test split for ref-lm, else the last tenth of --calib's documents")
     p.add_argument("--steps", type=int, default=defaults.steps, help="hypernetwork training steps (disp; the paper uses 10,000)")
     p.add_argument("--estimator", default=defaults.estimator, choices=ESTIMATORS,
-                   help="straight-through estimator: ReinMax (paper) or Gumbel-sigmoid (reference code)")
+                   help="straight-through estimator: Gumbel-sigmoid (the authors' code; measured better in short "
+                   "runs: on ref-lm v2 at 50 %% removed, 300 steps, +40.6 %% perplexity against ReinMax's +267 %%) "
+                   "or ReinMax (the paper's)")
     p.add_argument("--lam", type=float, default=defaults.lam, help="weight of the parameter-budget regulariser")
     p.add_argument("--lr", type=float, default=defaults.lr, help="hypernetwork learning rate (AdamW, weight decay 0.05)")
     p.add_argument("--tau", type=float, default=defaults.tau, help="estimator temperature")

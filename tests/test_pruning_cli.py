@@ -95,6 +95,7 @@ def test_cli_disp_with_recovery_writes_model_report_and_plot(tiny_llama_dir, cal
     assert report["ppl_after_recovery"] > 1 and report["hypernet_train_time_s"] > 0
     assert (out / "prune_report.md").is_file() and (out / "kept_width.png").stat().st_size > 0
     assert (out / "hypernetwork.safetensors").is_file()
+    assert report["estimator"] == report["config"]["estimator"] == "gumbel"  # the command's default
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no checkpoint or temp left behind
     model = load_pruned(out / "model")
     assert block_params(model) == report["block_params_after"]
