@@ -180,6 +180,30 @@ def machine_line(info: dict[str, Any]) -> str:
 # Memory within this process
 
 
+def available_memory_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Memory free for new allocations on `device`, bytes: CUDA's free memory (None where CUDA is
+    not available), else the RAM the system can give without swapping (Linux `MemAvailable`).
+    What every fit check compares its estimate against."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def lifetime_peak_rss() -> int | None:
+    """Peak resident memory of this whole process since it started, bytes; None off POSIX."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def current_rss() -> int:
     """Resident set size of this process, bytes."""
     import psutil

@@ -28,22 +28,22 @@ from typing import Any
 
 from eval.bnb import nf4_bytes_per_weight
 from eval.errors import UserInputError
+from eval.tuning_methods import (
+    LORA_RANK,
+    METHODS,
+    QST_ADAPTER_RANK,
+    QST_REDUCTION,
+    QUANTIZED_METHODS,
+    SIDE_TUNING_METHODS,
+    downsampler_parameter_count,
+)
 
 GB = 1e9
-METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
-# Methods that add a small trainable set to a frozen 16-bit backbone through which the gradient
-# still flows all the way down: their memory is LoRA's without the LoRA matrices.
-SMALL_TRAINABLE_METHODS = ("adapter", "prefix", "prompt", "bitfit")
 ASSUMPTIONS = ("detailed", "course")
 COMPONENTS = ("cuda_context", "weights", "gradients", "optimizer", "activations")
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
-# Default LoRA recipe, shared with qst.baselines so that the estimate matches what bench trains.
-DEFAULT_LORA_RANK = 16
-# QST defaults (docs/METHODS.md §1): reduction factor r = 16, adapter downsampler rank k = 16.
-DEFAULT_QST_REDUCTION = 16
-DEFAULT_QST_ADAPTER_RANK = 16
 # Adam moments: PyTorch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
 ADAM_STATES = 2
 
@@ -77,10 +77,10 @@ def estimate_memory(
     assumptions: str = "detailed",
     device: str = "cuda",
     param_count: float | None = None,
-    lora_rank: int = DEFAULT_LORA_RANK,
+    lora_rank: int = LORA_RANK,
     lora_targets: tuple[str, ...] | None = None,
-    qst_reduction: int = DEFAULT_QST_REDUCTION,
-    qst_adapter_rank: int = DEFAULT_QST_ADAPTER_RANK,
+    qst_reduction: int = QST_REDUCTION,
+    qst_adapter_rank: int = QST_ADAPTER_RANK,
     attention: str = "sdpa",
     cuda_context_gb: float | None = None,
     labelled_tokens: int | None = None,
@@ -169,7 +169,7 @@ def _trainable_count(method, counts, fraction, trainable_params) -> float:
         return float(counts["total"])
     if method in ("lora", "qlora"):
         return float(counts["lora"])
-    if method in ("lst", "qst"):
+    if method in SIDE_TUNING_METHODS:
         return float(counts["side"])
     return 0.0  # adapter, prefix, prompt, bitfit: only known when given
 
@@ -177,12 +177,12 @@ def _trainable_count(method, counts, fraction, trainable_params) -> float:
 def _course(shape, counts, method, batch, seq, nbytes, trainable, reduction) -> dict:
     """The course's arithmetic (docs/METHODS.md §4), extended to LoRA/QLoRA/QST in the same spirit."""
     total = counts["total"]
-    quantized = method in ("qlora", "qst")
+    quantized = method in QUANTIZED_METHODS
     weights = total * (0.5 if quantized else nbytes)  # "QLoRA stores P in 4 bits (0.5P)"
     # fp32 gradients when everything trains (mixed precision); otherwise in the 16-bit dtype.
     grad_bytes = 4 if trainable >= total else nbytes
     hidden_states = nbytes * batch * seq * shape.hidden * shape.layers
-    if method in ("lst", "qst"):
+    if method in SIDE_TUNING_METHODS:
         # The side network keeps its own (hidden / r)-wide states; the backbone runs without
         # grad, so of it only one layer's hidden state is alive at a time (the transient).
         hidden_states = nbytes * batch * seq * (shape.hidden // reduction * shape.layers + shape.hidden)
@@ -201,7 +201,7 @@ def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, a
     tokens = batch * seq
     total, quantizable = counts["total"], counts["quantizable"]
     fp32 = 4
-    quantized = method in ("qlora", "qst")
+    quantized = method in QUANTIZED_METHODS
     if quantized:
         # Linear weights of the decoder layers in NF4; embeddings, norms and the LM head stay as
         # they are, except that prepare_model_for_kbit_training (QLoRA) upcasts them to fp32.
@@ -224,7 +224,7 @@ def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, a
     act = nbytes  # activations are in the compute dtype
     logits = labelled * shape.vocab * (act + 4 + 4)  # logits, their fp32 upcast, saved log-softmax
     scores = shape.heads * seq if attention == "eager" else 0  # per token per layer
-    if method in ("lst", "qst"):
+    if method in SIDE_TUNING_METHODS:
         side = _side_shape(shape, reduction)
         # The side network keeps its parameters' dtype, fp32: on CUDA eval.train's bf16 autocast
         # computes it in `act`, on CPU (no autocast) its activations are fp32 too.
@@ -276,8 +276,8 @@ def _side_shape(shape: _Shape, reduction: int) -> _Shape:
     )
 
 
-def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
-                        adapter_rank: int = DEFAULT_QST_ADAPTER_RANK) -> int:
+def qst_side_parameters(shape: _Shape, reduction: int = QST_REDUCTION,
+                        adapter_rank: int = QST_ADAPTER_RANK) -> int:
     """QST's trainable parameters (docs/METHODS.md §1): 28.68 M for LLaMA-2-7B at r = 16 (paper: 28.6 M).
 
     (L + 1) adapter downsamplers d → k → d/r with biases and a LayerNorm; L side decoder blocks
@@ -286,7 +286,7 @@ def qst_side_parameters(shape: _Shape, reduction: int = DEFAULT_QST_REDUCTION,
     """
     d, side = shape.hidden, _side_shape(shape, reduction)
     ds, f = side.hidden, side.ffn
-    downsampler = d * adapter_rank + adapter_rank + adapter_rank * ds + ds + 2 * ds
+    downsampler = downsampler_parameter_count("adapter", d, ds, adapter_rank)
     block = 4 * ds * ds + 3 * ds * f + 2 * ds
     gate = ds
     return (shape.layers + 1) * downsampler + shape.layers * (block + gate) + ds + ds * d + 1

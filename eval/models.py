@@ -39,6 +39,7 @@ from eval.bnb import (
     set_random_nf4_weight,
 )
 from eval.errors import UserInputError
+from eval.measure import available_memory_bytes
 
 QUANTIZE_CHOICES = (None, "nf4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -481,19 +482,6 @@ def _empty_model(config, dtype: torch.dtype):
     return model
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_fits(arch: str, config, dtype: torch.dtype, device: torch.device, quantize) -> None:
     """Refuse up front (instead of being killed by the OOM killer) when the model cannot fit."""
     counts = param_breakdown_of_arch(config)
@@ -502,7 +490,7 @@ def _check_fits(arch: str, config, dtype: torch.dtype, device: torch.device, qua
         need = counts["quantizable"] * nf4_bytes_per_weight() + (counts["total"] - counts["quantizable"]) * elem
     else:
         need = counts["total"] * elem
-    have = _available_bytes(device)
+    have = available_memory_bytes(device)
     if have is not None and need > 0.9 * have:
         options = ["device='meta' (shapes only)"]
         if quantize is None:

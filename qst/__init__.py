@@ -26,11 +26,13 @@ _EXPORTS = {
     "QSTConfig": "qst.config",
     "SideBlockSpec": "qst.layer",
     "SideNetwork": "qst.layer",
-    "downsampler_parameter_count": "qst.layer",
+    "downsampler_parameter_count": "eval.tuning_methods",  # shared with eval.memory_estimate
     "QSTCache": "qst.generation",
     "QSTForCausalLM": "qst.model",
     "QSTGenerationCache": "qst.generation",
     "QSTForSequenceClassification": "qst.model",
+    "TuneSettings": "qst.pipeline",
+    "run_tune": "qst.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

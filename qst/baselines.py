@@ -39,17 +39,15 @@ from torch import nn
 
 from eval import architectures as arch
 from eval.errors import UserInputError
-
-METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
-DEFAULT_METHODS = ("full", "lora", "qlora", "qst")
-QUANTIZED_METHODS = ("qlora", "qst")
+from eval.tuning_methods import DEFAULT_METHODS, LORA_RANK, METHODS, QUANTIZED_METHODS  # noqa: F401 - DEFAULT_METHODS: bench reads it here
+from qst.backbone import module_device
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
     """Hyper-parameters of the baselines; the defaults are the common recipes."""
 
-    lora_rank: int = 16
+    lora_rank: int = LORA_RANK  # the rank eval.memory_estimate assumes too
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str | tuple[str, ...] = "all-linear"
@@ -243,7 +241,7 @@ def add_houlsby_adapters(model: nn.Module, bottleneck: int) -> int:
     layout = arch.decoder_layout(model, purpose="the adapter baseline")
     for layer in arch.decoder_layers(model, layout):
         for site in (arch.attention_module(layer, layout), arch.mlp_output_module(layer, layout)):
-            adapter = HoulsbyAdapter(hidden, bottleneck).to(_module_device(site))
+            adapter = HoulsbyAdapter(hidden, bottleneck).to(module_device(site))
             site.add_module("houlsby_adapter", adapter)  # saved and counted with the model
             site.register_forward_hook(_apply_adapter)
             added += 1
@@ -304,10 +302,6 @@ def labelled_positions_loss(model: nn.Module, batch: dict[str, torch.Tensor]) ->
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 from eval.errors import UserInputError
+from eval.tuning_methods import QST_ADAPTER_RANK, QST_REDUCTION
 
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
 POOLING_DOWNSAMPLERS = ("maxpool", "avgpool")
@@ -58,9 +59,9 @@ class QSTConfig:
     - `rope_theta`: base of the rotary position embedding of the side attention.
     """
 
-    r: int = 16
+    r: int = QST_REDUCTION  # the defaults eval.memory_estimate assumes too
     downsample: str = "adapter"
-    adapter_rank: int = 16
+    adapter_rank: int = QST_ADAPTER_RANK
     gate_init: float = 0.0
     gate_per_channel: bool = True
     output_mix: str = "paper"

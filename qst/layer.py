@@ -92,17 +92,6 @@ def make_downsampler(kind: str, d: int, width: int, r: int, rank: int) -> nn.Mod
     raise ValueError(f"unknown downsampler {kind!r}")
 
 
-def downsampler_parameter_count(kind: str, d: int, width: int, rank: int) -> int:
-    """Parameters of one downsampler (the formula the tests check the modules against)."""
-    return {
-        "linear": d * width,
-        "lora": rank * (d + width),
-        "adapter": (d * rank + rank) + (rank * width + width) + 2 * width,
-        "maxpool": 0,
-        "avgpool": 0,
-    }[kind]
-
-
 # ---------------------------------------------------------------------------------------------
 # The side decoder block
 

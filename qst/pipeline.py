@@ -21,9 +21,10 @@ import torch
 
 from eval.errors import UserInputError
 from eval.train import TrainConfig
+from eval.tuning_methods import SIDE_TUNING_METHODS
+from qst.baselines import backbone_quantization
 from qst.config import QSTConfig
 
-METHODS = {"qst": "nf4", "lst": None}  # method -> backbone quantization
 HEADS = ("lm", "classifier")
 
 
@@ -63,8 +64,9 @@ class TuneSettings:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserInputError(f"TuneSettings.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in SIDE_TUNING_METHODS:
+            raise UserInputError(f"TuneSettings.method must be one of {', '.join(SIDE_TUNING_METHODS)}, "
+                                 f"got {self.method!r}")
         if self.head not in HEADS:
             raise UserInputError(f"TuneSettings.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         for name in ("batch", "seq", "eval_batch", "train_examples"):  # eval_examples: task_accuracy checks it
@@ -78,7 +80,7 @@ class TuneSettings:
 
     @property
     def quantize(self) -> str | None:
-        return METHODS[self.method]
+        return backbone_quantization(self.method)
 
 
 def run_tune(settings: TuneSettings, out) -> dict[str, Any]:
@@ -94,7 +96,13 @@ def run_tune(settings: TuneSettings, out) -> dict[str, Any]:
 
 
 def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
-    from eval.measure import count_parameters, machine_info, parameter_bytes, peak_memory
+    from eval.measure import (
+        count_parameters,
+        lifetime_peak_rss,
+        machine_info,
+        parameter_bytes,
+        peak_memory,
+    )
     from eval.models import load_causal_lm
     from eval.train import train
 
@@ -144,7 +152,7 @@ def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
         "accuracy_before": before, "accuracy_after": after,
         "losses": history.losses, "steps": history.steps, "resumed_from": history.resumed_from,
         "peak_memory_bytes": peak,
-        "process_peak_rss_bytes": _process_peak_rss(),
+        "process_peak_rss_bytes": lifetime_peak_rss(),  # backbone, data, training, evaluation
         "peak_memory_method": "torch.cuda.max_memory_allocated" if device.startswith("cuda")
         else "peak RSS growth during training (this process)",
         "median_step_time_s": history.median_step_time,
@@ -185,6 +193,7 @@ def _wrap(s: TuneSettings, backbone, tokenizer, task):
 
 def _check_fits(s: TuneSettings, model_config, device: str) -> None:
     """Refuse a sequence beyond the model's context, and a run the memory estimate says will not fit."""
+    from eval.measure import available_memory_bytes
     from eval.memory_estimate import check_seq, estimate_memory, fits
 
     check_seq(model_config, s.seq, s.model)
@@ -196,28 +205,11 @@ def _check_fits(s: TuneSettings, model_config, device: str) -> None:
                                    qst_reduction=s.qst.r, qst_adapter_rank=s.qst.adapter_rank)
     except UserInputError:
         return  # a side-network setting the estimate cannot model: QSTConfig says what is wrong
-    available = _available_bytes(device)
+    available = available_memory_bytes(device)
     if available is not None and not fits(estimate, 0.9 * available):
         raise UserInputError(f"batch {s.batch} x seq {s.seq} will not fit on {device}: the memory estimate is "
                              f"{estimate['total_gb']:.2f} GB, only {available / 1e9:.2f} GB is free; use a smaller "
                              "--batch or --seq, or --no-fit-check to try anyway")
-
-
-def _available_bytes(device: str) -> int | None:
-    import psutil
-
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
-    return psutil.virtual_memory().available
-
-
-def _process_peak_rss() -> int | None:
-    """Peak resident memory of this whole process so far (backbone, data, training, evaluation)."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from eval.errors import UserInputError
 
 def add_parser(subparsers) -> None:
     from eval.train import SCHEDULES, TrainConfig
+    from eval.tuning_methods import SIDE_TUNING_METHODS
     from qst.config import DOWNSAMPLERS, OUTPUT_MIXES, SIDE_INITS, QSTConfig
-    from qst.pipeline import HEADS, METHODS
+    from qst.pipeline import HEADS
 
     p = subparsers.add_parser(
         "tune", help="train a QST / LST side network on a task",
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
         "trainable parameters, peak memory and step time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--method", choices=sorted(METHODS), default="qst",
+    p.add_argument("--method", choices=sorted(SIDE_TUNING_METHODS), default="qst",
                    help="qst: NF4 backbone; lst: the same side network on an unquantized backbone")
     p.add_argument("--model", default="ref-lm", help="'ref-lm', a local model directory or a hub id")
     p.add_argument("--task", required=True, help="a reference task name (see eval.tasks.TASKS)")

@@ -285,7 +285,7 @@ def test_architecture_errors(monkeypatch):
     # A model that cannot fit is refused before anything is allocated.
     import eval.models
 
-    monkeypatch.setattr(eval.models, "_available_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(eval.models, "available_memory_bytes", lambda device: 8 * 2**30)
     with pytest.raises(UserInputError, match=r"llama-2-7b \(6\.74B parameters\) needs about 25\.1 GiB.*only 8\.0 GiB"):
         build_model_from_arch("llama-2-7b")
     assert set(ARCHITECTURES) >= {"llama-2-7b", "llama-2-13b", "llama-2-70b", "opt-1.3b", "opt-6.7b",

@@ -1,0 +1,31 @@
+"""The tuning methods `slimtune bench` compares, their default recipes, and QST's downsampler size.
+
+One table that the code building the methods (`qst.baselines`, `qst.config`, `qst.layer`) and the
+analytic memory estimate (`eval.memory_estimate`) both read, so the estimate always describes
+what bench trains. It lives in `eval` because `eval` never imports the method packages.
+"""
+
+from __future__ import annotations
+
+METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
+DEFAULT_METHODS = ("full", "lora", "qlora", "qst")
+QUANTIZED_METHODS = ("qlora", "qst")  # trained on a 4-bit NF4 backbone
+SIDE_TUNING_METHODS = ("qst", "lst")  # QST's side network; lst is the same on an unquantized backbone
+
+LORA_RANK = 16  # the common LoRA recipe (rank 16, alpha 32)
+# QST (docs/METHODS.md §1): reduction factor r (side width = d / r) and the rank k of the
+# adapter downsampler.
+QST_REDUCTION = 16
+QST_ADAPTER_RANK = 16
+
+
+def downsampler_parameter_count(kind: str, d: int, width: int, rank: int) -> int:
+    """Parameters of one QST downsampler d -> width (the formula the tests check `qst.layer`'s
+    modules against): "adapter" is d -> k with bias, swish, k -> width with bias, LayerNorm."""
+    return {
+        "linear": d * width,
+        "lora": rank * (d + width),
+        "adapter": (d * rank + rank) + (rank * width + width) + 2 * width,
+        "maxpool": 0,
+        "avgpool": 0,
+    }[kind]
