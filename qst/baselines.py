@@ -59,9 +59,9 @@ class BaselineConfig:
         for name in ("lora_rank", "lora_alpha", "adapter_size", "num_virtual_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BaselineConfig.{name} must be a positive integer, got {value!r}")
+                raise UserInputError(f"BaselineConfig.{name} must be a positive integer, got {value!r}")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"BaselineConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise UserInputError(f"BaselineConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
 
 def check_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -299,10 +299,3 @@ def labelled_positions_loss(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     finally:
         handle.remove()
     return nn.functional.cross_entropy(logits.float(), targets[keep].to(logits.device))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

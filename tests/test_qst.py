@@ -426,6 +426,18 @@ def test_config_validation(kwargs, match):
         QSTConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lora_rank": 0}, "BaselineConfig.lora_rank must be a positive integer"),
+    ({"num_virtual_tokens": True}, "num_virtual_tokens"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+])
+def test_baseline_config_validation_is_a_user_input_error(kwargs, match):
+    from qst.baselines import BaselineConfig
+
+    with pytest.raises(UserInputError, match=match):  # docs/HARNESS_API.md: all bad input
+        BaselineConfig(**kwargs)
+
+
 def test_bad_shapes_against_the_backbone(llama):
     model, _ = llama
     with pytest.raises(ValueError, match="r=5 does not divide the backbone's hidden size 64"):
