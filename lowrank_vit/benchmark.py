@@ -75,12 +75,8 @@ def _compress_variants(dense, calib, base: MixedRankConfig, keeps, variants, sco
 
 def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> dict:
     from eval.models import load_image_classifier
-    from lowrank_vit.pipeline import (
-        as_tensor_batches,
-        image_accuracy,
-        image_splits,
-        images_per_second,
-    )
+    from eval.speed import side_by_side_throughput
+    from lowrank_vit.pipeline import as_tensor_batches, image_accuracy, image_splits
 
     dense, processor = load_image_classifier("ref-vit")
     calib_set, calib_idx, eval_set, eval_idx, note = image_splits("ref-vit", None, processor, base.calib_images, base.seed)
@@ -106,7 +102,8 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
         rows.append(row)
         if name == "aa-mixed":
             models[f"aa-mixed keep {keep}"] = model
-    speed = images_per_second({"dense": dense, **models}, speed_batch)
+    speed = side_by_side_throughput({"dense": dense, **models}, {"pixel_values": speed_batch},
+                                    items=int(speed_batch.shape[0]))
     return {"model": "ref-vit", "data": note, "eval_images": len(eval_idx), "rows": rows,
             "images_per_s": speed, "speed_batch_size": int(speed_batch.shape[0])}
 

@@ -15,21 +15,10 @@ from pathlib import Path
 import torch
 
 from eval.errors import require_positive
+from eval.speed import side_by_side_throughput
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.model import compress
 from lowrank_vit.pipeline import REPORT_NAME, ranks_plot
-
-
-@torch.no_grad()
-def tokens_per_second(models: dict, batch: torch.Tensor, rounds: int = 3) -> dict[str, float]:
-    """Forward tokens/s of each model on the same batch, in alternating rounds (median of medians)."""
-    from eval.measure import median_step_time
-
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(median_step_time(lambda m=model: m(input_ids=batch), warmup=1, repeats=3))
-    return {name: batch.numel() / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def run_compress_lm(model_name: str, out, config: MixedRankConfig, calib=None, eval_text=None, block_size: int = 256,
@@ -58,7 +47,9 @@ def run_compress_lm(model_name: str, out, config: MixedRankConfig, calib=None, e
     report = compress(model, list(calib_blocks.split(batch_size)), config)
     compress_time = time.perf_counter() - started
     ppl_after = perplexity_of_blocks(model, test_blocks, batch_size=batch_size)
-    speed = tokens_per_second({"dense": dense, "compressed": model}, test_blocks[:batch_size])
+    speed_batch = test_blocks[:batch_size]
+    speed = side_by_side_throughput({"dense": dense, "compressed": model}, {"input_ids": speed_batch},
+                                    items=speed_batch.numel())
     del dense
     summary = {
         "model": model_name, "method": config.method, "keep": config.keep, "int8": config.int8, "data": data_note,
@@ -67,7 +58,7 @@ def run_compress_lm(model_name: str, out, config: MixedRankConfig, calib=None, e
         "targeted_params_before": report["targeted_params_before"], "targeted_params_after": report["targeted_params_after"],
         "perplexity_before": ppl_before, "perplexity_after": ppl_after, "compress_time_s": compress_time,
         "tokens_per_s_before": speed["dense"], "tokens_per_s_after": speed["compressed"],
-        "speed_batch": list(test_blocks[:batch_size].shape), "torch_threads": torch.get_num_threads(),
+        "speed_batch": list(speed_batch.shape), "torch_threads": torch.get_num_threads(),
         "ranks": report["ranks"], "compression": report,
     }
     model.slimtune_card = {  # measured above, on the held-out text
@@ -88,7 +79,7 @@ def lm_report_markdown(s: dict, markdown_table) -> str:
         {"": "targeted parameters", "before": s["targeted_params_before"], "after": s["targeted_params_after"]},
         {"": f"perplexity ({s['eval_blocks']} blocks of {s['block_size']})", "before": round(s["perplexity_before"], 3),
          "after": round(s["perplexity_after"], 3)},
-        {"": f"tokens/s (batch {s['speed_batch'][0]}x{s['speed_batch'][1]})", "before": round(s["tokens_per_s_before"], 1),
+        {"": f"tokens/s (batch {s['speed_batch'][0]}x{s['speed_batch'][1]}, side by side)", "before": round(s["tokens_per_s_before"], 1),
          "after": round(s["tokens_per_s_after"], 1)},
     ]
     layers = [{"layer": name, "role": e["role"], "shape": "x".join(map(str, e["shape"])),

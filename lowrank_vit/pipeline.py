@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eval.errors import UserInputError
+from eval.speed import side_by_side_throughput
 from lowrank_vit.config import MixedRankConfig
 from lowrank_vit.model import compress, save_pretrained
 
@@ -81,19 +82,6 @@ def image_accuracy(model: nn.Module, dataset, indices: list[int], batch_size: in
     return accuracy(torch.cat(predictions), torch.cat(labels))
 
 
-@torch.no_grad()
-def images_per_second(models: dict[str, nn.Module], pixels: torch.Tensor, rounds: int = 3) -> dict[str, float]:
-    """Throughput of each model on the same batch, measured in alternating rounds (median of
-    medians) so that a change in machine load hits every model alike."""
-    from eval.measure import median_step_time
-
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(median_step_time(lambda m=model: m(pixel_values=pixels), warmup=1, repeats=5))
-    return {name: pixels.shape[0] / sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 # ---------------------------------------------------------------------------------- the job
 
 
@@ -125,7 +113,8 @@ def _run_compress_vit(model_name: str, out: Path, config: MixedRankConfig, data:
     report = compress(model, calib_batches, config)
     compress_time = time.perf_counter() - started
     accuracy_after = image_accuracy(model, eval_set, eval_idx, batch_size, "accuracy after")
-    speed = images_per_second({"dense": dense, "compressed": model}, speed_batch)
+    speed = side_by_side_throughput({"dense": dense, "compressed": model}, {"pixel_values": speed_batch},
+                                    items=int(speed_batch.shape[0]))
     del dense
 
     summary = {
@@ -170,7 +159,7 @@ def report_markdown(s: dict, markdown_table) -> str:
         {"": "parameters", "before": s["params_before"], "after": s["params_after"]},
         {"": "targeted parameters", "before": s["targeted_params_before"], "after": s["targeted_params_after"]},
         {"": "top-1 accuracy", "before": f"{100 * s['accuracy_before']:.2f} %", "after": f"{100 * s['accuracy_after']:.2f} %"},
-        {"": f"images/s (batch {s['speed_batch_size']})", "before": round(s["images_per_s_before"], 1), "after": round(s["images_per_s_after"], 1)},
+        {"": f"images/s (batch {s['speed_batch_size']}, side by side)", "before": round(s["images_per_s_before"], 1), "after": round(s["images_per_s_after"], 1)},
     ]
     layers = [{"layer": name, "role": e["role"], "shape": "x".join(map(str, e["shape"])),
                "rank": "dense" if e["rank"] is None else e["rank"] + e["residual_rank"],
@@ -209,4 +198,4 @@ def ranks_plot(report: dict):
     return draw
 
 
-__all__ = ["run_compress_vit", "image_accuracy", "images_per_second", "image_splits", "as_tensor_batches"]
+__all__ = ["run_compress_vit", "image_accuracy", "image_splits", "as_tensor_batches"]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import platform
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from eval.errors import UserInputError, require_positive
+from eval.speed import side_by_side_throughput
 from pruning.arch import MASK_NAMES, layout_for
 from pruning.baselines import BASELINES, baseline_prune
 from pruning.config import DispConfig
@@ -91,18 +91,6 @@ class PruneSettings:
         return asdict(self)
 
 
-def measure_throughput(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int = 5) -> dict[str, float]:
-    """Forward tokens/s of each model on `batch`, measured in alternating rounds (fair on a busy machine)."""
-    from eval.measure import median_step_time
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, model in models.items():
-                times[name].append(median_step_time(lambda m=model: m(input_ids=batch), warmup=1, repeats=3))
-    return {name: batch.numel() / statistics.median(t) for name, t in times.items()}
-
-
 def _kept_width_plot(widths: list[dict[str, int]], dense: list[dict[str, int]]):
     def draw(ax):
         n = len(widths)
@@ -141,6 +129,8 @@ def _markdown(r: dict) -> str:
                  if r["method"] == "disp" else "."),
               f"Perplexity: {r['eval_text']}, {r['eval_blocks']} blocks of {r['block_size']} tokens. "
               f"Calibration: {r['calib_blocks']} blocks.",
+              f"Tokens/s: dense and pruned side by side in one process (warmed up, then alternating rounds), "
+              f"on a batch of {r['throughput_batch'][0]}x{r['throughput_batch'][1]} tokens.",
               f"Machine: {r['machine']}.", "", "Kept width per layer: kept_width.png.", ""]
     return "\n".join(lines)
 
@@ -180,7 +170,8 @@ def _run_prune(s: PruneSettings, out: Path) -> dict:
 
     ppl_after = perplexity_of_blocks(pruned, test_blocks, batch_size=s.batch_size)
     speed_batch = test_blocks[: s.batch_size].to(model.device)
-    speed = measure_throughput({"dense": model, "pruned": pruned}, speed_batch)
+    speed = side_by_side_throughput({"dense": model, "pruned": pruned}, {"input_ids": speed_batch},
+                                    items=speed_batch.numel())
     ppl_recovered = None
     if s.recover_steps:
         pruned = recover_with_lora(pruned, blocks, s.recover_steps, lr=s.recover_lr, rank=s.lora_rank,

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from eval.errors import UserInputError, require_positive
+from eval.speed import side_by_side_throughput
 from pruning.arch import MASK_NAMES, layout_for, model_geometry
 from pruning.baselines import shared_widths
 from pruning.model import PruningPlan, block_params, prune_model
-from pruning.pipeline import measure_throughput
 
 
 def random_disp_plan(model: nn.Module, kept: float, seed: int = 0) -> PruningPlan:
@@ -59,7 +59,8 @@ def pruned_speed(model: nn.Module, kept: float = 0.5, batch: int = 8, seq: int =
     pruned = prune_model(model, plan)  # a physically smaller copy (the export `slimtune prune` saves)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(model.device)
-    speed = measure_throughput({"dense": model, "pruned": pruned}, ids, rounds=rounds)
+    speed = side_by_side_throughput({"dense": model, "pruned": pruned}, {"input_ids": ids}, items=ids.numel(),
+                                    rounds=rounds)
     dense_block, pruned_block = block_params(model), block_params(pruned)
     return {
         "kept_target": float(kept),
