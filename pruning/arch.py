@@ -7,7 +7,9 @@ The five selections of one decoder layer (docs/METHODS.md §2, LLaMA naming):
   mlp_mid  (S4, intermediate wide)  output rows of gate/up and input columns of down
   mlp_out  (S5, hidden wide)        output rows of down
 Heads, embeddings, norms (Qwen3's per-head q/k norms included: they act on head_dim, which no
-selection touches) and the LM head stay whole. The module names come from
+selection touches) and the LM head stay whole. Fused projections (Phi-3) need nothing more: S1
+selects the columns of the fused qkv like those of q, k and v; S4 selects the rows of each of the
+fused gate_up's two row blocks [gate; up]. The module names come from
 `eval.architectures.LAYOUTS`: a family added there with a sequential block of nn.Linear layers
 is supported here without further code.
 """
@@ -26,9 +28,8 @@ MASK_NAMES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")
 
 
 def _disp_supports(layout: DecoderLayout) -> bool:
-    """Sequential blocks of nn.Linear with two norms; fused gate_up rows are not sliced yet."""
-    return (layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
-            and not layout.gate_up)
+    """Sequential blocks of nn.Linear with two norms."""
+    return layout.residual == "sequential" and layout.linear == "linear" and layout.mlp_norm is not None
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,18 @@ class BlockLayout:
     @property
     def mlp_out(self) -> str:  # S4 columns, S5 rows
         return self.decoder.down
+
+    @property
+    def mlp_halves(self) -> int:  # intermediate-wide row blocks in each mlp_in linear (fused [gate; up]: 2)
+        return arch.mlp_halves(self.decoder)
+
+    def mlp_in_blocks(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """An mlp_in linear's weight as its intermediate-wide row blocks (fused gate_up: gate, up)."""
+        return list(weight.chunk(self.mlp_halves, dim=0))
+
+    def mlp_in_rows(self, mlp_mid: torch.Tensor, intermediate: int) -> torch.Tensor:
+        """The rows of an mlp_in linear that S4 keeps: the kept channels in each row block."""
+        return torch.cat([mlp_mid + half * intermediate for half in range(self.mlp_halves)])
 
     @property
     def attn_norm(self) -> str:
@@ -104,7 +117,7 @@ class LayerGeometry:
     intermediate: int
     attn_in_rows: int  # sum of q, k, v output widths: (heads + 2·kv_heads)·head_dim
     attn_out_cols: int  # o's input width: heads·head_dim
-    n_mlp_in: int  # number of linears reading the MLP input (gate+up: 2; fc1: 1)
+    n_mlp_in: int  # intermediate-wide row blocks reading the MLP input (gate+up or fused gate_up: 2; fc1: 1)
 
     def width(self, mask: str) -> int:
         return self.intermediate if mask == "mlp_mid" else self.hidden
@@ -131,10 +144,10 @@ def layer_geometry(layer: nn.Module, layout: BlockLayout) -> LayerGeometry:
     mlp_in = [layer.get_submodule(p) for p in layout.mlp_in]
     return LayerGeometry(
         hidden=attn_in[0].in_features,
-        intermediate=mlp_in[0].out_features,
+        intermediate=mlp_in[0].out_features // layout.mlp_halves,
         attn_in_rows=sum(lin.out_features for lin in attn_in),
         attn_out_cols=layer.get_submodule(layout.attn_out).in_features,
-        n_mlp_in=len(mlp_in),
+        n_mlp_in=len(mlp_in) * layout.mlp_halves,
     )
 
 

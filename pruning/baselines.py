@@ -78,6 +78,11 @@ def _weights(layer: nn.Module, paths) -> list[torch.Tensor]:
     return [layer.get_submodule(p).weight.detach().float().cpu() for p in paths]
 
 
+def _mlp_in_weights(layer: nn.Module, layout: BlockLayout) -> list[torch.Tensor]:
+    """The MLP input weights as [intermediate, hidden] blocks (gate, up; a fused gate_up split)."""
+    return [block for w in _weights(layer, layout.mlp_in) for block in layout.mlp_in_blocks(w)]
+
+
 def magnitude_plan(model: nn.Module, kept: float) -> PruningPlan:
     layout = layout_for(model.config)
     geometry = model_geometry(model, layout)
@@ -87,11 +92,11 @@ def magnitude_plan(model: nn.Module, kept: float) -> PruningPlan:
         g_attn = _norm_gain(layer, layout.attn_norm, g.hidden) ** 2
         g_mlp = _norm_gain(layer, layout.mlp_norm, g.hidden) ** 2
         hidden_sq += sum((w ** 2).sum(0) for w in _weights(layer, layout.attn_in)) * g_attn
-        hidden_sq += sum((w ** 2).sum(0) for w in _weights(layer, layout.mlp_in)) * g_mlp
+        hidden_sq += sum((w ** 2).sum(0) for w in _mlp_in_weights(layer, layout)) * g_mlp
         hidden_sq += (_weights(layer, [layout.attn_out])[0] ** 2).sum(1)
         down = _weights(layer, [layout.mlp_out])[0]
         hidden_sq += (down ** 2).sum(1)
-        mid_sq = sum((w * g_mlp.sqrt() ** 1).pow(2).sum(1) for w in _weights(layer, layout.mlp_in)) + (down ** 2).sum(0)
+        mid_sq = sum((w * g_mlp.sqrt() ** 1).pow(2).sum(1) for w in _mlp_in_weights(layer, layout)) + (down ** 2).sum(0)
         mid_scores.append(mid_sq.sqrt())
     return _shared_plan("magnitude", hidden_sq.sqrt(), mid_scores, geometry, kept)
 
@@ -117,7 +122,7 @@ def wanda_sp_plan(model: nn.Module, kept: float, blocks: torch.Tensor, batch_siz
     hidden_scores = torch.zeros(geometry[0].hidden)
     mid_scores = []
     for layer, x in zip(decoder_layers(model, layout), norms):
-        attn_in, mlp_in = _weights(layer, layout.attn_in), _weights(layer, layout.mlp_in)
+        attn_in, mlp_in = _weights(layer, layout.attn_in), _mlp_in_weights(layer, layout)
         o, down = _weights(layer, [layout.attn_out, layout.mlp_out])
         # reading a residual dim j: Σ_i |W_ij|·‖x_j‖; writing it: Σ_k |W_jk|·‖x_k‖ over the writer's inputs
         hidden_scores += sum(w.abs().sum(0) for w in attn_in) * x["attn_in"]

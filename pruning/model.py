@@ -187,7 +187,8 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
             _slice_linear(layer, path, rows=None, cols=idx["attn_in"])
         _slice_linear(layer, layout.attn_out, rows=idx["attn_out"], cols=None)
         for path in layout.mlp_in:
-            _slice_linear(layer, path, rows=idx["mlp_mid"], cols=idx["mlp_in"])
+            _slice_linear(layer, path, rows=layout.mlp_in_rows(idx["mlp_mid"], geometry[i].intermediate),
+                          cols=idx["mlp_in"])
         _slice_linear(layer, layout.mlp_out, rows=idx["mlp_out"], cols=idx["mlp_mid"])
         layers[i] = PrunedDecoderLayer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts).to(model.device)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
@@ -203,7 +204,8 @@ def empty_structure(model: nn.Module, plan: PruningPlan) -> None:
     for i, layer in enumerate(layers):
         n = {m: len(plan.layers[i][m]) for m in MASK_NAMES}
         shapes = [(p, None, n["attn_in"]) for p in layout.attn_in] + [(layout.attn_out, n["attn_out"], None)]
-        shapes += [(p, n["mlp_mid"], n["mlp_in"]) for p in layout.mlp_in] + [(layout.mlp_out, n["mlp_out"], n["mlp_mid"])]
+        shapes += [(p, n["mlp_mid"] * layout.mlp_halves, n["mlp_in"]) for p in layout.mlp_in]
+        shapes += [(layout.mlp_out, n["mlp_out"], n["mlp_mid"])]
         for path, rows, cols in shapes:
             lin = layer.get_submodule(path)
             out_f = lin.out_features if rows is None else rows

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--method", default=defaults.method, choices=METHODS)
     p.add_argument("--model", required=True, help="'ref-lm' (built on first use) or a local model directory / hub id "
-                   "(Llama, Mistral, Qwen2, OPT)")
+                   "(Llama, Mistral, Qwen2, Qwen3, Phi-3, OPT)")
     p.add_argument("--kept", type=float, default=defaults.kept, help="fraction of attention + MLP weight parameters kept, in (0, 1]")
     p.add_argument("--calib", default=None, help="calibration text: a file (.txt, .jsonl, .parquet, WikiText raw) or a "
                    "folder of them; default for ref-lm: its reference corpus (train split)")

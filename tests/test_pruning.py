@@ -59,6 +59,22 @@ def qwen3():
     return model
 
 
+@pytest.fixture(scope="module")
+def phi3():
+    """Phi-3: fused projections (qkv [q; k; v], gate_up [gate; up]), supported through the table."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape))
+    return model
+
+
 def _random_masks(model, p=0.6, seed=0):
     g = torch.Generator().manual_seed(seed)
     masks = []
@@ -99,6 +115,15 @@ def test_geometry_and_mask_shapes_llama_gqa(llama):
     assert net.z.shape == (1, 10, 32) and net.gru.bidirectional and net.gru.hidden_size == 64
 
 
+def test_geometry_of_fused_projections_phi3(phi3):
+    geo = model_geometry(phi3)
+    # qkv: (4 + 2·2)·16 = 128 rows; gate_up: 2 × 96 rows, counted as two intermediate-wide blocks
+    assert [(g.hidden, g.intermediate, g.attn_in_rows, g.attn_out_cols, g.n_mlp_in) for g in geo] == [(64, 96, 128, 64, 2)] * 2
+    assert geo[0].dense_block_params() == sum(phi3.get_submodule(f"model.layers.0.{p}").weight.numel()
+                                              for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                                        "mlp.down_proj"))
+
+
 def test_geometry_and_mask_shapes_opt(opt):
     geo = model_geometry(opt)
     assert [(g.hidden, g.intermediate, g.attn_in_rows, g.attn_out_cols, g.n_mlp_in) for g in geo] == [(64, 128, 192, 64, 1)] * 2
@@ -109,7 +134,7 @@ def test_geometry_and_mask_shapes_opt(opt):
 def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config
 
-    with pytest.raises(UserInputError, match="supported: llama, mistral, opt, qwen2, qwen3$"):
+    with pytest.raises(UserInputError, match="supported: llama, mistral, opt, phi3, qwen2, qwen3$"):
         layout_for(GPT2Config())
 
 
@@ -167,7 +192,7 @@ def test_gumbel_sigmoid_is_binary_with_straight_through_gradient():
 
 # --- export ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "phi3"])
 def test_export_equals_masked_model_and_counts_exactly(name, request):
     model = request.getfixturevalue(name)
     masks = _random_masks(model)
@@ -185,6 +210,21 @@ def test_export_equals_masked_model_and_counts_exactly(name, request):
         assert pruned.model.layers[0].self_attn.k_proj.out_features == 2 * head_dim
     if name == "qwen3":  # the per-head norms act on head_dim, which no selection touches
         assert pruned.model.layers[0].self_attn.q_norm.weight.shape == (32,)
+    if name == "phi3":  # fused: qkv keeps every row; gate_up keeps the same channels in both halves
+        kept_mid = int(masks[0]["mlp_mid"].sum())
+        assert pruned.model.layers[0].self_attn.qkv_proj.out_features == 128
+        assert pruned.model.layers[0].mlp.gate_up_proj.out_features == 2 * kept_mid
+
+
+def test_disp_trains_and_exports_a_fused_projection_family_on_budget(phi3):
+    from pruning import train_disp
+
+    blocks = _ids(phi3, n=4, t=16, seed=4)
+    result = train_disp(phi3, blocks, DispConfig(kept=0.5, steps=4, lr=1e-2, estimator="gumbel"), batch_size=2)
+    pruned = prune_model(phi3, result.plan)
+    assert abs(block_params(pruned) / block_params(phi3) - 0.5) <= 0.01 * 0.5
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=blocks).logits).all()
 
 
 def test_kept_one_gives_back_the_dense_logits(llama):
@@ -213,7 +253,7 @@ def test_deterministic_export_meets_budget_without_noise(llama):
 
 # --- save / load -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "phi3"])
 def test_save_load_round_trip_and_generate(name, request, tmp_path):
     model = request.getfixturevalue(name)
     masks = _random_masks(model, seed=3)
@@ -249,7 +289,7 @@ def test_load_rejects_index_lists_that_do_not_fit(llama, tmp_path):
 # --- baselines -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3", "phi3"])
 def test_shared_set_baselines_meet_budget(method, name, request):
     model = request.getfixturevalue(name)
     blocks = _ids(model, n=4, t=16, seed=2)
@@ -263,7 +303,7 @@ def test_shared_set_baselines_meet_budget(method, name, request):
         assert torch.isfinite(pruned(input_ids=blocks).logits).all()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
 def test_slicegpt_meets_budget_counts_rotations_and_is_exact_unsliced(name, request, tmp_path):
     llama = request.getfixturevalue(name)
     blocks = _ids(llama, n=4, t=16, seed=2)

@@ -145,5 +145,5 @@ def test_cli_unsupported_architecture(tmp_path, tiny_tokenizer, calib_dir, capsy
     tiny_tokenizer.save_pretrained(model_dir)
     assert main(_args(model_dir, calib_dir, tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert "does not support model type 'gpt2'" in err and "llama, mistral, opt, qwen2" in err
+    assert "does not support model type 'gpt2'" in err and "llama, mistral, opt, phi3, qwen2, qwen3" in err
     assert not (tmp_path / "out").exists()
