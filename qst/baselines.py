@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from eval import architectures as arch
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.tuning_methods import DEFAULT_METHODS, LORA_RANK, METHODS, QUANTIZED_METHODS  # noqa: F401 - DEFAULT_METHODS: bench reads it here
 from qst.backbone import module_device
 
@@ -57,9 +57,7 @@ class BaselineConfig:
 
     def __post_init__(self):
         for name in ("lora_rank", "lora_alpha", "adapter_size", "num_virtual_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserInputError(f"BaselineConfig.{name} must be a positive integer, got {value!r}")
+            require_positive(f"BaselineConfig.{name}", getattr(self, name))
         if not 0 <= self.lora_dropout < 1:
             raise UserInputError(f"BaselineConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.tuning_methods import QST_ADAPTER_RANK, QST_REDUCTION
 
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
@@ -74,16 +74,12 @@ class QSTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        def positive_int(name: str, value: Any) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserInputError(f"QSTConfig.{name} must be a positive integer, got {value!r}")
-
         def finite(name: str, value: Any) -> None:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise UserInputError(f"QSTConfig.{name} must be a finite number, got {value!r}")
 
-        positive_int("r", self.r)
-        positive_int("adapter_rank", self.adapter_rank)
+        require_positive("QSTConfig.r", self.r)
+        require_positive("QSTConfig.adapter_rank", self.adapter_rank)
         if self.downsample not in DOWNSAMPLERS:
             raise UserInputError(f"QSTConfig.downsample must be one of {DOWNSAMPLERS}, got {self.downsample!r}")
         if self.side_init not in SIDE_INITS:

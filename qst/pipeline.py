@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.train import TrainConfig
 from eval.tuning_methods import SIDE_TUNING_METHODS
 from qst.baselines import backbone_quantization
@@ -30,7 +30,7 @@ HEADS = ("lm", "classifier")
 
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
-    """One tuning run (validated on construction).
+    """One tuning run, validated on construction (`UserInputError` naming the field).
 
     - `method`: "qst" (NF4 backbone) or "lst" (the same side network on an unquantized backbone).
     - `model`: "ref-lm", a local model directory or a hub id; `task`: a name `eval.tasks.load_task` knows.
@@ -65,16 +65,14 @@ class TuneSettings:
 
     def __post_init__(self):
         if self.method not in SIDE_TUNING_METHODS:
-            raise UserInputError(f"TuneSettings.method must be one of {', '.join(SIDE_TUNING_METHODS)}, "
-                                 f"got {self.method!r}")
+            raise UserInputError(f"method must be one of {', '.join(SIDE_TUNING_METHODS)}, got {self.method!r}",
+                                 field="method")
         if self.head not in HEADS:
-            raise UserInputError(f"TuneSettings.head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        for name in ("batch", "seq", "eval_batch", "train_examples"):  # eval_examples: task_accuracy checks it
-            value = getattr(self, name)
-            if value is None and name == "train_examples":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserInputError(f"TuneSettings.{name} must be a positive integer, got {value!r}")
+            raise UserInputError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}", field="head")
+        for name in ("batch", "seq", "eval_batch"):  # eval_examples: task_accuracy checks it
+            require_positive(name, getattr(self, name))
+        if self.train_examples is not None:
+            require_positive("train_examples", self.train_examples)
         if not isinstance(self.qst, QSTConfig) or not isinstance(self.train, TrainConfig):
             raise UserInputError("TuneSettings.qst must be a QSTConfig and TuneSettings.train a TrainConfig")
 
@@ -174,7 +172,8 @@ def _load_task(s: TuneSettings):
         subset = random.Random(s.train.seed).sample(task.train, min(s.train_examples, len(task.train)))
         task = dataclasses.replace(task, train=subset)
     if s.head == "classifier" and task.kind != "classification":
-        raise UserInputError(f"--head classifier needs a classification task; {task.name} is {task.kind}")
+        raise UserInputError(f"head 'classifier' needs a classification task; {task.name} is {task.kind}",
+                             field="head")
     return task
 
 

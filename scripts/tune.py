@@ -90,28 +90,21 @@ def _side_layers(text: str | None) -> tuple[int, ...] | None:
         raise UserInputError(f"--side-layers must be comma-separated integers like 0,2,4; got {text!r}") from e
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise UserInputError(f"--{name} must be a positive integer, got {value}")
-
-
 def settings(args: argparse.Namespace):
-    """The `qst.pipeline.TuneSettings` of the command line (flag errors name the flag)."""
+    """The `qst.pipeline.TuneSettings` of the command line."""
     from eval.train import TrainConfig
     from qst.config import QSTConfig
     from qst.pipeline import TuneSettings
 
-    for name in ("steps", "batch", "seq", "eval_batch", "train_examples"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    train = TrainConfig(
+        max_steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
+    )
     qst = QSTConfig(
         r=args.r, downsample=args.downsample, adapter_rank=args.adapter_rank, gate_init=args.gate_init,
         output_mix=args.output_mix, alpha_init=args.alpha_init, alpha_lr=args.alpha_lr, dropout=args.dropout,
         side_init=args.side_init, side_layers=_side_layers(args.side_layers),
         gradient_checkpointing=args.gradient_checkpointing,
-    )
-    train = TrainConfig(
-        max_steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed,
     )
     return TuneSettings(
         task=args.task, method=args.method, model=args.model, head=args.head, batch=args.batch, seq=args.seq,
@@ -121,10 +114,18 @@ def settings(args: argparse.Namespace):
     )
 
 
+# The settings of the nested configs that a flag of another name sets.
+FLAGS = {"TrainConfig.max_steps": "--steps", "QSTConfig.r": "--r", "QSTConfig.adapter_rank": "--adapter-rank"}
+
+
 def run(args: argparse.Namespace) -> int:
+    from eval.errors import naming_flags
     from qst.pipeline import run_tune, summary
 
-    report = run_tune(settings(args), args.out)
+    try:
+        report = run_tune(settings(args), args.out)
+    except UserInputError as error:  # the library names its settings; say which flag sets each
+        raise naming_flags(error, vars(args), FLAGS) from None
     print(summary(report))
     print(f"side network and tune_report.json/.md written to {args.out}")
     return 0
