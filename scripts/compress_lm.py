@@ -6,9 +6,8 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from lowrank_vit.config import METHODS, ROLES, MixedRankConfig
+    from scripts.compress_options import add_config_options
 
-    defaults = MixedRankConfig()
     p = subparsers.add_parser(
         "compress-lm",
         help="compress a causal LM's attention / MLP linears to mixed low ranks (activation-aware)",
@@ -27,16 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks of --block-size tokens")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--keep", type=float, default=defaults.keep,
-                   help="fraction of the targeted layers' parameters kept (0.6 = 40%% fewer)")
-    p.add_argument("--method", default=defaults.method, choices=METHODS)
-    p.add_argument("--residual-rank", type=int, default=defaults.residual_rank)
-    p.add_argument("--compensate-steps", type=int, default=defaults.compensate_steps)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="compensation learning rate")
-    p.add_argument("--targets", nargs="+", default=list(ROLES), choices=ROLES, help="which linear roles to compress")
-    p.add_argument("--int8", action="store_true", help="store the low-rank factors as int8 after compression")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_options(p, keep_example="0.6 = 40%% fewer")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (also the tokens/s batch)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
@@ -45,15 +36,11 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from eval.errors import UserInputError, naming_flags
     from eval.model_card import current_command
-    from lowrank_vit.config import MixedRankConfig
     from lowrank_vit.lm_pipeline import run_compress_lm
+    from scripts.compress_options import config_from_args
 
     try:
-        config = MixedRankConfig(
-            keep=args.keep, method=args.method, residual_rank=args.residual_rank,
-            compensate_steps=args.compensate_steps, lr=args.lr, calib_images=args.calib_blocks,
-            targets=tuple(args.targets), int8=args.int8, seed=args.seed,
-        )
+        config = config_from_args(args, calib_images=args.calib_blocks)
         s = run_compress_lm(args.model, args.out, config, calib=args.calib, eval_text=args.eval_text,
                             block_size=args.block_size, eval_blocks=args.eval_blocks, batch_size=args.batch_size,
                             device=args.device, command=getattr(args, "command_line", None) or current_command())

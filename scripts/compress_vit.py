@@ -6,9 +6,9 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from lowrank_vit.config import METHODS, ROLES, MixedRankConfig
+    from lowrank_vit.config import MixedRankConfig
+    from scripts.compress_options import add_config_options
 
-    defaults = MixedRankConfig()
     p = subparsers.add_parser(
         "compress-vit",
         help="compress a vision transformer's linear layers to mixed low ranks (activation-aware)",
@@ -22,21 +22,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="'ref-vit' (built on first use) or a local model directory / hub id")
     p.add_argument("--data", default=None, help="ImageNet-style folder (one subfolder per class) for calibration and "
                    "evaluation; not needed for ref-vit, which brings its glyph split")
-    p.add_argument("--calib", type=int, default=defaults.calib_images, help="calibration images")
-    p.add_argument("--keep", type=float, default=defaults.keep,
-                   help="fraction of the targeted layers' parameters kept (0.4 = 60%% fewer)")
-    p.add_argument("--method", default=defaults.method, choices=METHODS)
-    p.add_argument("--residual-rank", type=int, default=defaults.residual_rank,
-                   help="rank of the compensation residual term (aa-mixed)")
-    p.add_argument("--compensate-steps", type=int, default=defaults.compensate_steps,
-                   help="Adam steps of layer-wise error compensation per layer (aa-mixed; 0 = none)")
-    p.add_argument("--compensate-factors", action="store_true", help="also train the principal factors in compensation")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="compensation learning rate")
-    p.add_argument("--targets", nargs="+", default=list(ROLES), choices=ROLES, help="which linear roles to compress")
-    p.add_argument("--int8", action="store_true", help="store the low-rank factors as int8 after compression")
+    p.add_argument("--calib", type=int, default=MixedRankConfig.calib_images, help="calibration images")
+    add_config_options(p, keep_example="0.4 = 60%% fewer")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (also the images/s batch)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory (created; an earlier compress-vit output is replaced)")
     p.set_defaults(func=run)
@@ -44,18 +33,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from eval.errors import UserInputError, naming_flags, require_positive
-    from lowrank_vit.config import MixedRankConfig
     from lowrank_vit.pipeline import run_compress_vit
+    from scripts.compress_options import config_from_args
 
     require_positive("--batch-size", args.batch_size)
     if args.eval_limit is not None:
         require_positive("--eval-limit", args.eval_limit)
     try:
-        config = MixedRankConfig(
-            keep=args.keep, method=args.method, residual_rank=args.residual_rank,
-            compensate_steps=args.compensate_steps, compensate_factors=args.compensate_factors, lr=args.lr,
-            calib_images=args.calib, targets=tuple(args.targets), int8=args.int8, seed=args.seed,
-        )
+        config = config_from_args(args, calib_images=args.calib)
         s = run_compress_vit(args.model, args.out, config, data=args.data, batch_size=args.batch_size,
                              eval_limit=args.eval_limit, device=args.device)
     except UserInputError as error:  # the library names its settings; say which flag sets each
