@@ -11,31 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from scripts.cli import main
 
-TASK_YAML = """task: tiny_sum
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tasks")
-    rows = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
-            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (0, 3), (4, 4), (6, 2)]]
-    (folder / "tiny_sum.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "tiny_sum.yaml").write_text(TASK_YAML.format(data=folder / "tiny_sum.jsonl"))
-    return folder
+def task_dir(tmp_path_factory, write_choice_task, sum_questions):
+    return write_choice_task(tmp_path_factory.mktemp("tasks"), "tiny_sum", sum_questions(8))
 
 
 def test_compress_lm_writes_model_reports_and_card(tmp_path, tiny_llama_dir, tiny_texts):

@@ -23,29 +23,9 @@ QUESTIONS = [
 ]
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
+def task_dir(tmp_path_factory, write_choice_task):
     """A tiny multiple-choice lm-eval task reading a local JSONL file."""
-    root = tmp_path_factory.mktemp("lm-eval-tasks")
-    data = root / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
-    (root / "tiny_mc.yaml").write_text(
-        f"""task: slimtune_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-    )
-    return root
+    return write_choice_task(tmp_path_factory.mktemp("lm-eval-tasks"), "slimtune_tiny_mc", QUESTIONS)
 
 
 @pytest.fixture(autouse=True)

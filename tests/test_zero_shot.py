@@ -11,32 +11,12 @@ import pytest
 from scripts.cli import main
 from scripts.zero_shot import ModelSpec, load_model, parse_model_specs, primary_metric
 
-TASK_YAML = """task: {name}
-dataset_path: {dataset_path}
-{data_files}test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
+def task_dir(tmp_path_factory, write_choice_task, sum_questions):
     """A folder with `tiny_sum` (6 local multiple-choice questions) and `missing_data` (a hub dataset)."""
-    folder = tmp_path_factory.mktemp("tasks")
-    rows = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
-            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (0, 3)]]
-    (folder / "tiny_sum.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data_files = f"dataset_kwargs:\n  data_files:\n    test: {folder / 'tiny_sum.jsonl'}\n"
-    (folder / "tiny_sum.yaml").write_text(TASK_YAML.format(name="tiny_sum", dataset_path="json", data_files=data_files))
-    (folder / "missing_data.yaml").write_text(
-        TASK_YAML.format(name="missing_data", dataset_path="slimtune-absent/no_such_dataset", data_files=""))
-    return folder
+    folder = write_choice_task(tmp_path_factory.mktemp("tasks"), "tiny_sum", sum_questions(6))
+    return write_choice_task(folder, "missing_data", None, dataset_path="slimtune-absent/no_such_dataset")
 
 
 def test_compare_evaluates_several_models_into_one_table(tmp_path, task_dir, tiny_llama_dir, tiny_opt_dir):
