@@ -205,6 +205,17 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
+def _right_padded(sequences: list[list[int]], seq_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [len(sequences), seq_len]: each sequence (at most seq_len
+    tokens) at the left, `pad` after it."""
+    input_ids = torch.full((len(sequences), seq_len), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), seq_len), dtype=torch.long)
+    for r, ids in enumerate(sequences):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 def classification_batches(examples: Sequence, tokenizer, batch_size: int, seq_len: int, shuffle: bool = False,
                            seed: int = 0) -> list[dict]:
     """Batches for a sequence-classification model: `input_ids`, `attention_mask` ([B, seq_len],
@@ -214,16 +225,12 @@ def classification_batches(examples: Sequence, tokenizer, batch_size: int, seq_l
         raise UserInputError("no examples to batch; expected at least one")
     pad = _pad_id(tokenizer)
     encoded = tokenizer([ex.text for ex in examples], add_special_tokens=True, verbose=False)["input_ids"]
+    sequences = [ids[:seq_len] for ids in encoded]
     order = _order(len(examples), shuffle, seed)
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids = encoded[i][:seq_len]
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = 1
+        input_ids, attention_mask = _right_padded([sequences[i] for i in rows], seq_len, pad)
         labels = torch.tensor([examples[i].label for i in rows], dtype=torch.long)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
@@ -247,13 +254,10 @@ def lm_batches(task: Task, split: str, tokenizer, batch_size: int, seq_len: int,
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+        input_ids, attention_mask = _right_padded([sequences[i][0] for i in rows], seq_len, pad)
         labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
         for r, i in enumerate(rows):
             ids, n_answer = sequences[i]
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = 1
             labels[r, len(ids) - n_answer : len(ids)] = torch.tensor(ids[len(ids) - n_answer :])
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
