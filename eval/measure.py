@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eval.bnb import kernel_path, logical_numel, quant_state, quant_state_tensors
+from eval.bnb import compute_dtype_name, kernel_path, logical_numel, quant_state, quant_state_tensors
 from eval.errors import UserInputError
 
 if TYPE_CHECKING:  # torch is imported where used, so a fresh worker process starts fast
@@ -158,6 +158,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "bnb_4bit_path": kernel_path(),
+        "four_bit_compute_dtype": compute_dtype_name("cuda" if torch.cuda.is_available() else "cpu"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -172,6 +173,8 @@ def machine_line(info: dict[str, Any]) -> str:
     if info.get("gpu"):
         parts.append(f"GPU {info['gpu']}")
     parts.append(info.get("bnb_4bit_path") or "bitsandbytes not available")
+    if info.get("four_bit_compute_dtype"):
+        parts.append(f"4-bit layers compute in {info['four_bit_compute_dtype']}")
     parts.append(f"torch {info.get('torch')}, Python {info.get('python')}")
     return "Machine: " + "; ".join(parts) + "."
 

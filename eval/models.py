@@ -14,8 +14,9 @@ Three entry points:
 Everything is offline first: a name that is neither a local directory nor in the local hub
 cache raises `UserInputError` saying what was tried and how to provide the model.
 
-Default dtypes (`dtype=None`): float32, except with `quantize="nf4"`, where the parts that
-stay unquantized (embeddings, norms, `lm_head`) are bfloat16, as in QLoRA.
+Default dtypes (`dtype=None`): float32, except with `quantize="nf4"`, where the model computes
+in, and the parts that stay unquantized (embeddings, norms, `lm_head`) are, bfloat16 as in QLoRA,
+on CUDA and on CPUs with bf16 hardware; float32 on other CPUs (`eval.bnb.compute_dtype`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from eval.bnb import (
     avoid_bnb_cpu_repacking_failure,
     check_bitsandbytes_cuda,
+    compute_dtype,
     is_4bit_linear,
     mark_loaded_in_nf4,
     nf4_bytes_per_weight,
@@ -63,6 +65,24 @@ _TINY_LLAMA = dict(
     tie_word_embeddings=False,
 )
 
+
+
+def _llama2_shaped(hidden: int, layers: int, vocab_size: int = 32000) -> dict[str, Any]:
+    """A LLaMA-2-proportioned model of another size: head dim 64, MLP width 8/3 x hidden rounded
+    up to a multiple of 64 (LLaMA's SwiGLU sizing; 7B's 11008 is 2.6875 x 4096), LLaMA's vocabulary."""
+    return {**_LLAMA2_COMMON, "vocab_size": vocab_size, "hidden_size": hidden,
+            "intermediate_size": 64 * -(-8 * hidden // (3 * 64)), "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64}
+
+
+# LLaMA shapes from the reference model's size (ref-lm v2: hidden 128, 4 layers, MLP 344, vocab
+# 4096, 1.84 M parameters) to 268 M: `slimtune bench --scaling` runs them with random weights.
+SCALING_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama-h128-l4": {**_llama2_shaped(128, 4, vocab_size=4096), "intermediate_size": 344,
+                      "num_attention_heads": 4, "num_key_value_heads": 4},
+    **{f"llama-h{h}-l{n}": _llama2_shaped(h, n) for h, n in ((256, 8), (512, 8), (768, 12), (1024, 16))},
+}
+
 # The published dimensions of each model (Llama 2 paper, Table/config files; OPT paper, Table 1).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama-2-7b": {**_LLAMA2_COMMON, "hidden_size": 4096, "intermediate_size": 11008,
@@ -79,6 +99,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "tiny-llama-gqa": {**_TINY_LLAMA, "num_key_value_heads": 2},
     "tiny-opt": {**_OPT_COMMON, "vocab_size": 512, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "max_position_embeddings": 256, "word_embed_proj_dim": 64},
+    **SCALING_ARCHITECTURES,
 }
 
 
@@ -354,14 +375,15 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
     """Load a causal LM and its tokenizer, in eval mode.
 
     `quantize="nf4"`: every `nn.Linear` except the output head becomes a bitsandbytes
-    `Linear4bit` (NF4, double quantization, bf16 compute), as in QLoRA; the unquantized parts
-    use `dtype` (default bfloat16). Without quantization `dtype` defaults to float32;
+    `Linear4bit` (NF4, double quantization), as in QLoRA; it computes in, and the unquantized
+    parts use, `dtype` (default `eval.bnb.compute_dtype(device)`: bfloat16 as in QLoRA on CUDA and
+    on CPUs with bf16 hardware, else float32). Without quantization `dtype` defaults to float32;
     `"auto"` keeps the checkpoint's dtype. The tokenizer gets a pad token (its EOS) if it has none.
     """
     what = "load_causal_lm"
     _check_quantize(quantize)
-    resolved_dtype = _resolve_dtype(dtype, torch.bfloat16 if quantize == "nf4" else torch.float32)
     dev = resolve_device(device, four_bit=quantize == "nf4")
+    resolved_dtype = _resolve_dtype(dtype, compute_dtype(dev) if quantize == "nf4" else torch.float32)
     source, extra = _resolve_model_source(name_or_path, what)
     config = _load_config(source, extra, trust_remote_code, what)
 
@@ -383,7 +405,7 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
     _verify_weight_files(source, what)
     kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
     if quantize == "nf4":
-        kwargs["quantization_config"] = nf4_config()
+        kwargs["quantization_config"] = nf4_config(dev)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev),
                                                            output_loading_info=True, **kwargs)
@@ -513,19 +535,22 @@ def build_model_from_arch(arch: str, dtype=None, device="cpu", quantize=None, vo
     - `quantize=None`: built directly on `device` in `dtype` (default float32) with
       transformers' own random initialisation; never a float32 copy when `dtype` is smaller.
     - `quantize="nf4"`: built empty, every `nn.Linear` except the output head replaced by a
-      bitsandbytes `Linear4bit` (NF4, double quantization, bf16 compute, the same modules
+      bitsandbytes `Linear4bit` (NF4, double quantization, the same modules
       `load_causal_lm(..., quantize="nf4")` quantizes), then filled one layer at a time: a
       random bf16 weight is drawn on the device and quantized at once, so the peak is the
-      4-bit model plus one layer's weight. Unquantized parts use `dtype` (default bfloat16).
+      4-bit model plus one layer's weight. It computes in, and unquantized parts use, `dtype`
+      (default `eval.bnb.compute_dtype(device)`, as `load_causal_lm`).
     In both real modes the build is refused with `UserInputError` if the estimated size does
     not fit the device's free memory (llama-2-70b is ~138 GB in bf16, ~37 GB in NF4).
     """
     _check_quantize(quantize)
     config = architecture_config(arch, vocab_size=vocab_size)
-    resolved = _resolve_dtype(dtype, torch.bfloat16 if quantize == "nf4" else torch.float32)
+    is_meta = device == "meta" or (isinstance(device, torch.device) and device.type == "meta")
+    four_bit_default = compute_dtype("cpu" if is_meta else device) if quantize == "nf4" else torch.float32
+    resolved = _resolve_dtype(dtype, four_bit_default)
     if resolved == "auto":
         raise UserInputError("dtype='auto' means the checkpoint's dtype, but a random model has no checkpoint; pass float32, bfloat16 or float16")
-    if device == "meta" or (isinstance(device, torch.device) and device.type == "meta"):
+    if is_meta:
         if quantize is not None:
             raise UserInputError("quantize='nf4' needs real weights to quantize; with device='meta' use quantize=None")
         return _empty_model(config, resolved).eval()
@@ -542,7 +567,7 @@ def build_model_from_arch(arch: str, dtype=None, device="cpu", quantize=None, vo
 
 
 def _build_nf4(config, dtype: torch.dtype, device: torch.device):
-    quant_config = nf4_config()
+    quant_config = nf4_config(device)
     model = replace_linears_with_nf4(_empty_model(config, dtype), quant_config)
     std = getattr(config, "initializer_range", 0.02)
 

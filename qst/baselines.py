@@ -92,7 +92,8 @@ def load_backbone(method: str, model: str | None = "ref-lm", arch: str | None = 
 
     `model` is anything `eval.models.load_causal_lm` opens; `arch` builds random weights of a
     named architecture instead (memory and speed only). `dtype` is the 16-bit (or fp32)
-    backbone's dtype; 4-bit backbones keep their unquantized parts in bfloat16.
+    backbone's dtype; 4-bit backbones compute in, and keep their unquantized parts in,
+    `eval.bnb.compute_dtype(device)` (bfloat16 except on CPUs without bf16 hardware).
     """
     from eval.models import build_model_from_arch, load_causal_lm
 

@@ -193,6 +193,7 @@ def _wrap(s: TuneSettings, backbone, tokenizer, task):
 def _check_fits(s: TuneSettings, model_config, device: str) -> None:
     """Refuse a sequence beyond the model's context, and a run the memory estimate says will not fit."""
     from eval.measure import available_memory_bytes
+    from eval.bnb import compute_dtype_name
     from eval.memory_estimate import check_seq, estimate_memory, fits
 
     check_seq(model_config, s.seq, s.model)
@@ -200,7 +201,7 @@ def _check_fits(s: TuneSettings, model_config, device: str) -> None:
         return
     try:
         estimate = estimate_memory(model_config, s.method, batch=s.batch, seq=s.seq,
-                                   dtype="bfloat16" if s.quantize else "float32", device=device,
+                                   dtype=compute_dtype_name(device) if s.quantize else "float32", device=device,
                                    qst_reduction=s.qst.r, qst_adapter_rank=s.qst.adapter_rank)
     except UserInputError:
         return  # a side-network setting the estimate cannot model: QSTConfig says what is wrong
