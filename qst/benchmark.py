@@ -33,8 +33,9 @@ LOSS_WINDOW = 5  # final_loss: mean of the last steps' losses (one batch is nois
 
 
 def _batches(task_name: str | None, tokenizer, vocab_size: int, batch: int, seq: int, n_steps: int,
-             seed: int) -> list[dict[str, torch.Tensor]]:
-    """The training batches every method sees: the task's prompt+answer batches, or random tokens."""
+             seed: int, train_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The training batches every method sees (one epoch; eval.train cycles it): the task's
+    prompt+answer batches (the first `train_examples` of a seeded shuffle), or random tokens."""
     if tokenizer is not None:
         from eval.tasks import lm_batches, load_task
 
@@ -42,9 +43,13 @@ def _batches(task_name: str | None, tokenizer, vocab_size: int, batch: int, seq:
         batches = lm_batches(task, "train", tokenizer, batch, seq, shuffle=True, seed=seed)
         # Fixed shapes: a smaller final batch would make its step look faster.
         batches = [b for b in batches if b["input_ids"].shape[0] == batch]
+        if train_examples is not None:
+            batches = batches[:train_examples // batch]
         if not batches:
             raise UserInputError(
-                f"task {task_name!r} has fewer than {batch} training examples; use a smaller --batch"
+                f"task {task_name!r} gives no full batch of {batch} training examples"
+                + (f" from {train_examples} examples" if train_examples is not None else "")
+                + "; use a smaller batch or more training examples"
             )
         return batches
     generator = torch.Generator().manual_seed(seed)
@@ -66,9 +71,18 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
                    task: str | None = None, batch: int = 16, seq: int = 512, steps: int = 5,
                    warmup: int = 2, train_steps: int = 0, lr: float = 2e-4, device: str = "cpu",
                    dtype: str | None = None, seed: int = 0, eval_examples: int | None = None,
-                   eval_batch_size: int = 8, baseline_options: dict | None = None) -> dict[str, Any]:
-    """Build `method`, train it, and return its numbers (a `run_in_fresh_process` target)."""
-    from eval.measure import count_parameters, mark_setup_done, parameter_bytes
+                   eval_batch_size: int = 8, baseline_options: dict | None = None,
+                   train_examples: int | None = None, feature_cache: bool = False) -> dict[str, Any]:
+    """Build `method`, train it, and return its numbers (a `run_in_fresh_process` target).
+
+    `train_examples`: train on the first that many (shuffled) task examples, so that a short run
+    sees them for several epochs. `feature_cache`: a side-tuning method (QST, LST) keeps its frozen
+    backbone's hidden states of each training batch in a fresh on-disk cache, so from the second
+    epoch on a step skips the backbone; the timed steps come first, so they are not cache hits.
+    """
+    import tempfile
+
+    from eval.measure import count_parameters, mark_setup_done, parameter_bytes, peak_memory
     from eval.train import TrainConfig, train
     from qst.baselines import BaselineConfig, build_tuning_model, labelled_positions_loss
 
@@ -79,26 +93,38 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
                                           config=config)
     # Random weights (arch) have no task to score: train only the timed steps.
     total_steps = max(train_steps, warmup + steps) if tokenizer is not None else warmup + steps
-    batches = _batches(task, tokenizer, tuned.config.vocab_size, batch, seq, total_steps, seed)
+    batches = _batches(task, tokenizer, tuned.config.vocab_size, batch, seq, total_steps, seed, train_examples)
     trainable = count_parameters(tuned, trainable_only=True)
     total = count_parameters(tuned)
     weights_bytes = parameter_bytes(tuned)
+    side_tuning = hasattr(tuned, "parameter_groups")  # qst, lst: their own groups and loss
+    cache_dir = tempfile.TemporaryDirectory(prefix="slimtune-bench-features-")
+    cache = tuned.enable_feature_cache(cache_dir.name) if feature_cache and side_tuning else None
     mark_setup_done()
 
-    side_tuning = hasattr(tuned, "parameter_groups")  # qst, lst: their own groups and loss
-    with _TrainingPeak(tuned.device) as peak:  # training only: scoring afterwards is not part of it
-        result = train(
+    trained = {}
+
+    def run_training():
+        trained["result"] = train(
             tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
             desc=f"bench {method}", param_groups=tuned.parameter_groups(lr) if side_tuning else None,
             loss_fn=None if side_tuning else labelled_positions_loss,
         )
+
+    # Training only: scoring afterwards runs at another batch size and is not part of a step's cost.
+    peak = peak_memory(run_training, tuned.device)
+    result = trained["result"]
     timed = result.step_times[warmup:warmup + steps]
     step_time = statistics.median(timed)
-    accuracy = None
+    cache_stats = cache.stats() if cache is not None else None
+    cache_dir.cleanup()
+    accuracy, scored = None, 0
     if tokenizer is not None and train_steps > 0:
         from eval.tasks import load_task, task_accuracy
 
         tuned.eval()
+        test_split = load_task(task).test
+        scored = len(test_split) if eval_examples is None else min(eval_examples, len(test_split))
         accuracy = task_accuracy(tuned, tokenizer, load_task(task), split="test",
                                  batch_size=eval_batch_size, max_examples=eval_examples)
     losses = result.losses[-LOSS_WINDOW:]
@@ -108,12 +134,16 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "total_params": total,
         "trainable_share": trainable / total,
         "parameter_bytes": weights_bytes,
-        "peak_memory_bytes": peak.bytes,
-        "memory_measure": peak.how,
+        "peak_memory_bytes": peak,
+        "memory_measure": _MEMORY_MEASURE[tuned.device.type == "cuda"],
         "step_time_s": step_time,
         "tokens_per_s": batch * seq / step_time,
         "final_loss": sum(losses) / len(losses) if losses and all(map(math.isfinite, losses)) else None,
         "accuracy": accuracy,
+        "accuracy_se": _standard_error(accuracy, scored),
+        "examples_scored": scored,
+        "train_time_s": sum(result.step_times),
+        "feature_cache": cache_stats,
         "steps_trained": result.steps,
         "losses": result.losses,
         "labelled_tokens": max(_labelled_tokens(b) for b in batches),
@@ -125,32 +155,16 @@ def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-class _TrainingPeak:
-    """Peak memory while the block runs. CUDA: max_memory_allocated (weights included); CPU: peak
-    RSS minus RSS at the start (the weights are already resident: the parent adds them back)."""
+# Peak memory during training (eval.measure.peak_memory): CUDA counts the weights already; on CPU
+# it is the RSS increment, to which the parent adds the weights' bytes (see _peak_bytes).
+_MEMORY_MEASURE = {True: "torch.cuda.max_memory_allocated", False: "peak RSS increment"}
 
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.bytes: int | None = None
-        self.how = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS increment"
 
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            from eval.measure import RssPeakTracker
-
-            self.tracker = RssPeakTracker().start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-        else:
-            self.bytes = self.tracker.stop() - self.tracker.start_rss
-        return False
+def _standard_error(accuracy: float | None, n: int) -> float | None:
+    """Binomial standard error of an accuracy measured on n examples."""
+    if accuracy is None or n < 1:
+        return None
+    return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
 def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None, task: str | None = None,
@@ -185,7 +199,8 @@ def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None,
 
 REPORT_NAME = "bench_tuning"
 METHOD_KEYS = ("trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
-               "tokens_per_s", "final_loss", "accuracy")
+               "tokens_per_s", "train_time_s", "feature_cache", "final_loss", "accuracy", "accuracy_se",
+               "examples_scored")
 FIT_MARGIN = 0.9  # refuse a run whose estimate exceeds this share of the free memory
 
 
@@ -208,6 +223,8 @@ class BenchSettings:
     dtype: str = "auto"
     seed: int = 0
     fit_check: bool = True
+    train_examples: int | None = None  # None: the whole training split
+    feature_cache: bool = True  # QST / LST keep backbone features across epochs (their own advantage)
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -220,8 +237,12 @@ class BenchSettings:
             raise UserInputError("give a model (pretrained: 'ref-lm', a directory, a hub id) or an arch (random weights)")
         if self.arch is not None and self.task is not None:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
-        if self.eval_examples is not None and (not isinstance(self.eval_examples, int) or self.eval_examples < 1):
-            raise UserInputError(f"eval_examples must be a positive integer, got {self.eval_examples!r}")
+        for name in ("eval_examples", "train_examples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.train_examples is not None and self.train_examples < self.batch:
+            raise UserInputError(f"train_examples ({self.train_examples}) must be at least one batch ({self.batch})")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise UserInputError(f"lr must be a positive number, got {self.lr!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -242,10 +263,12 @@ class BenchSettings:
         return "bfloat16" if str(self.device).startswith("cuda") else "float32"
 
     def method_dtype(self, method: str) -> str:
-        """The dtype the estimate assumes: 4-bit backbones compute (and keep the rest) in bf16."""
+        """The dtype the estimate assumes: 4-bit backbones compute (and keep the rest) in
+        `eval.bnb.compute_dtype_name(device)` (bf16 on CUDA, fp32 on CPUs without bf16 hardware)."""
+        from eval.bnb import compute_dtype_name
         from qst.baselines import backbone_quantization
 
-        return "bfloat16" if backbone_quantization(method) else self.backbone_dtype
+        return compute_dtype_name(self.device) if backbone_quantization(method) else self.backbone_dtype
 
 
 def run_bench(settings: BenchSettings, out_dir, log=print,
@@ -285,8 +308,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         raw = run_in_fresh_process(
             method_target,
             {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
-             "dtype": settings.backbone_dtype,
-             "eval_examples": settings.eval_examples},
+             "dtype": settings.backbone_dtype, "eval_examples": settings.eval_examples,
+             "train_examples": settings.train_examples, "feature_cache": settings.feature_cache},
         )
         methods[method], details[method] = _method_entry(raw)
         if raw.get("error"):
@@ -307,6 +330,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         "methods": methods,
         "floor": floor,
         "task": task,
+        **_base_rates(task, settings.eval_examples),
         "settings": {k: getattr(settings, k) for k in BenchSettings.__dataclass_fields__},
         "estimates": {m: {"total_bytes": e["total_bytes"], "breakdown_bytes": e["breakdown_bytes"]}
                       for m, e in estimates.items()},
@@ -329,6 +353,22 @@ def _resolve_task(settings: BenchSettings) -> str | None:
     return name
 
 
+def _base_rates(task: str | None, eval_examples: int | None) -> dict[str, float | None]:
+    """The accuracy of always answering the most frequent right answer, and of guessing, on the
+    test examples the bench scores (the first `eval_examples`): what "learned something" is against."""
+    if task is None:
+        return {"majority_rate": None, "chance_rate": None}
+    from collections import Counter
+
+    from eval.tasks import load_task
+
+    loaded = load_task(task)
+    examples = loaded.test[:eval_examples] if eval_examples is not None else loaded.test
+    targets = Counter(loaded.target(e) for e in examples)
+    chance = sum(1 / len(loaded.candidates(e)) for e in examples) / len(examples)
+    return {"majority_rate": max(targets.values()) / len(examples), "chance_rate": chance}
+
+
 def _estimate(settings: BenchSettings, method: str, trainable_params: int | None = None,
               labelled_tokens: int | None = None) -> dict:
     """Before the run (fit check): logits at every position, an upper bound; after it: at the
@@ -342,16 +382,10 @@ def _estimate(settings: BenchSettings, method: str, trainable_params: int | None
     )
 
 
-def _available_bytes(device: str) -> int | None:
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def _check_fits(settings: BenchSettings, estimates: dict[str, dict]) -> None:
-    available = _available_bytes(str(settings.device))
+    from eval.measure import available_memory_bytes
+
+    available = available_memory_bytes(str(settings.device))
     if available is None:
         return
     too_big = {m: e for m, e in estimates.items() if e["total_bytes"] > FIT_MARGIN * available}
@@ -407,6 +441,17 @@ def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
+def _percent_with_se(accuracy, se) -> str | None:
+    if accuracy is None:
+        return None
+    return f"{100 * accuracy:.1f} ± {100 * se:.1f}" if se is not None else f"{100 * accuracy:.1f}"
+
+
+def _scored(methods: dict) -> str:
+    counts = sorted({m.get("examples_scored") for m in methods.values() if m.get("examples_scored")})
+    return " / ".join(map(str, counts)) or "no"
+
+
 def format_markdown(data: dict) -> str:
     """The table people read: each method's numbers and its ratios against QLoRA and the floor."""
     from eval.measure import machine_line
@@ -422,6 +467,7 @@ def format_markdown(data: dict) -> str:
         estimate = data["estimates"][name]["total_bytes"]
         acc = m["accuracy"]
         ref_acc = ref["accuracy"] if ref else None
+        cache = m.get("feature_cache")
         rows.append({
             "method": name,
             "trainable": m["trainable_params"],
@@ -433,8 +479,11 @@ def format_markdown(data: dict) -> str:
             "step / QLoRA": _ratio(m["step_time_s"], ref and ref["step_time_s"]),
             "step / floor": _ratio(m["step_time_s"], floor.get("forward_time_s")),
             "tokens/s": round(m["tokens_per_s"]),
+            "feature cache": f"{cache['hits']} hits / {cache['misses']} misses" if cache else "—",
+            "train s": m.get("train_time_s"),
+            "train / QLoRA": _ratio(m.get("train_time_s"), ref and ref.get("train_time_s")),
             "final loss": m["final_loss"],
-            "accuracy": acc,
+            "accuracy %": _percent_with_se(acc, m.get("accuracy_se")),
             "Δacc vs QLoRA (pts)": None if acc is None or ref_acc is None else 100 * (acc - ref_acc),
             "error": None,
         })
@@ -451,6 +500,13 @@ def format_markdown(data: dict) -> str:
                    if data["task"] else " (random weights: no accuracy)") + ".",
         "",
         markdown_table(rows, columns, floatfmt=".4g"),
+        *([f"Accuracy ± its standard error on {_scored(methods)} test examples; the majority class of "
+           f"those examples is {100 * data['majority_rate']:.1f} %, chance {100 * data['chance_rate']:.1f} %.", ""]
+          if data.get("majority_rate") is not None else []),
+        "Train s = the whole training run (every step, warm-up included); QST and LST read their frozen "
+        "backbone's features from an on-disk cache from the second epoch on when the feature cache column "
+        "shows hits (the timed steps come first and are misses).",
+        "",
         f"Floor (no-grad forward of the 4-bit backbone's decoder, hidden states kept, no LM head, no KV cache): "
         f"{_fmt(floor.get('forward_time_s'))} s, "
         f"{_fmt(_mb(floor.get('forward_peak_memory_bytes')), '.1f')} MB"
@@ -492,5 +548,130 @@ def _plot(data: dict):
                 axis.legend(fontsize=8)
             axis.grid(axis="y", alpha=0.3)
         fig.suptitle(f"{data['model']}, batch {data['batch']}, seq {data['seq']}, {data['device']}")
+
+    return draw
+
+
+# --------------------------------------------------------------------------- how cost grows with size
+
+SCALING_NAME = "bench_scaling_tuning"
+SCALING_METHODS = ("qst", "qlora", "lora")
+
+
+def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256, steps: int = 2,
+                warmup: int = 1, device: str = "cpu", seed: int = 0, log=print) -> dict[str, Any]:
+    """`run_bench` on random-weight models of growing size (smallest first): peak memory and step
+    time of QST, QLoRA and LoRA and the 4-bit forward floor, and the ratios QST / QLoRA and
+    QST / floor against parameter count. One sub-report per size under `out_dir/<arch>/`."""
+    from pathlib import Path
+
+    from eval.measure import machine_info
+    from eval.models import param_count_of_arch
+    from eval.report import write_report
+
+    archs = check_scaling_archs(archs)
+    rows = []
+    for i, arch in enumerate(archs, 1):
+        log(f"bench --scaling: [{i}/{len(archs)}] {arch} ({param_count_of_arch(arch) / 1e6:.1f} M parameters)")
+        settings = BenchSettings(model=None, arch=arch, methods=SCALING_METHODS, batch=batch, seq=seq,
+                                 steps=steps, warmup=warmup, train_steps=0, device=device, seed=seed)
+        report = run_bench(settings, Path(out_dir) / arch, log=log)
+        rows.append(_scaling_row(arch, param_count_of_arch(arch), report["data"]))
+    data = {"batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "device": device,
+            "archs": list(archs), "rows": rows, "machine": machine_info()}
+    markdown = format_scaling_markdown(data)
+    paths = write_report(out_dir, SCALING_NAME, data, markdown, plots={SCALING_NAME: _plot_scaling(data)},
+                         figsize=(10, 4))
+    return {"data": data, "markdown": markdown, "paths": paths}
+
+
+def check_scaling_archs(archs) -> tuple[str, ...]:
+    from eval.models import param_count_of_arch
+
+    archs = tuple(a.strip() for a in (archs.split(",") if isinstance(archs, str) else archs) if a.strip())
+    if not archs:
+        raise UserInputError("the scaling size list is empty; give architecture names, smallest first")
+    sizes = [param_count_of_arch(a) for a in archs]  # an unknown name fails here, before any process
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        listed = ", ".join(f"{a} ({n / 1e6:.1f} M)" for a, n in zip(archs, sizes))
+        raise UserInputError(f"the scaling sizes must grow strictly, smallest first; got {listed}")
+    return archs
+
+
+def _scaling_row(arch: str, params: int, data: dict) -> dict[str, Any]:
+    methods, floor = data["methods"], data["floor"]
+
+    def get(method, key):
+        entry = methods.get(method) or {}
+        return None if entry.get("error") else entry.get(key)
+
+    row = {"arch": arch, "params": params, "floor_time_s": floor.get("forward_time_s"),
+           "floor_peak_memory_bytes": floor.get("forward_peak_memory_bytes")}
+    for method in SCALING_METHODS:
+        row[f"{method}_peak_memory_bytes"] = get(method, "peak_memory_bytes")
+        row[f"{method}_step_time_s"] = get(method, "step_time_s")
+        if (methods.get(method) or {}).get("error"):
+            row[f"{method}_error"] = methods[method]["error"]
+    row["qst_over_qlora_memory"] = _ratio(row["qst_peak_memory_bytes"], row["qlora_peak_memory_bytes"])
+    row["qst_over_qlora_step"] = _ratio(row["qst_step_time_s"], row["qlora_step_time_s"])
+    row["qst_over_floor_step"] = _ratio(row["qst_step_time_s"], row["floor_time_s"])
+    return row
+
+
+def format_scaling_markdown(data: dict) -> str:
+    from eval.measure import machine_line
+    from eval.report import markdown_table
+
+    rows = [{
+        "arch": r["arch"], "params M": r["params"] / 1e6,
+        "floor s": r["floor_time_s"], "QST s": r["qst_step_time_s"], "QLoRA s": r["qlora_step_time_s"],
+        "LoRA s": r["lora_step_time_s"],
+        "QST MB": _mb(r["qst_peak_memory_bytes"]), "QLoRA MB": _mb(r["qlora_peak_memory_bytes"]),
+        "LoRA MB": _mb(r["lora_peak_memory_bytes"]),
+        "mem QST/QLoRA": r["qst_over_qlora_memory"], "step QST/QLoRA": r["qst_over_qlora_step"],
+        "step QST/floor": r["qst_over_floor_step"],
+    } for r in data["rows"]]
+    errors = [f"- {r['arch']} {m}: {r[f'{m}_error']}" for r in data["rows"] for m in SCALING_METHODS
+              if r.get(f"{m}_error")]
+    lines = [
+        "# How tuning cost grows with model size",
+        "",
+        f"LLaMA-shaped models with random weights on `{data['device']}`, batch {data['batch']}, seq {data['seq']}, "
+        f"median of {data['steps']} timed steps after {data['warmup']} warm-up; each method and the floor in a "
+        "fresh process (per-size details in the sub-directories).",
+        "",
+        markdown_table(rows, list(rows[0]), floatfmt=".4g"),
+        *(["Failed:", *errors, ""] if errors else []),
+        "Floor: a no-grad forward of the 4-bit backbone's decoder (what a QST step must run first). Peak memory "
+        "is weights + training state (see bench_tuning.md of each size).",
+        "",
+        machine_line(data["machine"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_scaling(data: dict):
+    rows = data["rows"]
+    params = [r["params"] / 1e6 for r in rows]
+
+    def draw(ax):
+        fig = ax.figure
+        ax.remove()
+        left, right = fig.subplots(1, 2)
+        for axis, keys, title in (
+            (left, ("qst_over_qlora_memory", "qst_over_qlora_step"), "QST / QLoRA"),
+            (right, ("qst_over_floor_step",), "QST step / 4-bit forward floor"),
+        ):
+            for key in keys:
+                points = [(p, r[key]) for p, r in zip(params, rows) if r[key] is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=key.split("_")[-1])
+            axis.set_xscale("log")
+            axis.set_xlabel("parameters (M)")
+            axis.set_title(title)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        left.axhline(1 / 3, color="#C44E52", linestyle="--", linewidth=1)
+        fig.suptitle(f"batch {data['batch']}, seq {data['seq']}, {data['device']}")
 
     return draw

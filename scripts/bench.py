@@ -6,9 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-# --quick: small enough for 2 CPU cores in a few minutes, every method still trains and scores.
-QUICK = {"batch": 4, "seq": 128, "steps": 3, "train_steps": 8, "eval_examples": 48}
-DEFAULTS = {"batch": 16, "seq": 512, "steps": 5, "train_steps": 50, "eval_examples": 200}
+# --quick: at most 5 minutes on 2 CPU cores, long enough that QLoRA is far above the majority class
+# (docs/RESULTS.md, "bench --quick"): def-kind's whole test split scored after 160 steps.
+QUICK = {"task": "def-kind", "batch": 8, "seq": 256, "steps": 3, "warmup": 1, "train_steps": 160,
+         "eval_examples": 0, "lr": 1e-3}
+SCALING = {"batch": 4, "seq": 256, "steps": 2, "warmup": 1}
+DEFAULTS = {"batch": 16, "seq": 512, "steps": 5, "train_steps": 50, "eval_examples": 200, "lr": 2e-4, "warmup": 2}
 
 
 def add_parser(subparsers) -> None:
@@ -36,22 +39,42 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq", type=int, default=None, help=f"sequence length (default {DEFAULTS['seq']})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"timed training steps, after --warmup (default {DEFAULTS['steps']})")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before the timed ones (default 2)")
     p.add_argument("--train-steps", type=int, default=None,
                    help="training steps before the test accuracy is measured (the timed steps are among "
                    f"them; 0: no accuracy) (default {DEFAULTS['train_steps']})")
     p.add_argument("--task", default=None, help="downstream task (default: the first of eval.tasks.TASKS)")
     p.add_argument("--eval-examples", type=int, default=None,
-                   help=f"test examples scored per method (default {DEFAULTS['eval_examples']})")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, the same for every method")
+                   help=f"test examples scored per method (default {DEFAULTS['eval_examples']}; 0: the whole "
+                   "test split)")
+    p.add_argument("--train-examples", type=int, default=None,
+                   help="train on this many (shuffled) task examples, cycled as epochs (default: the whole "
+                   "training split)")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="QST and LST recompute their frozen backbone's features every epoch instead of "
+                   "reading them from an on-disk cache")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate, the same for every method (default {DEFAULTS['lr']})")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the 16-bit backbones ('auto': bfloat16 on CUDA, float32 on CPU); "
-                   "4-bit backbones keep their unquantized parts in bfloat16")
+                   "4-bit backbones compute in bfloat16 on CUDA and on CPUs with bf16 hardware, else in "
+                   "float32 (eval.bnb.compute_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a few minutes on 2 CPU cores: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
                    + " (explicit flags win)")
+    scaling = p.add_argument_group("how cost grows with size (--scaling)")
+    scaling.add_argument("--scaling", action="store_true",
+                         help="instead of one model: LLaMA shapes with random weights from ref-lm's size up "
+                         "(--sizes): peak memory and step time of QST, QLoRA and LoRA and the 4-bit forward "
+                         "floor; tokens/s of each shape pruned by 30 %% and 50 %% against dense; images/s of "
+                         "ViT-B/16 at -50 %% and -60 %% against dense. Uses --batch/--seq (default 4 x 256), "
+                         "--steps/--warmup (default 2 / 1)")
+    scaling.add_argument("--sizes", default=None,
+                         help="comma-separated architecture names, smallest first (default: "
+                         "eval.models.SCALING_ARCHITECTURES)")
+    scaling.add_argument("--vit-batch", type=int, default=16, help="images per forward in the ViT speed run")
     p.add_argument("--no-fit-check", action="store_true",
                    help="start even when the estimate says a method will not fit in memory")
     p.add_argument("--out", default="bench-out", help="output directory")
@@ -80,7 +103,13 @@ def _check_seq(settings) -> None:
     check_seq(config, settings.seq, source)
 
 
+def _eval_examples(n: int) -> int | None:
+    return None if n == 0 else n  # 0: the whole test split
+
+
 def run(args) -> int:
+    if args.scaling:
+        return run_scaling(args)
     from eval.io import prepare_output_dir
     from qst.benchmark import BenchSettings, run_bench
 
@@ -90,11 +119,14 @@ def run(args) -> int:
         batch=args.batch if args.batch is not None else preset["batch"],
         seq=args.seq if args.seq is not None else preset["seq"],
         steps=args.steps if args.steps is not None else preset["steps"],
-        warmup=args.warmup,
+        warmup=args.warmup if args.warmup is not None else preset["warmup"],
         train_steps=args.train_steps if args.train_steps is not None else preset["train_steps"],
-        task=args.task,
-        eval_examples=args.eval_examples if args.eval_examples is not None else preset["eval_examples"],
-        lr=args.lr, device=args.device, dtype=args.dtype, seed=args.seed,
+        task=args.task or (None if args.arch else preset.get("task")),  # random weights: no task
+        eval_examples=_eval_examples(args.eval_examples if args.eval_examples is not None
+                                     else preset["eval_examples"]),
+        train_examples=args.train_examples if args.train_examples is not None else preset.get("train_examples"),
+        feature_cache=not args.no_feature_cache,
+        lr=args.lr if args.lr is not None else preset["lr"], device=args.device, dtype=args.dtype, seed=args.seed,
         fit_check=not args.no_fit_check,
     )
     _check_seq(settings)
@@ -105,3 +137,32 @@ def run(args) -> int:
     failed = [m for m, r in report["data"]["methods"].items() if r.get("error")]
     return 1 if failed and len(failed) == len(report["data"]["methods"]) else 0
 
+
+
+def run_scaling(args) -> int:
+    """The three sweeps of --scaling, each report written by its method package."""
+    from eval.io import prepare_output_dir
+    from eval.models import SCALING_ARCHITECTURES
+    from lowrank_vit.speed import run_vit_speed
+    from pruning.scaling import run_pruned_scaling
+    from qst.benchmark import check_scaling_archs, run_scaling as run_tuning_scaling
+
+    archs = check_scaling_archs(args.sizes or tuple(SCALING_ARCHITECTURES))  # before any model is built
+    batch, seq = args.batch or SCALING["batch"], args.seq or SCALING["seq"]
+    steps = args.steps or SCALING["steps"]
+    warmup = args.warmup if args.warmup is not None else SCALING["warmup"]
+    dtype = "float32" if args.dtype == "auto" and args.device == "cpu" else (
+        "bfloat16" if args.dtype == "auto" else args.dtype)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    with prepare_output_dir(args.out, "bench --scaling", signature="bench_scaling_tuning.json"):
+        reports = [
+            run_tuning_scaling(archs, args.out, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                               device=args.device, seed=args.seed, log=log),
+            run_pruned_scaling(archs, args.out, batch=batch, seq=seq, device=args.device, dtype=dtype,
+                               seed=args.seed, log=log),
+            run_vit_speed(args.out, batch=args.vit_batch, device=args.device, dtype=dtype, seed=args.seed, log=log),
+        ]
+    for report in reports:
+        print(report["markdown"])
+    print(f"wrote bench_scaling_tuning, bench_scaling_pruned, bench_scaling_vit (.json, .md, .png) under {args.out}")
+    return 0

@@ -122,7 +122,9 @@ def test_bench_writes_the_schema_and_reports_a_failing_method(tmp_path):
     assert list(data["methods"]) == ["full", "lora"]
     full = data["methods"]["full"]
     assert set(full) == {"trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
-                         "tokens_per_s", "final_loss", "accuracy"}
+                         "tokens_per_s", "train_time_s", "feature_cache", "final_loss", "accuracy",
+                         "accuracy_se", "examples_scored"}
+    assert full["train_time_s"] >= full["step_time_s"] and full["feature_cache"] is None
     assert full["trainable_share"] == 1.0 and full["trainable_params"] > 0
     assert full["peak_memory_bytes"] > 0 and full["step_time_s"] > 0
     assert full["tokens_per_s"] == pytest.approx(2 * 16 / full["step_time_s"])
@@ -211,3 +213,49 @@ def test_bench_report_names_the_machine():
     markdown = format_markdown(data)
     assert "Machine: CPU " in markdown and "torch threads" in markdown
     assert "only at the positions that predict a labelled token" in markdown
+
+
+def test_qst_reads_its_backbone_features_from_the_cache_after_the_first_epoch(tiny_llama_dir):
+    """Two training batches cycled for 6 steps: the first epoch computes them, the other four read them."""
+    from qst.benchmark import measure_method
+
+    result = measure_method("qst", model=tiny_llama_dir, task="def-kind", batch=2, seq=32, steps=1, warmup=1,
+                            train_steps=6, train_examples=4, eval_examples=6, feature_cache=True)
+    assert result["feature_cache"]["misses"] == 2 and result["feature_cache"]["hits"] == 4
+    assert result["examples_scored"] == 6 and 0 <= result["accuracy"] <= 1
+    p = result["accuracy"]
+    assert result["accuracy_se"] == pytest.approx((p * (1 - p) / 6) ** 0.5)
+
+
+def test_base_rates_are_the_most_frequent_answer_and_guessing():
+    from collections import Counter
+
+    from eval.tasks import load_task
+    from qst.benchmark import _base_rates
+
+    task = load_task("def-kind")
+    rates = _base_rates("def-kind", 40)
+    counts = Counter(task.target(e) for e in task.test[:40])
+    assert rates["majority_rate"] == max(counts.values()) / 40
+    assert rates["chance_rate"] == pytest.approx(1 / len(task.labels))
+    assert _base_rates(None, 40) == {"majority_rate": None, "chance_rate": None}
+
+
+def test_bench_report_shows_accuracy_with_its_error_and_the_majority_rate():
+    from eval.measure import machine_info
+    from qst.benchmark import format_markdown
+
+    def entry(accuracy, cache=None):
+        return {"trainable_params": 10, "trainable_share": 0.1, "peak_memory_bytes": 2e6, "step_time_s": 0.5,
+                "tokens_per_s": 16.0, "train_time_s": 5.0, "feature_cache": cache, "final_loss": 1.0,
+                "accuracy": accuracy, "accuracy_se": 0.03, "examples_scored": 200}
+
+    data = {"model": "m", "device": "cpu", "task": "def-kind", "batch": 1, "seq": 8,
+            "methods": {"qlora": entry(0.80), "qst": entry(0.75, {"hits": 30, "misses": 10})},
+            "floor": {"forward_time_s": 0.1}, "estimates": {"qlora": {"total_bytes": 3e6}, "qst": {"total_bytes": 3e6}},
+            "majority_rate": 0.433, "chance_rate": 1 / 3,
+            "settings": {"lr": 1e-3, "warmup": 1, "steps": 1, "train_steps": 40}, "machine": machine_info()}
+    markdown = format_markdown(data)
+    assert "| 80.0 ± 3.0 |" in markdown and "| 75.0 ± 3.0 |" in markdown
+    assert "30 hits / 10 misses" in markdown and "| -5 |" in markdown
+    assert "majority class of those examples is 43.3 %" in markdown
