@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 # ---------------------------------------------------------------------------------------------
 # Example types
@@ -197,8 +197,8 @@ def pack_token_blocks(texts, tokenizer, block_size: int, max_blocks: int | None 
         raise UserInputError("pack_token_blocks: expected a list of strings (documents)")
     if not isinstance(block_size, int) or block_size < 2:
         raise UserInputError(f"block_size={block_size!r} must be an integer >= 2 (a block predicts tokens 1..block_size-1)")
-    if max_blocks is not None and (not isinstance(max_blocks, int) or max_blocks < 1):
-        raise UserInputError(f"max_blocks={max_blocks!r} must be a positive integer or None")
+    if max_blocks is not None:
+        require_positive("max_blocks", max_blocks)
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and model_max < _NO_LIMIT and block_size > model_max:
         raise UserInputError(f"block_size={block_size} is longer than the tokenizer's model_max_length={model_max}; "
@@ -485,8 +485,8 @@ def load_image_folder(path, image_processor, max_per_class: int | None = None,
     root = _existing_path(path, "load_image_folder", expected)
     if not root.is_dir():
         raise UserInputError(f"load_image_folder: {root} is a file; expected {expected}")
-    if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class < 1):
-        raise UserInputError(f"max_per_class={max_per_class!r} must be a positive integer or None")
+    if max_per_class is not None:
+        require_positive("max_per_class", max_per_class)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_names = list(classes) if classes is not None else folders
     if len(set(class_names)) != len(class_names):

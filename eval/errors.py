@@ -12,6 +12,7 @@ an error about one setting records it in `field`, so that a command can name its
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -35,6 +36,13 @@ def require_positive(name: str, value, minimum: int = 1) -> int:
         wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise UserInputError(f"{name} must be {wanted}, got {value!r}", field=name)
     return int(value)
+
+
+def require_positive_number(name: str, value) -> float:
+    """`value` if it is a finite number > 0 (a rate, a time, a size in MB), else `UserInputError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise UserInputError(f"{name} must be a positive finite number, got {value!r}", field=name)
+    return float(value)
 
 
 def naming_flags(error: UserInputError, settings, renames: dict[str, str] | None = None) -> UserInputError:

@@ -58,7 +58,7 @@ class Measurement:
         if self.setup_marked:
             return  # only the first mark counts
         self.setup_marked = True
-        self.setup_peak_rss = max(self.tracker.stop(), _lifetime_max_rss() or 0)  # before the reset
+        self.setup_peak_rss = max(self.tracker.stop(), measure.lifetime_peak_rss() or 0)  # before the reset
         self._reset_cuda()
         self.tracker = measure.RssPeakTracker().start()
 
@@ -90,15 +90,6 @@ class Measurement:
         else:
             out["peak_memory_bytes"] = peak - self.tracker.start_rss
         return out
-
-
-def _lifetime_max_rss() -> int | None:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _die_with_parent(workdir: Path) -> None:

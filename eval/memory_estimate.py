@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eval.bnb import nf4_bytes_per_weight
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.tuning_methods import (
     LORA_RANK,
     METHODS,
@@ -107,8 +107,7 @@ def estimate_memory(
         raise UserInputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
     for name, value in (("batch", batch), ("seq", seq), ("lora_rank", lora_rank),
                         ("qst_reduction", qst_reduction), ("qst_adapter_rank", qst_adapter_rank)):
-        if not isinstance(value, int) or value < 1:
-            raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        require_positive(name, value)
     if trainable_fraction is not None and not 0 < trainable_fraction <= 1:
         raise UserInputError(f"trainable_fraction must be in (0, 1], got {trainable_fraction!r}")
     if trainable_params is not None:

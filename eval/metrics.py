@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 
 
 def model_device(model) -> torch.device:
@@ -55,8 +55,7 @@ def perplexity_of_blocks(model, blocks: torch.Tensor, batch_size: int = 8) -> fl
     """Perplexity over already-packed token blocks `[n_blocks, block_size]`."""
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise UserInputError(f"expected token blocks of shape [n_blocks >= 1, block_size >= 2], got {tuple(blocks.shape)}")
-    if batch_size < 1:
-        raise UserInputError(f"batch_size={batch_size} must be >= 1")
+    require_positive("batch_size", batch_size)
     device = model_device(model)
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode():

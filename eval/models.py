@@ -40,7 +40,7 @@ from eval.bnb import (
     replace_linears_with_nf4,
     set_random_nf4_weight,
 )
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.measure import available_memory_bytes
 
 QUANTIZE_CHOICES = (None, "nf4")
@@ -115,8 +115,7 @@ def architecture_config(arch: str, vocab_size: int | None = None):
 
     kwargs = _arch_kwargs(arch)
     if vocab_size is not None:
-        if not isinstance(vocab_size, int) or vocab_size < 1:
-            raise UserInputError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        require_positive("vocab_size", vocab_size)
         kwargs["vocab_size"] = vocab_size
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, **kwargs)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.errors import UserInputError, require_positive
+from eval.errors import UserInputError, require_positive, require_positive_number
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -77,8 +77,7 @@ class TrainConfig:
                 require_positive(f"TrainConfig.{name}", getattr(self, name))
         if not isinstance(self.seed, int):
             raise UserInputError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise UserInputError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        require_positive_number("TrainConfig.lr", self.lr)
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise UserInputError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -88,10 +87,8 @@ class TrainConfig:
             raise UserInputError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.schedule not in SCHEDULES:
             raise UserInputError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UserInputError(
-                f"TrainConfig.max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}"
-            )
+        if self.max_grad_norm is not None:
+            require_positive_number("TrainConfig.max_grad_norm", self.max_grad_norm)
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserInputError(
                 f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive, require_positive_number
 from qst.baselines import DEFAULT_METHODS
 
 LOSS_WINDOW = 5  # final_loss: mean of the last steps' losses (one batch is noisy)
@@ -239,12 +239,11 @@ class BenchSettings:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
         for name in ("eval_examples", "train_examples"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                require_positive(name, value)
         if self.train_examples is not None and self.train_examples < self.batch:
             raise UserInputError(f"train_examples ({self.train_examples}) must be at least one batch ({self.batch})")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise UserInputError(f"lr must be a positive number, got {self.lr!r}")
+        require_positive_number("lr", self.lr)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         device = str(self.device)

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any
 
-from eval.errors import UserInputError, require_positive
+from eval.errors import UserInputError, require_positive, require_positive_number
 from eval.tuning_methods import QST_ADAPTER_RANK, QST_REDUCTION
 
 DOWNSAMPLERS = ("adapter", "lora", "linear", "maxpool", "avgpool")
@@ -88,17 +88,13 @@ class QSTConfig:
         if self.output_mix not in OUTPUT_MIXES:
             raise UserInputError(f"QSTConfig.output_mix must be one of {OUTPUT_MIXES}, got {self.output_mix!r}")
         finite("alpha_init", self.alpha_init)
-        finite("alpha_lr", self.alpha_lr)
-        if self.alpha_lr <= 0:
-            raise UserInputError(f"QSTConfig.alpha_lr must be positive, got {self.alpha_lr!r}")
+        require_positive_number("QSTConfig.alpha_lr", self.alpha_lr)
         if self.output_mix != "paper" and self.alpha_init != 1.0:
             raise UserInputError(
                 f"QSTConfig.alpha_init belongs to output_mix='paper'; the {self.output_mix!r} mix has no alpha "
                 "(leave it at 1, or set output_mix='paper')"
             )
-        finite("rope_theta", self.rope_theta)
-        if self.rope_theta <= 0:
-            raise UserInputError(f"QSTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        require_positive_number("QSTConfig.rope_theta", self.rope_theta)
         finite("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
             raise UserInputError(f"QSTConfig.dropout must be in [0, 1), got {self.dropout!r}")

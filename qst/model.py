@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.bnb import avoid_bnb_cpu_repacking_failure, quantization_of
-from eval.bnb import dense_weight as _dense_weight  # noqa: F401 - tests/test_architectures.py imports it from here
 from eval.errors import UserInputError
 from qst.backbone import BackboneSpec, inspect_backbone, load_backbone, module_device
 from qst.cache import (
@@ -139,9 +138,6 @@ class _QSTModel(nn.Module):
         key = backbone_fingerprint(self.backbone, self.base_name_or_path, self.quantize)
         self.feature_cache = BackboneFeatureCache(root or default_cache_root(), key)
         return self.feature_cache
-
-    def disable_feature_cache(self) -> None:
-        self.feature_cache = None
 
     def backbone_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                           position_ids: torch.Tensor | None = None, cache: Any = None,

@@ -92,8 +92,7 @@ def _cuda_available() -> bool:
 
 def _check_seq(settings) -> None:
     from eval.errors import UserInputError
-    from eval.memory_estimate import resolve_config
-    from scripts.estimate_memory import check_seq
+    from eval.memory_estimate import check_seq, resolve_config
 
     source = settings.arch or settings.model
     try:

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from eval.memory_estimate import estimate_memory, resolve_config
+    from eval.memory_estimate import check_seq, estimate_memory, resolve_config
 
     if args.param_count is not None and not (math.isfinite(args.param_count) and args.param_count > 0):
         raise UserInputError(f"--param-count must be a positive finite number like 6.515e9, got {args.param_count}")
@@ -80,14 +80,6 @@ def check_causal_lm_config(config, name: str):
         raise UserInputError(f"{name} is a {config.model_type!r} model; the memory estimate covers causal language "
                              "models (Llama, OPT, Mistral, Qwen2, ...)")
     return config
-
-
-def check_seq(config, seq: int, name: str) -> None:
-    """--seq must fit the model's context (`max_position_embeddings`), when it declares one."""
-    context = getattr(config, "max_position_embeddings", None)
-    if isinstance(context, int) and seq > context:
-        raise UserInputError(f"--seq {seq} is longer than {name}'s context of {context} tokens "
-                             f"(max_position_embeddings); use --seq {context} or less")
 
 
 def format_estimate(estimate: dict, args) -> str:

@@ -118,7 +118,7 @@ def test_low_rank_targets_of_phi3_come_from_the_table():
 
 def test_qwen3_qst_starts_exact_trains_and_inits_from_the_pruned_backbone():
     from qst import QSTConfig, QSTForCausalLM
-    from qst.model import _dense_weight
+    from eval.bnb import dense_weight
 
     model = tiny_qwen3()
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def test_qwen3_qst_starts_exact_trains_and_inits_from_the_pruned_backbone():
     block = qst.side.blocks[0]
     for side_lin, name in ((block.attn.q_proj, "self_attn.q_proj"), (block.mlp.gate_proj, "mlp.gate_proj"),
                            (block.attn.o_proj, "self_attn.o_proj")):
-        assert torch.isin(side_lin.weight.detach(), _dense_weight(layer.get_submodule(name))).all(), name
+        assert torch.isin(side_lin.weight.detach(), dense_weight(layer.get_submodule(name))).all(), name
 
 
 def test_qwen3_pruned_init_keeps_per_head_dims_of_its_own_head_dim():

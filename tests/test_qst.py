@@ -418,7 +418,7 @@ def test_generate_matches_backbone_greedy_at_init(llama, blocks):
     ({"side_init": "copy"}, "side_init"),
     ({"side_layers": [1, 0]}, "increasing"),
     ({"output_mix": "gated"}, "output_mix must be one of"),
-    ({"output_mix": "paper", "alpha_lr": 0}, "alpha_lr must be positive"),
+    ({"output_mix": "paper", "alpha_lr": 0}, "alpha_lr must be a positive finite number"),
     ({"output_mix": "additive", "alpha_init": 0.5}, "belongs to output_mix='paper'"),
 ])
 def test_config_validation(kwargs, match):

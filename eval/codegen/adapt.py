@@ -26,12 +26,11 @@ logits_processor=LogitsProcessorList([processor]))`, so that nothing else rescal
 
 from __future__ import annotations
 
-import math
 
 import torch
 from transformers import LogitsProcessor
 
-from eval.errors import UserInputError
+from eval.errors import require_positive, require_positive_number
 
 
 def opens_block_body(text: str) -> bool:
@@ -139,10 +138,8 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
 
     def __init__(self, tokenizer, hard_temperature: float, easy_temperature: float, context_tokens: int = 64):
         for name, value in (("hard_temperature", hard_temperature), ("easy_temperature", easy_temperature)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise UserInputError(f"{name} must be a finite number > 0, got {value!r}")
-        if context_tokens < 1:
-            raise UserInputError(f"context_tokens must be >= 1, got {context_tokens}")
+            require_positive_number(name, value)
+        require_positive("context_tokens", context_tokens)
         self.tokenizer = tokenizer
         self.hard_temperature = float(hard_temperature)
         self.easy_temperature = float(easy_temperature)

@@ -14,7 +14,7 @@ from typing import Any
 
 from eval.codegen.passk import pass_at_k
 from eval.codegen.problems import Problem
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive, require_positive_number
 
 SAMPLERS = ("greedy", "temperature", "adapt")
 _FUNCTION_END = re.compile(r"\n(?=\S)")  # a newline followed by a line that starts at column 0
@@ -46,10 +46,8 @@ class SamplingConfig:
     def __post_init__(self):
         for name in ("temperature", "hard_temperature", "easy_temperature"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise UserInputError(f"{name} must be > 0, got {value!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            require_positive_number(name, value)
+        require_positive("max_new_tokens", self.max_new_tokens)
 
 
 def parse_samplers(samplers: str | list[str]) -> list[str]:
@@ -184,8 +182,7 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
     samplers = parse_samplers(samplers)
     SandboxLimits(timeout_s=timeout_s)  # a bad timeout is an error now, not after generating
     ks = sorted({int(k) for k in ks})
-    if not isinstance(n, int) or n < 1:
-        raise UserInputError(f"n (samples per problem) must be a positive integer, got {n!r}")
+    require_positive("n (samples per problem)", n)
     if not ks or ks[0] < 1 or ks[-1] > n:
         raise UserInputError(f"every k must be in 1..n (n={n}), got {ks}")
     if not problems:

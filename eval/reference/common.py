@@ -39,12 +39,6 @@ def validate_recipe(recipe) -> None:
 
 
 
-def positive(value: int, what: str) -> int:
-    if int(value) < 1:
-        raise UserInputError(f"{what}={value} must be a positive integer")
-    return int(value)
-
-
 
 def recipe_hash(recipe) -> str:
     """12 hex digits naming a recipe; the Python minor version is part of it (the stdlib differs)."""

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.io import atomic_directory, write_json
 from eval.reference.common import (
     CARD_NAME,
     decay_groups,
     log,
-    positive,
     recipe_hash,
     single_threaded,
     validate_recipe,
@@ -94,7 +93,7 @@ def lm_recipe(seed: int = 0, steps: int | None = None, tiny: bool = False) -> LM
                           steps=4, warmup_steps=1, corpus="stdlib", max_documents=12, seed=seed)
     else:
         recipe = LMRecipe(seed=seed)
-    return recipe if steps is None else dataclasses.replace(recipe, steps=positive(steps, "steps"))
+    return recipe if steps is None else dataclasses.replace(recipe, steps=require_positive("steps", steps))
 
 
 def partial_dir(final: Path) -> Path:

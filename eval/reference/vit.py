@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from eval.errors import UserInputError
+from eval.errors import UserInputError, require_positive
 from eval.io import atomic_directory, read_json, write_json
 from eval.reference.common import (
     CARD_NAME,
@@ -23,7 +23,6 @@ from eval.reference.common import (
     cache_root,
     cosine_lr,
     log,
-    positive,
     recipe_hash,
     remove_stale_temporaries,
     single_threaded,
@@ -71,7 +70,7 @@ def vit_recipe(seed: int = 0, epochs: int | None = None, tiny: bool = False) -> 
                            epochs=1, batch_size=32, warmup_epochs=0, max_train_images=64, seed=seed)
     else:
         recipe = ViTRecipe(seed=seed)
-    return recipe if epochs is None else dataclasses.replace(recipe, epochs=positive(epochs, "epochs"))
+    return recipe if epochs is None else dataclasses.replace(recipe, epochs=require_positive("epochs", epochs))
 
 
 # ------------------------------------------------------------------------------------- data
