@@ -318,12 +318,13 @@ def mark_setup_done() -> None:
 
 def run_in_fresh_process(
     target: str, kwargs: dict[str, Any] | None = None, timeout_s: float | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, imports: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run `target(**kwargs)` in a new Python process and return its result with memory numbers.
 
     `target` is "package.module:function" or "path/to/file.py:function"; the function returns
-    a JSON-able dict. Added keys: `peak_rss_bytes` (peak RSS after set-up), `setup_rss_bytes`
+    a JSON-able dict. `imports`: modules the process imports first (a method package that
+    registers the model type of a saved directory the target loads). Added keys: `peak_rss_bytes` (peak RSS after set-up), `setup_rss_bytes`
     (RSS when `mark_setup_done()` was called, or when the worker started if it never was),
     `peak_memory_bytes` (the target's own value if it returns one, else CUDA
     `max_memory_allocated` when the target used CUDA, else peak RSS minus set-up RSS),
@@ -344,7 +345,7 @@ def run_in_fresh_process(
     with tempfile.TemporaryDirectory(prefix="slimtune-measure-") as tmp:
         kwargs_path, result_path = Path(tmp) / "kwargs.json", Path(tmp) / "result.json"
         kwargs_path.write_text(payload, encoding="utf-8")
-        cmd = [sys.executable, "-m", "eval.measure_worker", target, str(kwargs_path), str(result_path)]
+        cmd = [sys.executable, "-m", "eval.measure_worker", target, str(kwargs_path), str(result_path), *imports]
         # The worker dies with this process (PR_SET_PDEATHSIG, set by the worker, even on kill -9
         # here; it then removes `tmp` itself) and is stopped on any exception here (Ctrl-C).
         child_env["SLIMTUNE_MEASURE_PARENT"] = str(os.getpid())

@@ -113,13 +113,15 @@ def _die_with_parent(workdir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    target, kwargs_path, result_path = argv
+    target, kwargs_path, result_path, *imports = argv
     _die_with_parent(Path(kwargs_path).parent)
     quiet_library_logs()
     kwargs = json.loads(Path(kwargs_path).read_text(encoding="utf-8"))
     measurement = Measurement()
     measure._setup_hook = measurement.mark_setup_done
     try:
+        for name in imports:  # e.g. a method package that registers a saved model type
+            importlib.import_module(name)
         func = load_target(target)
         result = func(**kwargs)
         if result is None:

@@ -97,6 +97,23 @@ def load_model_spec(spec: ModelSpec | str, base: str | None = None, device: str 
     return model.eval(), tokenizer
 
 
+def backbone_source(spec: ModelSpec | str) -> tuple[str, str | None]:
+    """What a tuning benchmark starts from: (the name or directory `eval.models.load_causal_lm`
+    opens, the package a fresh process must import first so that it can, or None).
+
+    A pruned or low-rank model is a backbone like any other; a QST side network is already tuned
+    and is refused (bench its backbone instead).
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    kind = spec.kind if spec.kind != "plain" else _saved_kind(spec.path)
+    if kind == "qst":
+        raise UserInputError(f"{spec.path} is a QST side network, already tuned; to benchmark tuning methods, "
+                             "pass the backbone it was trained on (its qst_config.json names it)")
+    if kind is not None and not Path(spec.path).is_dir():
+        raise UserInputError(f"model spec '{kind}:{spec.path}': no such directory")
+    return spec.path, (KNOWN_PREFIXES.get(kind, kind) if kind else None)
+
+
 def check_causal_lm(model, path: str) -> None:
     """LM evaluations score language models: refuse e.g. a compressed ViT before anything else is built."""
     from transformers import AutoModelForCausalLM

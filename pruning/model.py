@@ -70,11 +70,15 @@ def _is_full(idx: list[int], width: int) -> bool:
 
 
 class PrunedDecoderLayer(nn.Module):
-    """A decoder layer that reads and writes only its kept residual dimensions."""
+    """A decoder layer that reads and writes only its kept residual dimensions.
+
+    Build one with `pruned_layer`, whose instances are also instances of the layer class they
+    replace: transformers records `output_hidden_states` by hooking the modules of that class.
+    """
 
     def __init__(self, layer: nn.Module, layout: BlockLayout, config, indices: dict[str, list[int]],
                  shortcuts: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)  # not the replaced class's __init__: its children are moved over below
         for name, child in layer.named_children():  # same names, so the state-dict keys stay the base model's
             self.add_module(name, child)
         for attr in ("attention_type", "layer_type"):  # read by some models' forward
@@ -134,6 +138,19 @@ class PrunedDecoderLayer(nn.Module):
         return x
 
 
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def pruned_layer(layer: nn.Module, layout: BlockLayout, config, indices: dict[str, list[int]],
+                 shortcuts: bool = False) -> PrunedDecoderLayer:
+    """`layer` as a PrunedDecoderLayer that is still an instance of `type(layer)` (for
+    transformers' output hooks); PrunedDecoderLayer's forward comes first in its MRO."""
+    base = type(layer)
+    if base not in _PRUNED_CLASSES:
+        _PRUNED_CLASSES[base] = type(f"Pruned{base.__name__}", (PrunedDecoderLayer, base), {"__module__": __name__})
+    return _PRUNED_CLASSES[base](layer, layout, config, indices, shortcuts=shortcuts)
+
+
 def _set_linear(layer: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = layer.get_submodule(parent_path) if parent_path else layer
@@ -190,7 +207,7 @@ def prune_model(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
             _slice_linear(layer, path, rows=layout.mlp_in_rows(idx["mlp_mid"], geometry[i].intermediate),
                           cols=idx["mlp_in"])
         _slice_linear(layer, layout.mlp_out, rows=idx["mlp_out"], cols=idx["mlp_mid"])
-        layers[i] = PrunedDecoderLayer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts).to(model.device)
+        layers[i] = pruned_layer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts).to(model.device)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     FAMILY.adopt(model)
     return model
@@ -212,7 +229,7 @@ def empty_structure(model: nn.Module, plan: PruningPlan) -> None:
             in_f = lin.in_features if cols is None else cols
             _set_linear(layer, path, torch.empty(out_f, in_f, dtype=lin.weight.dtype),
                         None if lin.bias is None else torch.empty(out_f, dtype=lin.weight.dtype))
-        layers[i] = PrunedDecoderLayer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts)
+        layers[i] = pruned_layer(layer, layout, model.config, plan.layers[i], shortcuts=plan.shortcuts)
     if hasattr(model.config, "to_dict") and hasattr(model, "save_pretrained"):
         FAMILY.adopt(model)
 

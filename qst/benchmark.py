@@ -225,6 +225,9 @@ class BenchSettings:
     fit_check: bool = True
     train_examples: int | None = None  # None: the whole training split
     feature_cache: bool = True  # QST / LST keep backbone features across epochs (their own advantage)
+    # Set from `model` (a spec: 'pruned:DIR', or a directory a method package saved): the package
+    # each fresh process imports so that eval.models.load_causal_lm opens that model type.
+    model_package: str | None = None
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -235,6 +238,12 @@ class BenchSettings:
             object.__setattr__(self, "model", None)  # random weights of a named architecture
         elif self.model is None:
             raise UserInputError("give a model (pretrained: 'ref-lm', a directory, a hub id) or an arch (random weights)")
+        else:
+            from eval.model_specs import backbone_source
+
+            model, package = backbone_source(self.model)
+            object.__setattr__(self, "model", model)
+            object.__setattr__(self, "model_package", package or self.model_package)
         if self.arch is not None and self.task is not None:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
         for name in ("eval_examples", "train_examples"):
@@ -291,7 +300,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
     log(f"bench: {source}, task {task or '(random tokens)'}, batch {settings.batch}, seq {settings.seq}, "
         f"{len(settings.methods)} method(s), each in a fresh process")
     log("bench: [floor] no-grad forward of the 4-bit backbone")
-    floor_raw = run_in_fresh_process(f"{__name__}:measure_forward_floor", common)
+    imports = (settings.model_package,) if settings.model_package else ()
+    floor_raw = run_in_fresh_process(f"{__name__}:measure_forward_floor", common, imports=imports)
     floor = {
         "forward_time_s": floor_raw.get("forward_time_s"),
         "forward_peak_memory_bytes": _peak_bytes(floor_raw),
@@ -309,6 +319,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
             {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
              "dtype": settings.backbone_dtype, "eval_examples": settings.eval_examples,
              "train_examples": settings.train_examples, "feature_cache": settings.feature_cache},
+            imports=imports,
         )
         methods[method], details[method] = _method_entry(raw)
         if raw.get("error"):

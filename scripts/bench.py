@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.specs import import_method_packages
+
 # --quick: at most 5 minutes on 2 CPU cores, long enough that QLoRA is far above the majority class
 # (docs/RESULTS.md, "bench --quick"): def-kind's whole test split scored after 160 steps.
 QUICK = {"task": "def-kind", "batch": 8, "seq": 256, "steps": 3, "warmup": 1, "train_steps": 160,
@@ -29,7 +31,9 @@ def add_parser(subparsers) -> None:
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", default="ref-lm",
-                        help="'ref-lm' (the embedded reference model), a model directory or a cached hub id")
+                        help="the backbone every method tunes: 'ref-lm', a local model directory (plain, pruned or "
+                        "low-rank) or a hub id; or pruned:DIR, lowrank:DIR (not qst:DIR: a side network is "
+                        "already tuned)")
     source.add_argument("--arch", default=None,
                         help="a named architecture with random weights (llama-2-7b, opt-1.3b, ...): "
                         "memory and speed only, no accuracy")
@@ -112,6 +116,7 @@ def run(args) -> int:
     from eval.io import prepare_output_dir
     from qst.benchmark import BenchSettings, run_bench
 
+    import_method_packages()  # a pruned or low-rank --model loads through its package
     preset = QUICK if args.quick else DEFAULTS
     settings = BenchSettings(
         model=None if args.arch else args.model, arch=args.arch, methods=args.methods,

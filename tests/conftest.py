@@ -72,6 +72,19 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pruned_dir(tiny_llama_dir, tiny_tokenizer, tmp_path_factory) -> Path:
+    """tiny_llama_dir with half of its structure removed by magnitude pruning, saved by `pruning`."""
+    import pruning
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    out = tmp_path_factory.mktemp("pruned")
+    pruning.baseline_prune("magnitude", model, 0.5).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_opt_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A 2-layer OPT (LayerNorm, fc1/fc2), saved with a tokenizer."""
     from transformers import OPTConfig, OPTForCausalLM

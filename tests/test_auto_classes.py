@@ -127,3 +127,17 @@ def test_without_the_import_loading_fails_and_the_files_name_the_import(llama, t
     assert "import pruning" in json.loads((tmp_path / "pruned" / "config.json").read_text())["slimtune_load_hint"]
     assert "import pruning" in (tmp_path / "pruned" / "README.md").read_text()
     assert pruning.FAMILY.hint.startswith("import pruning")
+
+
+def test_a_pruned_model_returns_every_layers_hidden_states(pruned_dir, tiny_llama_dir):
+    """transformers records hidden states by hooking the decoder-layer class; pruned layers are
+    still instances of it, so QST (which reads them) can tune a pruned backbone."""
+    import pruning  # noqa: F401 - registers the pruned model type
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(ids))

@@ -259,3 +259,23 @@ def test_bench_report_shows_accuracy_with_its_error_and_the_majority_rate():
     assert "| 80.0 ± 3.0 |" in markdown and "| 75.0 ± 3.0 |" in markdown
     assert "30 hits / 10 misses" in markdown and "| -5 |" in markdown
     assert "majority class of those examples is 43.3 %" in markdown
+
+
+def test_bench_tunes_a_pruned_model_named_by_its_spec(tmp_path, pruned_dir, capsys):
+    """`--model pruned:DIR` (and the plain directory) is the backbone; each fresh process imports
+    the package that registered its model type. A QST side network is refused before any process."""
+    from qst.benchmark import BenchSettings
+    from scripts.cli import main
+
+    for spec in (f"pruned:{pruned_dir}", str(pruned_dir)):
+        assert BenchSettings(model=spec, methods="lora").model_package == "pruning"
+    out = tmp_path / "out"
+    assert main(["bench", "--model", f"pruned:{pruned_dir}", "--methods", "lora,qst", "--task", "def-kind",
+                 "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--train-steps", "2",
+                 "--eval-examples", "4", "--no-fit-check", "--out", str(out)]) == 0
+    data = json.loads((out / "bench_tuning.json").read_text())
+    assert data["model"] == str(pruned_dir)
+    for method in ("lora", "qst"):
+        assert not data["methods"][method].get("error"), data["methods"][method]
+        assert data["methods"][method]["examples_scored"] == 4
+    assert not data["floor"].get("error")

@@ -21,17 +21,6 @@ PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\
 
 
 @pytest.fixture(scope="module")
-def pruned_dir(tiny_llama_dir, tiny_tokenizer, tmp_path_factory):
-    import pruning
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    out = tmp_path_factory.mktemp("pruned")
-    pruning.baseline_prune("magnitude", model, 0.5).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def qst_dir(tiny_llama_dir, tmp_path_factory):
     from qst import QSTConfig, QSTForCausalLM
 
@@ -89,3 +78,15 @@ def test_codegen_eval_scores_a_qst_and_a_pruned_model(kind, pruned_dir, qst_dir,
         scored = report["samplers"][sampler]
         assert scored["samples"] == (1 if sampler == "greedy" else 2)
         assert scored["passed"] + sum(scored["failures"].values()) == scored["samples"]
+
+
+def test_a_benchmark_backbone_may_be_pruned_but_not_a_side_network(pruned_dir, qst_dir):
+    from eval.model_specs import backbone_source
+
+    assert backbone_source(f"pruned:{pruned_dir}") == (str(pruned_dir), "pruning")
+    assert backbone_source("ref-lm") == ("ref-lm", None)
+    for spec in (f"qst:{qst_dir}", str(qst_dir)):
+        with pytest.raises(UserInputError, match="QST side network, already tuned"):
+            backbone_source(spec)
+    with pytest.raises(UserInputError, match="no such directory"):
+        backbone_source("pruned:/nonexistent/dir")

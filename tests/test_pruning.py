@@ -29,6 +29,7 @@ from pruning import (
     slicegpt_prune,
 )
 from pruning.baselines import slicegpt_width
+from pruning.model import PrunedDecoderLayer
 from pruning.masking import MaskState
 
 
@@ -263,7 +264,7 @@ def test_save_load_round_trip_and_generate(name, request, tmp_path):
     assert set(saved["layers"][0]) == set(MASK_NAMES)
     assert saved["layers"][1]["mlp_mid"] == torch.nonzero(masks[1]["mlp_mid"]).flatten().tolist()
     loaded = load_pruned(tmp_path)
-    assert "PrunedDecoderLayer" in type(loaded.get_submodule(layout_for(loaded.config).layers)[0]).__name__
+    assert isinstance(loaded.get_submodule(layout_for(loaded.config).layers)[0], PrunedDecoderLayer)
     ids = _ids(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, pruned(input_ids=ids).logits)
