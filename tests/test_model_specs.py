@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import eval.model_specs as specs
 from eval.errors import UserInputError
