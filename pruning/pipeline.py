@@ -191,9 +191,20 @@ def _run_prune(s: PruneSettings, out: Path) -> dict:
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     )
     report["kept_ratio"] = report["block_params_after"] / report["block_params_before"]
+    pruned.slimtune_card = {"base_model": s.model, "quality": _card_quality(report)}
     _write(out, pruned, tokenizer, hypernet, report)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return report
+
+
+def _card_quality(r: dict) -> dict:
+    """What the model card says was measured: held-out perplexity and tokens/s, before and after."""
+    quality = {"held-out text": f"{r['eval_blocks']} blocks of {r['block_size']} tokens ({r['eval_text']})",
+               "perplexity before": r["ppl_before"], "perplexity after": r["ppl_after"]}
+    if r["ppl_after_recovery"] is not None:
+        quality[f"perplexity after {r['recover_steps']} LoRA recovery steps"] = r["ppl_after_recovery"]
+    quality["tokens/s before / after (side by side)"] = f"{r['tokens_per_s_before']:,.0f} / {r['tokens_per_s_after']:,.0f}"
+    return quality
 
 
 def _token_blocks(s: PruneSettings, model: nn.Module, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:

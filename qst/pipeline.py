@@ -135,6 +135,10 @@ def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
     peak = peak_memory(fit, device)
     train_seconds = time.perf_counter() - start
     after = accuracy()
+    model.slimtune_card = {"quality": {
+        "task": f"{task.name} (test split{'' if s.eval_examples is None else f', first {s.eval_examples} examples'})",
+        "accuracy before": "not measured" if before is None else before, "accuracy after": after,
+    }}
     model.save_pretrained(out)
 
     history = result["train"]

@@ -99,6 +99,9 @@ def test_cli_disp_with_recovery_writes_model_report_and_plot(tiny_llama_dir, cal
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no checkpoint or temp left behind
     model = load_pruned(out / "model")
     assert block_params(model) == report["block_params_after"]
+    card = (out / "model" / "README.md").read_text()  # the model card carries what was measured
+    assert f"perplexity after: {report['ppl_after']:.6g}" in card
+    assert f"perplexity after 2 LoRA recovery steps: {report['ppl_after_recovery']:.6g}" in card
 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "slicegpt"])

@@ -45,6 +45,8 @@ def test_tune_writes_side_network_and_report(tiny_task, tiny_llama_dir, tmp_path
     assert "trainable parameters" in capsys.readouterr().out
     model = QSTForCausalLM.from_pretrained(out, base=str(tiny_llama_dir))
     assert model.quantize == "nf4" and model.side.alpha.item() != 1.0
+    card = (out / "README.md").read_text()  # the model card carries what was measured
+    assert f"accuracy after: {report['accuracy_after']:.6g}" in card and "tiny (test split" in card
 
 
 def test_tune_lst_with_classifier_head(tiny_task, tiny_llama_dir, tmp_path):
