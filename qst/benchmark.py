@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from eval.errors import UserInputError, require_positive, require_positive_number
+from eval.tuning_methods import QST_REDUCTION
 from qst.baselines import DEFAULT_METHODS
 
 LOSS_WINDOW = 5  # final_loss: mean of the last steps' losses (one batch is noisy)
@@ -228,6 +229,9 @@ class BenchSettings:
     # Set from `model` (a spec: 'pruned:DIR', or a directory a method package saved): the package
     # each fresh process imports so that eval.models.load_causal_lm opens that model type.
     model_package: str | None = None
+    # QST's (and LST's) reduction factor r: side width = hidden / r. None: QSTConfig's default (the
+    # paper's 16, a 256-wide side network on a 4096-wide 7B; on ref-lm's 128 it is 8 wide).
+    qst_r: int | None = None
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -246,7 +250,7 @@ class BenchSettings:
             object.__setattr__(self, "model_package", package or self.model_package)
         if self.arch is not None and self.task is not None:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
-        for name in ("eval_examples", "train_examples"):
+        for name in ("eval_examples", "train_examples", "qst_r"):
             value = getattr(self, name)
             if value is not None:
                 require_positive(name, value)
@@ -269,6 +273,10 @@ class BenchSettings:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if str(self.device).startswith("cuda") else "float32"
+
+    def baseline_options(self) -> dict:
+        """`qst.baselines.BaselineConfig` fields every method's process builds with."""
+        return {"qst_options": {"r": self.qst_r}} if self.qst_r is not None else {}
 
     def method_dtype(self, method: str) -> str:
         """The dtype the estimate assumes: 4-bit backbones compute (and keep the rest) in
@@ -318,7 +326,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
             method_target,
             {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
              "dtype": settings.backbone_dtype, "eval_examples": settings.eval_examples,
-             "train_examples": settings.train_examples, "feature_cache": settings.feature_cache},
+             "train_examples": settings.train_examples, "feature_cache": settings.feature_cache,
+             "baseline_options": settings.baseline_options()},
             imports=imports,
         )
         methods[method], details[method] = _method_entry(raw)
@@ -388,7 +397,7 @@ def _estimate(settings: BenchSettings, method: str, trainable_params: int | None
     return estimate_memory(
         settings.arch or settings.model, method, batch=settings.batch, seq=settings.seq,
         dtype=settings.method_dtype(method), trainable_params=trainable_params, device=settings.device,
-        labelled_tokens=labelled_tokens,
+        labelled_tokens=labelled_tokens, **({"qst_reduction": settings.qst_r} if settings.qst_r else {}),
     )
 
 
@@ -507,7 +516,9 @@ def format_markdown(data: dict) -> str:
         f"Model `{data['model']}` on `{data['device']}`, task `{data['task'] or 'random tokens'}`, batch "
         f"{data['batch']}, seq {data['seq']}, AdamW lr {s['lr']}, {s['warmup']} warm-up + {s['steps']} timed "
         f"steps" + (f", accuracy after {max(s['train_steps'], s['warmup'] + s['steps'])} training steps"
-                   if data["task"] else " (random weights: no accuracy)") + ".",
+                   if data["task"] else " (random weights: no accuracy)")
+        + (f", training on {s['train_examples']} examples" if s.get("train_examples") else "")
+        + f", QST r {s.get('qst_r') or QST_REDUCTION} (side width = hidden / r).",
         "",
         markdown_table(rows, columns, floatfmt=".4g"),
         *([f"Accuracy ± its standard error on {_scored(methods)} test examples; the majority class of "

@@ -279,3 +279,16 @@ def test_bench_tunes_a_pruned_model_named_by_its_spec(tmp_path, pruned_dir, caps
         assert not data["methods"][method].get("error"), data["methods"][method]
         assert data["methods"][method]["examples_scored"] == 4
     assert not data["floor"].get("error")
+
+
+def test_bench_passes_qst_r_to_the_side_network_and_the_estimate():
+    from qst.benchmark import BenchSettings, _estimate
+
+    settings = BenchSettings(arch="tiny-llama", methods="qst", qst_r=4)
+    assert settings.baseline_options() == {"qst_options": {"r": 4}}
+    assert BenchSettings(arch="tiny-llama", methods="qst").baseline_options() == {}
+    wider = _estimate(settings, "qst")["breakdown_bytes"]
+    narrower = _estimate(BenchSettings(arch="tiny-llama", methods="qst", qst_r=8), "qst")["breakdown_bytes"]
+    assert sum(wider.values()) > sum(narrower.values())
+    with pytest.raises(UserInputError, match="qst_r must be a positive integer"):
+        BenchSettings(arch="tiny-llama", qst_r=0)
