@@ -77,7 +77,7 @@ def _llama2_shaped(hidden: int, layers: int, vocab_size: int = 32000) -> dict[st
 
 # LLaMA shapes from the reference model's size (ref-lm v2: hidden 128, 4 layers, MLP 344, vocab
 # 4096, 1.84 M parameters) to 941 M: `slimtune bench --scaling` runs them with random weights
-# (about 30 minutes on 2 CPU cores, the largest size half of it).
+# (about 35 minutes on 2 CPU cores, the largest size 20 of them).
 SCALING_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama-h128-l4": {**_llama2_shaped(128, 4, vocab_size=4096), "intermediate_size": 344,
                       "num_attention_heads": 4, "num_key_value_heads": 4},
