@@ -123,7 +123,8 @@ def _load_cached_task(name: str, directory: str) -> Task:
     meta = read_json(Path(directory) / _CARD, "task card")["tasks"][name]
     splits = {}
     for split in ("train", "test"):
-        rows = [json.loads(line) for line in (Path(directory) / name / f"{split}.jsonl").read_text().splitlines()]
+        path = Path(directory) / name / f"{split}.jsonl"
+        rows = [_task_row(path, i, line, meta) for i, line in enumerate(path.read_text().splitlines(), 1)]
         if meta["kind"] == "classification":
             splits[split] = [ClassificationExample(text=r["text"], label=r["label"]) for r in rows]
         else:
@@ -132,6 +133,28 @@ def _load_cached_task(name: str, directory: str) -> Task:
     return Task(name=name, kind=meta["kind"], labels=tuple(meta["labels"]), train=splits["train"],
                 test=splits["test"], description=meta["description"], template=meta["template"],
                 files=meta["files"])
+
+
+def _task_row(path: Path, line_number: int, line: str, meta: dict) -> dict:
+    """One cached example, checked: a missing or out-of-range label is named, not a KeyError later."""
+    classification = meta["kind"] == "classification"
+    fields = ("text", "label") if classification else ("question", "choices", "answer")
+    answer = fields[-1]
+    try:
+        row = json.loads(line)
+        problem = None if isinstance(row, dict) else "is not a JSON object"
+    except json.JSONDecodeError as e:
+        row, problem = None, f"is not JSON ({e.msg})"
+    if problem is None and any(f not in row for f in fields):
+        problem = "has no " + ", ".join(repr(f) for f in fields if f not in row)
+    if problem is None:
+        count = len(meta["labels"]) if classification else len(row["choices"])
+        if not (isinstance(row[answer], int) and 0 <= row[answer] < count):
+            problem = f"has {answer} {row[answer]!r}, expected an index in [0, {count})"
+    if problem is not None:
+        raise UserInputError(f"task file {path}, line {line_number} {problem}; the task cache is damaged: delete "
+                             f"{path.parent.parent} and it is generated again")
+    return row
 
 
 def _write_task(task: Task, out: Path, final: Path) -> None:

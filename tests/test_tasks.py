@@ -141,6 +141,25 @@ def test_load_task_reads_the_cache(cached_dir, generated):
     assert tasks.task_yaml_dir() == cached_dir
 
 
+def test_a_damaged_task_cache_names_the_file_and_line(cached_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "tasks"
+    shutil.copytree(cached_dir, damaged)
+    lines = (damaged / "def-kind" / "test.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    del row["label"]
+    (damaged / "def-kind" / "test.jsonl").write_text("\n".join(lines[:2] + [json.dumps(row)] + lines[3:]))
+    with pytest.raises(UserInputError, match=r"def-kind/test.jsonl, line 3 has no 'label'; the task cache is damaged"):
+        tasks._load_cached_task("def-kind", str(damaged))
+    lines = (damaged / "docstring-match" / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["answer"] = len(row["choices"])
+    (damaged / "docstring-match" / "train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]))
+    with pytest.raises(UserInputError, match=r"line 1 has answer 4, expected an index in \[0, 4\)"):
+        tasks._load_cached_task("docstring-match", str(damaged))
+
+
 def test_unknown_task_names_close_matches():
     with pytest.raises(UserInputError, match="docstring-match"):
         tasks.load_task("docstring_match")
