@@ -36,9 +36,16 @@ def generated():
     return tasks.build_tasks(_slice_documents())
 
 
+@pytest.fixture(scope="module")
+def _slice_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("slice-task-cache")
+
+
 @pytest.fixture
-def cached_dir(generated, monkeypatch):
-    # task_yaml_dir() writes the slice's tasks into the session's isolated cache.
+def cached_dir(generated, monkeypatch, _slice_cache):
+    # task_yaml_dir() writes the slice's tasks into a cache of this module's own: the session's
+    # cache may already hold the full tasks, built by another test (bench on def-kind) first.
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(_slice_cache))
     monkeypatch.setattr(tasks, "build_tasks", lambda: generated)
     return tasks.task_yaml_dir()
 
