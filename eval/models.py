@@ -198,6 +198,14 @@ def _check_quantize(quantize) -> None:
         raise UserInputError(f"quantize={quantize!r} is not supported; expected None (full precision) or 'nf4'")
 
 
+def float_dtype_name(dtype: str, device) -> str:
+    """`dtype` unless it is "auto": then bfloat16 on CUDA, float32 elsewhere (the 16-bit default of
+    benchmarks with random weights; CPUs multiply float32 fastest)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype | str:
     """torch.dtype, 'float32' / 'bfloat16' / 'float16', 'auto' (the checkpoint's dtype) or None (default)."""
     if dtype is None:

@@ -99,8 +99,10 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     total = count_parameters(tuned)
     weights_bytes = parameter_bytes(tuned)
     side_tuning = hasattr(tuned, "parameter_groups")  # qst, lst: their own groups and loss
-    cache_dir = tempfile.TemporaryDirectory(prefix="slimtune-bench-features-")
-    cache = tuned.enable_feature_cache(cache_dir.name) if feature_cache and side_tuning else None
+    cache_dir = None
+    if feature_cache and side_tuning:
+        cache_dir = tempfile.TemporaryDirectory(prefix="slimtune-bench-features-")
+    cache = tuned.enable_feature_cache(cache_dir.name) if cache_dir is not None else None
     mark_setup_done()
 
     trained = {}
@@ -117,16 +119,18 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     result = trained["result"]
     timed = result.step_times[warmup:warmup + steps]
     step_time = statistics.median(timed)
-    cache_stats = cache.stats() if cache is not None else None
-    cache_dir.cleanup()
+    cache_stats = None
+    if cache_dir is not None:
+        cache_stats = cache.stats()
+        cache_dir.cleanup()
     accuracy, scored = None, 0
     if tokenizer is not None and train_steps > 0:
         from eval.tasks import load_task, task_accuracy
 
         tuned.eval()
-        test_split = load_task(task).test
-        scored = len(test_split) if eval_examples is None else min(eval_examples, len(test_split))
-        accuracy = task_accuracy(tuned, tokenizer, load_task(task), split="test",
+        scored_task = load_task(task)
+        scored = len(scored_task.test[:eval_examples] if eval_examples is not None else scored_task.test)
+        accuracy = task_accuracy(tuned, tokenizer, scored_task, split="test",
                                  batch_size=eval_batch_size, max_examples=eval_examples)
     losses = result.losses[-LOSS_WINDOW:]
     return {
@@ -136,7 +140,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "trainable_share": trainable / total,
         "parameter_bytes": weights_bytes,
         "peak_memory_bytes": peak,
-        "memory_measure": _MEMORY_MEASURE[tuned.device.type == "cuda"],
+        # CUDA counts the weights already; on CPU the parent adds their bytes (see _peak_bytes)
+        "memory_measure": "torch.cuda.max_memory_allocated" if tuned.device.type == "cuda" else "peak RSS increment",
         "step_time_s": step_time,
         "tokens_per_s": batch * seq / step_time,
         "final_loss": sum(losses) / len(losses) if losses and all(map(math.isfinite, losses)) else None,
@@ -154,11 +159,6 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
 def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions of a batch that predict a label: where the LM head and the loss run."""
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-# Peak memory during training (eval.measure.peak_memory): CUDA counts the weights already; on CPU
-# it is the RSS increment, to which the parent adds the weights' bytes (see _peak_bytes).
-_MEMORY_MEASURE = {True: "torch.cuda.max_memory_allocated", False: "peak RSS increment"}
 
 
 def _standard_error(accuracy: float | None, n: int) -> float | None:
@@ -270,9 +270,9 @@ class BenchSettings:
 
     @property
     def backbone_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if str(self.device).startswith("cuda") else "float32"
+        from eval.models import float_dtype_name
+
+        return float_dtype_name(self.dtype, self.device)
 
     def baseline_options(self) -> dict:
         """`qst.baselines.BaselineConfig` fields every method's process builds with."""
@@ -397,7 +397,7 @@ def _estimate(settings: BenchSettings, method: str, trainable_params: int | None
     return estimate_memory(
         settings.arch or settings.model, method, batch=settings.batch, seq=settings.seq,
         dtype=settings.method_dtype(method), trainable_params=trainable_params, device=settings.device,
-        labelled_tokens=labelled_tokens, **({"qst_reduction": settings.qst_r} if settings.qst_r else {}),
+        labelled_tokens=labelled_tokens, qst_reduction=settings.qst_r or QST_REDUCTION,
     )
 
 

@@ -111,6 +111,12 @@ def _check_seq(settings) -> None:
     check_seq(config, settings.seq, source)
 
 
+def _flag_or(args, preset: dict, name: str):
+    """The flag `--name` when given, else the preset's value (None if the preset has none)."""
+    value = getattr(args, name)
+    return value if value is not None else preset.get(name)
+
+
 def _eval_examples(n: int) -> int | None:
     return None if n == 0 else n  # 0: the whole test split
 
@@ -125,19 +131,15 @@ def run(args) -> int:
     preset = QUICK if args.quick else DEFAULTS
     settings = BenchSettings(
         model=None if args.arch else args.model, arch=args.arch, methods=args.methods,
-        batch=args.batch if args.batch is not None else preset["batch"],
-        seq=args.seq if args.seq is not None else preset["seq"],
-        steps=args.steps if args.steps is not None else preset["steps"],
-        warmup=args.warmup if args.warmup is not None else preset["warmup"],
-        train_steps=args.train_steps if args.train_steps is not None else preset["train_steps"],
+        batch=_flag_or(args, preset, "batch"), seq=_flag_or(args, preset, "seq"),
+        steps=_flag_or(args, preset, "steps"), warmup=_flag_or(args, preset, "warmup"),
+        train_steps=_flag_or(args, preset, "train_steps"),
         task=args.task or (None if args.arch else preset.get("task")),  # random weights: no task
-        eval_examples=_eval_examples(args.eval_examples if args.eval_examples is not None
-                                     else preset["eval_examples"]),
-        train_examples=args.train_examples if args.train_examples is not None else preset.get("train_examples"),
+        eval_examples=_eval_examples(_flag_or(args, preset, "eval_examples")),
+        train_examples=_flag_or(args, preset, "train_examples"),
         feature_cache=not args.no_feature_cache,
-        lr=args.lr if args.lr is not None else preset["lr"], device=args.device, dtype=args.dtype, seed=args.seed,
-        fit_check=not args.no_fit_check,
-        qst_r=args.qst_r if args.qst_r is not None else preset.get("qst_r"),
+        lr=_flag_or(args, preset, "lr"), device=args.device, dtype=args.dtype, seed=args.seed,
+        fit_check=not args.no_fit_check, qst_r=_flag_or(args, preset, "qst_r"),
     )
     _check_seq(settings)
     with prepare_output_dir(args.out, "bench", signature="bench_tuning.json"):
@@ -152,18 +154,15 @@ def run(args) -> int:
 def run_scaling(args) -> int:
     """The three sweeps of --scaling, each report written by its method package."""
     from eval.io import prepare_output_dir
-    from eval.models import SCALING_ARCHITECTURES
+    from eval.models import SCALING_ARCHITECTURES, float_dtype_name
     from lowrank_vit.speed import run_vit_speed
     from pruning.scaling import run_pruned_scaling
     from qst.benchmark import check_scaling_archs
     from qst.benchmark import run_scaling as run_tuning_scaling
 
     archs = check_scaling_archs(args.sizes or tuple(SCALING_ARCHITECTURES))  # before any model is built
-    batch, seq = args.batch or SCALING["batch"], args.seq or SCALING["seq"]
-    steps = args.steps or SCALING["steps"]
-    warmup = args.warmup if args.warmup is not None else SCALING["warmup"]
-    dtype = "float32" if args.dtype == "auto" and args.device == "cpu" else (
-        "bfloat16" if args.dtype == "auto" else args.dtype)
+    batch, seq, steps, warmup = (_flag_or(args, SCALING, name) for name in ("batch", "seq", "steps", "warmup"))
+    dtype = float_dtype_name(args.dtype, args.device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with prepare_output_dir(args.out, "bench --scaling", signature="bench_scaling_tuning.json"):
         reports = [
