@@ -1,10 +1,24 @@
 """The suite's downstream tasks as the harness sees them: `Task`, loading, batches, accuracy.
 
-The tasks themselves (`stdlib-module`, `docstring-match`, `def-kind`) are generated from the
+One task interface serves the built-in tasks and the user's own data:
+
+- `Task`: a name, a `kind` (one of `TASK_KINDS`), and three splits (`SPLITS`: train, validation,
+  test) of `eval.data` examples. Validation exists to choose settings (learning rate, steps,
+  presets); test is only ever scored. Splits share no source document (built-in tasks) or row
+  (user data).
+- Kinds: `classification` (`ClassificationExample`: text, integer label into `Task.labels`),
+  `multiple_choice` (`MultipleChoiceExample`: question, choices, answer index) and
+  `instruction` (`InstructionExample`: instruction, input, output; the loss falls on the
+  output's tokens only, and it is scored by held-out loss, not accuracy).
+- `TaskSpec`: what a user asked for (`--task` and its column / split flags), JSON-able so it
+  crosses into the fresh measurement processes. `load_task(spec)` takes a `TaskSpec`, its dict,
+  or a plain string: a built-in name (`BUILTIN_TASKS`), a local file or folder, or `hf:NAME`.
+
+The built-in tasks (`stdlib-module`, `docstring-match`, `def-kind`) are generated from the
 reference corpus by `eval.reference.tasks`. The generated examples are cached as JSONL under
 `$SLIMTUNE_CACHE/tasks-<hash>/`, together with one lm-eval task YAML per task
 (`slimtune_stdlib_module`, `slimtune_docstring_match`, `slimtune_def_kind`), so that directory is
-an lm-eval `include_path` (`task_yaml_dir()`).
+an lm-eval `include_path` (`task_yaml_dir()`). The user's data is read by `eval.user_tasks`.
 """
 
 from __future__ import annotations
@@ -20,13 +34,81 @@ from pathlib import Path
 
 import torch
 
-from eval.data import ClassificationExample, MultipleChoiceExample
+from eval.data import ClassificationExample, InstructionExample, MultipleChoiceExample
 from eval.errors import UserInputError, require_positive
 from eval.io import atomic_directory, read_json, write_json
 from eval.reference.common import build_lock, cache_root, remove_stale_temporaries
 from eval.reference.tasks import TASKS, TASKS_VERSION, generate_tasks, tasks_hash
 
 _CARD = "tasks_card.json"
+BUILTIN_TASKS = TASKS  # the names `load_task` resolves to generated tasks
+TASK_KINDS = ("classification", "multiple_choice", "instruction")
+SPLITS = ("train", "validation", "test")
+# Roles of a user's columns (`TaskSpec.columns` keys), each with the names tried when the user
+# names none, in order. One table: the CLI's --*-column flags and the loader both read it.
+COLUMN_ROLES: dict[str, tuple[str, ...]] = {
+    "text": ("text", "sentence", "sentence1", "question1", "premise"),
+    "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
+    "label": ("label", "labels"),
+    "question": ("question",),
+    "choices": ("choices",),
+    "answer": ("answer",),
+    "instruction": ("instruction",),
+    "input": ("input",),
+    "output": ("output",),
+    "messages": ("messages",),
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the user asked to tune on; every field is JSON-able (`dataclasses.asdict` / `TaskSpec(**d)`).
+
+    `source`: a built-in task name, a local file or folder (CSV, TSV, JSON, JSONL, Parquet, or a
+    `datasets.save_to_disk` directory), or `hf:NAME` for a dataset in the local `datasets` cache
+    (`config`: its configuration, e.g. GLUE's `sst2`). `kind`: one of `TASK_KINDS`, or None to
+    infer it from the columns. `columns`: {role: column name} for the roles in `COLUMN_ROLES`
+    the user named. `labels`: class names for integer labels without a `ClassLabel`.
+    `validation_fraction` / `test_fraction`: carved by a seeded shuffle from data that has no
+    such split. `train_examples`: a seeded sample of train (None: all of it). Built-in tasks
+    take only `source` and `train_examples`.
+    """
+
+    source: str
+    config: str | None = None
+    kind: str | None = None
+    columns: dict = dataclasses.field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    train_examples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise UserInputError("task source is empty; expected a built-in task name "
+                                 f"({', '.join(BUILTIN_TASKS)}), a local file or folder, or hf:NAME")
+        if self.kind is not None and self.kind not in TASK_KINDS:
+            raise UserInputError(f"unknown task kind {self.kind!r}; expected one of {', '.join(TASK_KINDS)}")
+        unknown = sorted(set(self.columns) - set(COLUMN_ROLES))
+        if unknown:
+            raise UserInputError(f"unknown column role(s) {', '.join(unknown)}; expected some of "
+                                 f"{', '.join(COLUMN_ROLES)}")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise UserInputError(f"{name} must be in [0, 1), got {value}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise UserInputError("validation_fraction + test_fraction must leave some training data (< 1), got "
+                                 f"{self.validation_fraction + self.test_fraction}")
+        if self.train_examples is not None:
+            require_positive("train_examples", self.train_examples)
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(self.labels))
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source in BUILTIN_TASKS
 
 
 @dataclass(frozen=True)
@@ -39,33 +121,64 @@ class Task:
     """
 
     name: str
-    kind: str  # "classification" or "multiple_choice"
+    kind: str  # one of TASK_KINDS
     labels: tuple[str, ...]
     train: list
     test: list
+    validation: list = dataclasses.field(default_factory=list)
     description: str = ""
     template: str = "{text}"
     # The corpus files the examples of each split come from (disjoint between the splits).
     files: dict = dataclasses.field(default_factory=dict)
 
     def split(self, split: str) -> list:
-        if split not in ("train", "test"):
-            raise UserInputError(f"unknown task split {split!r}; expected 'train' or 'test'")
-        return self.train if split == "train" else self.test
+        """The examples of `split` (one of `SPLITS`); an empty validation split is an error, so
+        nothing silently selects on nothing."""
+        if split not in SPLITS:
+            raise UserInputError(f"unknown task split {split!r}; expected one of {', '.join(SPLITS)}")
+        examples = getattr(self, split)
+        if split == "validation" and not examples:
+            raise UserInputError(f"task {self.name!r} has no validation split; settings must be chosen on "
+                                 "validation data (give the data a validation split or --validation-fraction)")
+        return examples
 
     def prompt(self, example) -> str:
         """What a causal LM reads before the answer."""
         if self.kind == "classification":
             return self.template.format(text=example.text)
+        if self.kind == "instruction":
+            return instruction_prompt(example)
         return example.question
+
+    def answer(self, example) -> str:
+        """What a causal LM is trained to write after `prompt(example)` (the loss falls on it
+        alone): " <label name>" or " <right choice>", or an instruction's output."""
+        if self.kind == "instruction":
+            return example.output
+        return " " + self.candidates(example)[self.target(example)]
 
     def candidates(self, example) -> list[str]:
         """The answers a causal LM chooses among (label names or choices)."""
+        if self.kind == "instruction":
+            raise UserInputError(f"task {self.name!r} is an instruction task: it has no answers to choose "
+                                 "among; it is scored by held-out loss")
         return list(self.labels) if self.kind == "classification" else list(example.choices)
 
     def target(self, example) -> int:
         """Index of the right answer in `candidates(example)`."""
         return example.label if self.kind == "classification" else example.answer
+
+
+# The plain prompt of an instruction example when the tokenizer has no chat template (Alpaca's
+# own format, so that models tuned on Alpaca see what they were tuned with).
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+INSTRUCTION_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def instruction_prompt(example: InstructionExample) -> str:
+    """The plain-text prompt of an instruction example (`INSTRUCTION_TEMPLATE`)."""
+    template = INSTRUCTION_WITH_INPUT_TEMPLATE if example.input else INSTRUCTION_TEMPLATE
+    return template.format(instruction=example.instruction, input=example.input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +191,33 @@ def lm_eval_task_name(name: str) -> str:
     return "slimtune_" + name.replace("-", "_")
 
 
-def load_task(name: str) -> Task:
+def load_task(spec: str | dict | TaskSpec) -> Task:
+    """The task `spec` names: a built-in task (generated on first use, cached afterwards), or
+    the user's data (`eval.user_tasks.load_user_task`). A string is `TaskSpec(source=string)`."""
+    if isinstance(spec, dict):
+        spec = TaskSpec(**spec)
+    elif isinstance(spec, str):
+        spec = TaskSpec(source=spec)
+    if spec.is_builtin:
+        task = _load_builtin_task(spec.source)
+        if spec.train_examples is not None and spec.train_examples < len(task.train):
+            import random
+
+            task = dataclasses.replace(task, train=random.Random(spec.seed).sample(task.train, spec.train_examples))
+        return task
+    if _looks_like_user_data(spec.source):
+        from eval.user_tasks import load_user_task
+
+        return load_user_task(spec)
+    return _load_builtin_task(spec.source)  # an unknown name: the error lists the built-in tasks
+
+
+def _looks_like_user_data(source: str) -> bool:
+    return source.startswith("hf:") or Path(source).expanduser().exists() or any(
+        sep in source for sep in ("/", "\\")) or Path(source).suffix != ""
+
+
+def _load_builtin_task(name: str) -> Task:
     """One of `TASKS`, generated on first use and read from the cache afterwards."""
     if name not in TASKS:
         close = difflib.get_close_matches(name, TASKS, n=3, cutoff=0.5)
@@ -122,8 +261,11 @@ def build_tasks(documents: dict | None = None) -> dict[str, Task]:
 def _load_cached_task(name: str, directory: str) -> Task:
     meta = read_json(Path(directory) / _CARD, "task card")["tasks"][name]
     splits = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         path = Path(directory) / name / f"{split}.jsonl"
+        if split == "validation" and not path.is_file():
+            splits[split] = []
+            continue
         rows = [_task_row(path, i, line, meta) for i, line in enumerate(path.read_text().splitlines(), 1)]
         if meta["kind"] == "classification":
             splits[split] = [ClassificationExample(text=r["text"], label=r["label"]) for r in rows]
@@ -131,7 +273,7 @@ def _load_cached_task(name: str, directory: str) -> Task:
             splits[split] = [MultipleChoiceExample(question=r["question"], choices=r["choices"], answer=r["answer"])
                              for r in rows]
     return Task(name=name, kind=meta["kind"], labels=tuple(meta["labels"]), train=splits["train"],
-                test=splits["test"], description=meta["description"], template=meta["template"],
+                validation=splits["validation"], test=splits["test"], description=meta["description"], template=meta["template"],
                 files=meta["files"])
 
 
@@ -261,8 +403,8 @@ def classification_batches(examples: Sequence, tokenizer, batch_size: int, seq_l
 
 def lm_batches(task: Task, split: str, tokenizer, batch_size: int, seq_len: int, shuffle: bool = False,
                seed: int = 0) -> list[dict]:
-    """Batches for causal-LM tuning: each example is its prompt + its answer (the label name or
-    the right choice), right-padded to `seq_len`; `labels` is -100 except on the answer's
+    """Batches for causal-LM tuning: each example is its prompt + its answer (`Task.answer`: the
+    label name, the right choice or the instruction's output), right-padded to `seq_len`; `labels` is -100 except on the answer's
     tokens, so the model learns only the answer. Long prompts lose tokens from the left."""
     from eval.metrics import context_continuation_ids
 
@@ -271,8 +413,7 @@ def lm_batches(task: Task, split: str, tokenizer, batch_size: int, seq_len: int,
     pad = _pad_id(tokenizer)
     sequences = []
     for ex in examples:
-        answer = " " + task.candidates(ex)[task.target(ex)]
-        sequences.append(context_continuation_ids(tokenizer, task.prompt(ex), answer, max_length=seq_len))
+        sequences.append(context_continuation_ids(tokenizer, task.prompt(ex), task.answer(ex), max_length=seq_len))
     order = _order(len(sequences), shuffle, seed)
     batches = []
     for start in range(0, len(order), batch_size):
