@@ -4,7 +4,7 @@
     model = QSTForCausalLM.from_base("ref-lm", QSTConfig(r=16, downsample="adapter"))
 
 See `qst.config` for the hyperparameters, `qst.layer` for the side network, `qst.model` for the
-wrappers (save / load), `qst.generation` for `generate`, `qst.backbone` and `qst.side_init` for
+wrappers (save / load), `qst.generation` for `generate`, `qst.trainer` for transformers' `Trainer`, `qst.backbone` and `qst.side_init` for
 reading the backbone and starting the side network from it, and `qst.cache` for the on-disk
 backbone feature cache.
 
@@ -31,6 +31,7 @@ _EXPORTS = {
     "QSTForCausalLM": "qst.model",
     "QSTGenerationCache": "qst.generation",
     "QSTForSequenceClassification": "qst.model",
+    "QSTTrainer": "qst.trainer",
     "TuneSettings": "qst.pipeline",
     "run_tune": "qst.pipeline",
 }

@@ -8,8 +8,9 @@ The side network (see `qst.layer`) reads the frozen backbone's hidden states h_0
 
 `output_mix` picks that last line. "paper" (above, the default): alpha starts at 1, so the
 model's output equals the backbone's before the first step, but the side network's gradient is
-scaled by (1 - alpha) = 0 until alpha moves; alpha therefore trains at `alpha_lr` (100) times
-the learning rate, and may start lower (`alpha_init`). "additive": h = h_N + up(norm(g_N)) with
+scaled by (1 - alpha) = 0 until alpha moves; alpha therefore moves `alpha_lr` (100) times
+faster than the learning rate (alpha = alpha_init + alpha_lr * offset, so any optimizer does
+this), and may start lower (`alpha_init`). "additive": h = h_N + up(norm(g_N)) with
 `up` zero-initialised, as LoRA starts its B at zero: the same exact start, and `up` gets a
 gradient from the first step on. docs/RESULTS.md ("QST output mix") compares them.
 
@@ -47,8 +48,10 @@ class QSTConfig:
     - `output_mix`: `"additive"` (h_N + up(norm(g_N)), `up` zero-initialised) or `"paper"`
       (alpha * h_N + (1 - alpha) * up(norm(g_N)), alpha learned).
     - `alpha_init`: (paper mix) starting alpha; 1 starts training exactly at the backbone's output.
-    - `alpha_lr`: (paper mix; the additive mix ignores it) alpha's learning rate as a multiple of
-      the side network's. 100 by default: at 1, alpha moves about one learning rate per step, so
+    - `alpha_lr`: (paper mix; the additive mix ignores it) alpha's speed as a multiple of the
+      learning rate, built into its parametrisation (alpha = alpha_init + alpha_lr * offset, the
+      offset a parameter starting at 0). 100 by default: at 1, alpha moves about one learning
+      rate per step, so
       the side network, whose gradient is scaled by (1 - alpha), barely trains (docs/RESULTS.md,
       "QST output mix").
     - `dropout`: dropout on each downsampler's output.

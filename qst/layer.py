@@ -316,10 +316,25 @@ class SideNetwork(nn.Module):
             # LoRA's zero B: the mix adds exactly 0 before the first step, yet d loss / d up =
             # (d loss / d h) norm(g_N)^T is not zero, so the side path trains from step 1.
             nn.init.zeros_(self.upsample.weight)
-            self.register_parameter("alpha", None)
+            self.register_parameter("alpha_offset", None)
         else:
-            self.alpha = nn.Parameter(torch.tensor(float(config.alpha_init)))
+            # alpha = alpha_init + alpha_lr * alpha_offset (see `alpha`).
+            self.alpha_offset = nn.Parameter(torch.zeros(()))
         self.gradient_checkpointing = config.gradient_checkpointing
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        """The paper mix's alpha (a 0-dim tensor; None for the additive mix).
+
+        The multiplier `alpha_lr` lives in the parametrisation, not in an optimizer group: Adam's
+        step does not depend on the gradient's scale, so the offset moves about one learning
+        rate per step and alpha `alpha_lr` learning rates, under any optimizer (transformers'
+        Trainer included) at the base learning rate. At alpha = 1 the side path's gradient is
+        scaled by 1 - alpha = 0, so without that speed-up the side network would not train.
+        """
+        if self.alpha_offset is None:
+            return None
+        return self.config.alpha_init + self.config.alpha_lr * self.alpha_offset
 
     @property
     def dtype(self) -> torch.dtype:

@@ -121,14 +121,15 @@ class _QSTModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups for `eval.train.train(param_groups=...)` (every trainer uses these):
-        the side parameters at `lr`; the paper mix's alpha at `alpha_lr * lr` and without weight
-        decay (decay would pull the mix towards the side path, not towards small weights)."""
-        alpha = self.side.alpha
-        rest = [p for p in self.side_parameters().values() if p is not alpha and p.requires_grad]
+        """AdamW parameter groups for `eval.train.train(param_groups=...)`: every side parameter at
+        `lr`, the paper mix's alpha offset without weight decay (decay would pull the mix's
+        weight, not a weight of the network). alpha's own speed-up is in its parametrisation
+        (`SideNetwork.alpha`), so a plain optimizer over `parameters()` trains QST as well."""
+        offset = self.side.alpha_offset
+        rest = [p for p in self.side_parameters().values() if p is not offset and p.requires_grad]
         groups = [{"params": rest}]
-        if alpha is not None and alpha.requires_grad:
-            groups.append({"params": [alpha], "lr": lr * self.qst_config.alpha_lr, "weight_decay": 0.0})
+        if offset is not None and offset.requires_grad:
+            groups.append({"params": [offset], "weight_decay": 0.0})
         return groups
 
     # --- the backbone pass ---------------------------------------------------------------------
@@ -247,9 +248,14 @@ class _QSTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, base=None, *, dtype=None, device="cpu"):
         """Load a saved side network onto its backbone (`base`, or the one named in its config)."""
-        from eval.io import load_named_tensors_into, read_json
+        from eval.io import read_json
 
         directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() and (directory / "model.safetensors").is_file():
+            raise UserInputError(
+                f"{directory} holds a bare model.safetensors and no {CONFIG_NAME}: it was written by transformers' "
+                "plain Trainer, which saves only transformers and PEFT models in their own format. Train with "
+                "qst.QSTTrainer (Trainer with QST's save and resume), or call model.save_pretrained(DIR)")
         saved = read_json(directory / CONFIG_NAME, "QST config")
         if saved.get("format") != "slimtune-qst" or saved.get("task") != cls.task:
             raise UserInputError(
@@ -272,8 +278,24 @@ class _QSTModel(nn.Module):
         model = cls(backbone, QSTConfig.from_dict(saved["qst"]), base_name_or_path=saved["base_model_name_or_path"] or name,
                     quantize=quant, block_spec=SideBlockSpec(**saved["side_block"]), backbone_spec=spec,
                     tokenizer=tokenizer, **cls._init_kwargs_from_saved(saved))
-        load_named_tensors_into(model.side_parameters(), directory / WEIGHTS_NAME, "saved side network")
+        model.load_side_weights(directory / WEIGHTS_NAME)
         return model
+
+    def load_side_weights(self, path: str | os.PathLike) -> None:
+        """Copy a saved side network's weights into this model. Files written before alpha's
+        parametrisation hold alpha itself (`side.alpha`); it becomes the offset
+        (alpha - alpha_init) / alpha_lr."""
+        from eval.io import load_named_tensors_into, verify_safetensors
+
+        params = self.side_parameters()
+        if "side.alpha_offset" in params and "side.alpha" in verify_safetensors(path, "saved side network"):
+            offset = params.pop("side.alpha_offset")
+            params["side.alpha"] = alpha = torch.empty_like(offset)
+            load_named_tensors_into(params, path, "saved side network")
+            with torch.no_grad():
+                offset.copy_((alpha - self.qst_config.alpha_init) / self.qst_config.alpha_lr)
+            return
+        load_named_tensors_into(params, path, "saved side network")
 
     @classmethod
     def _init_kwargs_from_saved(cls, saved: dict[str, Any]) -> dict[str, Any]:

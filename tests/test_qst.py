@@ -58,8 +58,8 @@ def _perturb(model: QSTForCausalLM, seed: int = 0) -> None:
     with torch.no_grad():
         for p in model.side_parameters().values():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        if model.side.alpha is not None:
-            model.side.alpha.fill_(0.5)
+        if model.side.alpha is not None:  # alpha = alpha_init + alpha_lr * offset = 0.5
+            model.side.alpha_offset.fill_((0.5 - model.qst_config.alpha_init) / model.qst_config.alpha_lr)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -156,28 +156,45 @@ def test_additive_mix_gives_the_side_path_a_gradient_at_step_0(llama_nf4, blocks
     # path receives one through `up` from the second step on
     grads = _first_step_gradients(llama_nf4[0], blocks, QSTConfig(r=4, output_mix="additive"))
     assert grads["side.upsample.weight"].abs().sum() > 0
-    assert "side.alpha" not in grads
+    assert "side.alpha_offset" not in grads
     # the paper's mix at alpha = 1: (1 - alpha) = 0 stops every side gradient; only alpha gets one
     grads = _first_step_gradients(llama_nf4[0], blocks, QSTConfig(r=4, output_mix="paper"))
-    assert grads["side.alpha"].abs() > 0
-    assert all(g is None or not g.any() for n, g in grads.items() if n != "side.alpha")
+    assert grads["side.alpha_offset"].abs() > 0
+    assert all(g is None or not g.any() for n, g in grads.items() if n != "side.alpha_offset")
 
 
-def test_alpha_trains_at_its_own_learning_rate(llama, blocks):
+def test_alpha_moves_alpha_lr_times_the_learning_rate_under_a_plain_optimizer(llama, blocks):
     model, _ = llama
     lr = 1e-4
     qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper", alpha_lr=100.0))
     groups = qst.parameter_groups(lr)
-    assert [g.get("lr") for g in groups] == [None, 100 * lr]
-    assert groups[1]["params"] == [qst.side.alpha]
+    assert all("lr" not in g for g in groups)  # one learning rate: the speed-up is in alpha's parametrisation
+    assert groups[1] == {"params": [qst.side.alpha_offset], "weight_decay": 0.0}
     assert sum(len(g["params"]) for g in groups) == len(qst.side_parameters())
-    batches = [{"input_ids": blocks[:2], "labels": blocks[:2]}]
-    train(qst, batches, TrainConfig(max_steps=1, lr=lr, warmup_ratio=0.0, max_grad_norm=None),
-          param_groups=groups)
-    # Adam's first step moves each parameter by its learning rate (sign of the gradient)
+    batch = {"input_ids": blocks[:2], "labels": blocks[:2]}
+    # A plain AdamW over all trainable parameters, as transformers' Trainer builds it
+    optimizer = torch.optim.AdamW([p for p in qst.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    qst(**batch).loss.backward()
+    optimizer.step()
+    # Adam's first step moves each parameter by its learning rate (sign of the gradient): the
+    # offset by lr, so alpha by alpha_lr * lr
     assert 1 - qst.side.alpha.item() == pytest.approx(100 * lr, rel=1e-3)
     additive = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="additive"))
-    assert len(additive.parameter_groups(lr)) == 1
+    assert additive.side.alpha is None and len(additive.parameter_groups(lr)) == 1
+
+
+def test_side_networks_saved_with_alpha_itself_load_into_the_offset(llama, tmp_path, blocks):
+    model, _ = llama
+    qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper", alpha_lr=100.0))
+    _perturb(qst)
+    with torch.no_grad():
+        qst.side.alpha_offset.fill_(-0.002)  # alpha = 0.8
+    qst.save_pretrained(tmp_path)
+    _write_alpha_itself(qst, tmp_path)
+    loaded = QSTForCausalLM.from_pretrained(tmp_path, base=model)
+    assert loaded.side.alpha.item() == pytest.approx(0.8, abs=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=blocks[:2]).logits, qst(input_ids=blocks[:2]).logits)
 
 
 def test_configs_saved_before_output_mix_load_as_the_paper_mix(llama, tmp_path, blocks):
@@ -190,10 +207,23 @@ def test_configs_saved_before_output_mix_load_as_the_paper_mix(llama, tmp_path, 
     saved = json.loads((tmp_path / "qst_config.json").read_text())
     assert saved["qst"].pop("output_mix") == "paper" and saved["qst"].pop("alpha_lr") == 100.0
     (tmp_path / "qst_config.json").write_text(json.dumps(saved))  # as written before the fields existed
+    _write_alpha_itself(qst, tmp_path)  # and files of that time held alpha itself
     loaded = QSTForCausalLM.from_pretrained(tmp_path, base=model)
     assert (loaded.qst_config.output_mix, loaded.qst_config.alpha_lr) == ("paper", 1.0)  # as they were trained
+    assert loaded.side.alpha.item() == pytest.approx(qst.side.alpha.item(), abs=1e-6)
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=blocks[:2]).logits, qst(input_ids=blocks[:2]).logits)
+        torch.testing.assert_close(loaded(input_ids=blocks[:2]).logits, qst(input_ids=blocks[:2]).logits)
+
+
+def _write_alpha_itself(qst: QSTForCausalLM, directory) -> None:
+    """Rewrite a saved side network as files were written before alpha's parametrisation:
+    alpha itself under `side.alpha`, no offset."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(directory / "side_network.safetensors")
+    del weights["side.alpha_offset"]
+    weights["side.alpha"] = qst.side.alpha.detach().clone()
+    save_file(weights, directory / "side_network.safetensors")
 
 
 # --- side network pieces -------------------------------------------------------------------

@@ -22,7 +22,7 @@ def qst_model(tiny_llama_dir):
     with torch.no_grad():  # make the side path matter in the output
         for p in tuned.side_parameters().values():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        tuned.side.alpha.fill_(0.5)
+        tuned.side.alpha_offset.fill_((0.5 - tuned.qst_config.alpha_init) / tuned.qst_config.alpha_lr)
     return tuned
 
 
