@@ -356,13 +356,21 @@ def test_other_bad_arguments_are_user_errors():
         run_tests_sandboxed("pass", "pass", "not a name")
 
 
-def test_without_bubblewrap_auto_falls_back_with_a_loud_warning(monkeypatch):
+def test_auto_falls_back_to_namespaces_loudly_and_never_to_process(monkeypatch):
     monkeypatch.delenv("SLIMTUNE_SANDBOX", raising=False)
     monkeypatch.setattr(sandbox, "bubblewrap_available", lambda: False)
-    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: False)
+    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: True)
     sandbox._warn_weak.cache_clear()
     with pytest.warns(RuntimeWarning, match="SANDBOX IS WEAK"):
-        assert resolve_isolation("auto") == "process"
+        assert resolve_isolation("auto") == "namespaces"
+    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: False)
+    with pytest.raises(UserInputError, match="only when asked for by name"):
+        resolve_isolation("auto")  # process mode can be forged: it is never chosen for the user
     with pytest.raises(UserInputError, match="bubblewrap"):
         resolve_isolation("bubblewrap")
+    sandbox._warn_weak.cache_clear()
+    with pytest.warns(RuntimeWarning, match="UNISOLATED"):
+        assert resolve_isolation("process") == "process"  # named: it runs, loudly
+    monkeypatch.setenv("SLIMTUNE_SANDBOX", "process")
+    assert resolve_isolation("auto") == "process"  # named in the environment
     sandbox._warn_weak.cache_clear()
