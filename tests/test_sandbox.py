@@ -182,6 +182,27 @@ def test_nothing_the_solution_holds_names_the_tests(isolation):
     assert "found [] runner" in result.stdout, result.stdout  # it looked, and nothing names the tests
 
 
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_the_shipped_problems_are_hidden_from_the_solution(isolation):
+    from eval.codegen.problems import shipped_problems_path
+
+    path = str(shipped_problems_path())
+    solution = (f"import os\nprint('sees', os.path.exists({path!r}), os.path.exists(os.path.dirname({path!r})), "
+                f"flush=True)\ndef add(a, b):\n    return a + b\n")
+    result = run_tests_sandboxed(solution, ADD_TESTS, "add", timeout_s=60, isolation=isolation)
+    assert result.passed, result.stderr
+    assert "sees False" in result.stdout, result.stdout  # namespaces: an empty tmpfs over it; bubblewrap: not bound
+
+
+def test_bubblewrap_covers_the_problem_files_where_a_bind_brings_them_in():
+    under_a_bind, elsewhere = "/usr/lib/python3/dist-packages/eval/codegen/data", "/nowhere/eval/codegen/data"
+    argv = sandbox._bubblewrap_argv("/files", 1 << 20, ["true"], hidden=[under_a_bind, elsewhere])
+    at = argv.index(under_a_bind)
+    assert argv[at - 1] == "--tmpfs" and argv[at + 1:at + 3] == ["--remount-ro", under_a_bind]
+    assert elsewhere not in argv
+    assert argv[-1] == "true"
+
+
 def test_process_mode_is_unisolated_and_says_so_in_every_result():
     # In process mode the same escape can read the tests' process (its memory, its descriptors):
     # whatever the verdict, the result says it cannot be trusted.
