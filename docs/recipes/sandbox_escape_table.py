@@ -32,7 +32,9 @@ from sandbox_escapes import ESCAPES, escape_report, escape_solution, marked_test
 from eval.codegen.problems import load_humaneval  # noqa: E402
 from eval.codegen.sandbox import (  # noqa: E402
     ISOLATED,
+    SandboxError,
     bubblewrap_available,
+    failed_run,
     namespace_isolation_available,
     run_tests_sandboxed,
 )
@@ -69,7 +71,10 @@ def run_one(escape: str, mode: str, search_budget_s: float) -> dict:
         tests, attack = marked_tests(marker), escape
     solution = escape_solution(attack, marker, mode, evaluator_pid=os.getpid(), search_budget_s=search_budget_s)
     start = time.monotonic()
-    result = run_tests_sandboxed(solution, tests, "add", timeout_s=search_budget_s + 120, isolation=mode)
+    try:
+        result = run_tests_sandboxed(solution, tests, "add", timeout_s=search_budget_s + 120, isolation=mode)
+    except SandboxError as e:  # e.g. process mode: the escape ate the tests' "ready" line (as codegen-eval counts it)
+        result = failed_run(e, mode)
     report = escape_report(result.stdout, attack)
     return {"escape": escape, "mode": mode, "status": result.status, "error_type": result.error_type,
             "isolated": result.isolated, "tests_found_in": anonymous(report.get("found_in") or report.get("marker_seen_in")),
