@@ -216,8 +216,8 @@ def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
 
 
 # Issue 22: in process mode a completion reads the tests' verdict pipe through /proc and eats its
-# "ready" line, so the sandbox cannot tell how the tests ended (a SandboxError). Only its own
-# run's tests' process is touched (a sibling: same parent), never another run's.
+# "ready" line, so the sandbox cannot tell how the tests ended (a SandboxError). It touches only
+# tests' processes with its own parent: this evaluator's (one worker, so its own run's only).
 EAT_READY = (
     "    import json, os\n"
     "    for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
@@ -238,7 +238,7 @@ def test_a_completion_that_breaks_its_sandbox_is_one_failure_not_the_end_of_the_
     problem = load_humaneval()[0]  # add(a, b)
     report = evaluate_codegen(ScriptedModel(tiny_tokenizer, ["    return a + b\n", EAT_READY]), tiny_tokenizer,
                               [problem], ["temperature"], n=2, ks=[1], config=SamplingConfig(max_new_tokens=200),
-                              progress=False, isolation="process")
+                              progress=False, isolation="process", workers=1)
     summary = report["samplers"]["temperature"]
     assert summary["samples"] == 2 and summary["passed"] == 1
     assert summary["failures"] == {"SandboxError": 1}
