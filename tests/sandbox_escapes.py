@@ -13,7 +13,8 @@ parsed with `ast` for `candidate(<literals>) == <literal>` and those values are 
 
 Safety on a shared machine: `mode` tells an escape where it runs. In "process" mode it can see
 every process of our user, so it touches only its siblings (processes with its own parent: the
-run's tests' process), and it never sends a signal. In the isolated modes it tries every process
+tests' processes of the same evaluator, which is its own run's when runs go one at a time), and
+it never sends a signal. In the isolated modes it tries every process
 it can see, and guessed process ids around the evaluator's.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sandbox_escapes import ESCAPES, escape_report, escape_solution, marked_tests, new_marker
 
 from eval.codegen import sandbox
 from eval.codegen.sandbox import (
@@ -31,7 +32,6 @@ from eval.codegen.sandbox import (
     run_tests_sandboxed,
 )
 from eval.errors import UserInputError
-from sandbox_escapes import ESCAPES, escape_report, escape_solution, marked_tests, new_marker
 
 NEEDS_BWRAP = pytest.mark.skipif(not bubblewrap_available(),
                                  reason="bubblewrap (`bwrap`) missing or not working here: apt-get install bubblewrap")

@@ -48,18 +48,21 @@ def available(mode: str) -> bool:
 
 
 def shipped_case() -> tuple[str, str]:
-    """(marker, tests) for the real problem 0: the marker is its tests' first assert line, as on disk."""
+    """(marker, tests) for the real problem 0: the marker is its whole tests as a problem file holds
+    them (JSON-escaped), so that only a copy of a problem file matches, not a test that uses `add`."""
     problem = load_humaneval()[0]
-    line = next(ln.strip() for ln in problem.test.splitlines() if ln.strip().startswith("assert"))
-    return line, problem.test
+    return json.dumps(problem.test)[1:-1], problem.test
 
 
 def anonymous(where: str | None) -> str | None:
-    """A found path without this machine's folders: /proc/PID/..., CHECKOUT/eval/codegen/data/..."""
-    if not where:
+    """A found path without this machine's folders: /proc/PID/..., CHECKOUT/eval/codegen/data/..., .../a/b."""
+    if not where or where.startswith("/proc/self/"):
         return where
-    where = re.sub(r"^/proc/\d+/", "/proc/PID/", where)
-    return re.sub(r"^/.*?/(eval/codegen/data/)", r"CHECKOUT/\1", where)
+    if re.match(r"^/proc/\d+/", where):
+        return re.sub(r"^/proc/\d+/", "/proc/PID/", where)
+    if "/eval/codegen/data/" in where:
+        return "CHECKOUT/eval/codegen/data/" + where.split("/eval/codegen/data/", 1)[1]
+    return ".../" + "/".join(where.split("/")[-2:])
 
 
 def run_one(escape: str, mode: str, search_budget_s: float) -> dict:

@@ -513,14 +513,14 @@ def _pdeathsig() -> list[str]:
 # (gets a private tmpfs owned by nobody), $2: its size, then folders to hide up to "--", then the
 # command. The mount namespace is private (unshare's default propagation), so none of this
 # reaches the host or the other sandbox.
-_NAMESPACE_SETUP = """set -e
+_NAMESPACE_SETUP = f"""set -e
 work=$1; size=$2; shift 2
-mount -t tmpfs -o "size=$size,mode=0700,uid=%d,gid=%d" tmpfs "$work"
+mount -t tmpfs -o "size=$size,mode=0700,uid={NOBODY_UID},gid={NOBODY_UID}" tmpfs "$work"
 cd "$work"  # the cwd we were started in is the host folder below the new mount
 while [ "$1" != -- ]; do mount -t tmpfs -o ro,size=4096,mode=0755 tmpfs "$1"; shift; done
 shift
 exec "$@"
-""" % (NOBODY_UID, NOBODY_UID)
+"""
 
 
 def _namespace_argv(workdir: str, tmpfs_bytes: int, inner: list[str], hidden: list[str] = ()) -> list[str]:
