@@ -39,8 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds each completion's tests may run")
     p.add_argument("--sandbox", default="auto", choices=ISOLATIONS,
-                   help="isolation of generated code; auto: bubblewrap when it works, else a weaker mode with a "
-                   "loud warning (recorded in the report)")
+                   help="isolation of generated code; auto: bubblewrap when it works, else namespaces (as root) "
+                   "with a loud warning, else an error; process runs unisolated (a completion can forge its pass) "
+                   "and only when named; recorded in the report")
     p.add_argument("--workers", type=int, default=2, help="sandboxed test runs at once")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--seed", type=int, default=0)

@@ -196,7 +196,9 @@ def test_a_completion_cannot_forge_a_pass_and_the_isolation_is_reported(tiny_tok
     assert summary["passed"] == 1 and summary["pass_at_k"]["1"] == pytest.approx(0.25)
     assert summary["failures"] == {"EarlyExit": 1, "SystemExit": 1, "TypeError": 1}
     assert report["isolation"] == resolve_isolation("auto")
+    assert report["isolated"] is True and all(s["isolated"] for s in report["samples"])
     assert f"isolation: {report['isolation']}" in codegen_markdown(report)
+    assert "UNISOLATED" not in codegen_markdown(report)
 
 
 def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
@@ -206,7 +208,51 @@ def test_a_weak_sandbox_is_flagged_in_the_report(tiny_tokenizer):
     report = evaluate_codegen(ScriptedModel(tiny_tokenizer, FORGED[:1]), tiny_tokenizer, [problem], ["greedy"], n=1,
                               ks=[1], config=SamplingConfig(max_new_tokens=16), progress=False, isolation="process")
     assert report["isolation"] == "process" and report["samplers"]["greedy"]["passed"] == 1
-    assert "**Warning: weak sandbox.**" in codegen_markdown(report)
+    assert report["isolated"] is False and all(s["isolated"] is False for s in report["samples"])
+    assert report["samplers"]["greedy"]["unisolated"] == 1
+    markdown = codegen_markdown(report)
+    assert "**Warning: weak sandbox.**" in markdown and "**UNISOLATED results.**" in markdown
+    assert "UNISOLATED (process)" in markdown.split("## Failure types")[0]  # on the pass@k row itself
+
+
+# Issue 22: in process mode a completion reads the tests' verdict pipe through /proc and eats its
+# "ready" line, so the sandbox cannot tell how the tests ended (a SandboxError). It touches only
+# tests' processes with its own parent: this evaluator's (one worker, so its own run's only).
+EAT_READY = (
+    "    import json, os\n"
+    "    for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+    "        try:\n"
+    "            if open('/proc/' + pid + '/stat').read().rsplit(')', 1)[1].split()[1] != str(os.getppid()):\n"
+    "                continue\n"
+    "            config = json.loads(open('/proc/' + pid + '/cmdline').read().split(chr(0))[-2])\n"
+    "            if config.get('role') == 'test':\n"
+    "                fd = os.open('/proc/' + pid + '/fd/' + str(config['fds'][-1]), os.O_RDONLY | os.O_NONBLOCK)\n"
+    "                print('ate', os.read(fd, 4096), flush=True)\n"
+    "        except Exception:\n"
+    "            pass\n"
+    "    return a - b\n"
+)
+
+
+def test_a_completion_that_breaks_its_sandbox_is_one_failure_not_the_end_of_the_run(tiny_tokenizer):
+    problem = load_humaneval()[0]  # add(a, b)
+    report = evaluate_codegen(ScriptedModel(tiny_tokenizer, ["    return a + b\n", EAT_READY]), tiny_tokenizer,
+                              [problem], ["temperature"], n=2, ks=[1], config=SamplingConfig(max_new_tokens=200),
+                              progress=False, isolation="process", workers=1)
+    summary = report["samplers"]["temperature"]
+    assert summary["samples"] == 2 and summary["passed"] == 1
+    assert summary["failures"] == {"SandboxError": 1}
+    assert summary["unisolated"] == 2 and report["isolated"] is False
+
+
+def test_a_sandbox_error_becomes_a_failed_result_named_by_its_type():
+    from eval.codegen.run import _judge, _run_key
+
+    problem = load_humaneval()[0]
+    result = _judge(_run_key(problem, EAT_READY), 30, "process")
+    assert (result.status, result.error_type, result.passed, result.isolated) == ("failed", "SandboxError", False,
+                                                                                 False)
+    assert "did not start the tests" in result.stderr
 
 
 def test_token_healing_makes_the_first_token_carry_the_prompts_final_newline(tiny_tokenizer):

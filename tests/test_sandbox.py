@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sandbox_escapes import ESCAPES, escape_report, escape_solution, marked_tests, new_marker
 
 from eval.codegen import sandbox
 from eval.codegen.sandbox import (
@@ -106,6 +107,7 @@ ADD_TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert 
 def test_tests_run_apart_from_the_solution_and_judge_it(isolation):
     good = run_tests_sandboxed("def add(a, b):\n    return a + b\n", ADD_TESTS, "add", isolation=isolation)
     assert good.passed and good.isolation == isolation, good.stderr
+    assert good.isolated == (isolation != "process")
     wrong = run_tests_sandboxed("def add(a, b):\n    return a - b\n", ADD_TESTS, "add", isolation=isolation)
     assert (wrong.status, wrong.error_type) == ("failed", "AssertionError")
 
@@ -133,11 +135,91 @@ def test_the_prompt_context_is_available_to_the_tests():
     assert result.passed, result.stderr
 
 
+# ---------------------------------------------------------------------------------------------
+# Issue 22: only trusted code sees the tests. Each escape (tests/sandbox_escapes.py) is a wrong
+# `add` that answers what the tests expect if it finds them, and reports what it tried.
+
+ATTEMPTED = {  # the evidence that the escape really tried, from its own report
+    "argv_environ": lambda r: r.get("proc_entries_read", 0) >= 2 and r.get("paths_tried", 0) >= 3,
+    "filesystem": lambda r: r.get("files_read", 0) >= 500 and r.get("folders_listed", 0) >= 50,
+    "sibling_proc": lambda r: r.get("processes_listed", 0) >= 1
+    and r.get("absent_or_refused", 0) + r.get("processes_seen", 0) >= 50,
+    "signal": lambda r: r.get("signals_refused", 0) + r.get("signals_delivered", 0) >= 50,
+    "forge_verdict": lambda r: r.get("own_descriptors", 0) >= 3 and r.get("processes_listed", 0) >= 1,
+}
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_a_solution_cannot_find_the_tests_nor_reach_their_process(escape, isolation):
+    marker = new_marker()
+    solution = escape_solution(escape, marker, isolation, evaluator_pid=os.getpid())
+    result = run_tests_sandboxed(solution, marked_tests(marker), "add", timeout_s=120, isolation=isolation)
+    report = escape_report(result.stdout, escape)
+    assert ATTEMPTED[escape](report), (report, result.stderr)
+    assert report["found_in"] is None and "marker_seen_in" not in report, report
+    # The tests' process lived to judge the wrong answer (or the garbage a forger wrote to its own pipe).
+    assert result.status == "failed" and result.error_type in {"AssertionError", "BadAnswer"}, result.stderr
+    assert result.isolated
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_nothing_the_solution_holds_names_the_tests(isolation):
+    marker = new_marker()
+    probe = textwrap.dedent(f"""
+        import os
+        marker = bytes.fromhex({marker.encode().hex()!r}).decode()
+        seen = [open("/proc/self/" + n, "rb").read().decode(errors="replace") for n in ("cmdline", "environ", "mountinfo")]
+        seen += [os.readlink("/proc/self/fd/" + fd) for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd)]
+        seen += os.listdir(".")
+        hits = [s for s in seen if marker in s or "tests.py" in s or "context.py" in s or "tests" in s.split("/")]
+        print("looked at", len(seen), "found", hits, "runner" if "runner.py" in seen[0] else "", flush=True)
+        def add(a, b):
+            return a - b
+    """)
+    result = run_tests_sandboxed(probe, marked_tests(marker), "add", timeout_s=60, isolation=isolation)
+    assert (result.status, result.error_type) == ("failed", "AssertionError"), result.stderr
+    assert "found [] runner" in result.stdout, result.stdout  # it looked, and nothing names the tests
+
+
+@pytest.mark.parametrize("isolation", CONTAINING)
+def test_the_shipped_problems_are_hidden_from_the_solution(isolation):
+    from eval.codegen.problems import shipped_problems_path
+
+    path = str(shipped_problems_path())
+    solution = (f"import os\nprint('sees', os.path.exists({path!r}), os.path.exists(os.path.dirname({path!r})), "
+                f"flush=True)\ndef add(a, b):\n    return a + b\n")
+    result = run_tests_sandboxed(solution, ADD_TESTS, "add", timeout_s=60, isolation=isolation)
+    assert result.passed, result.stderr
+    assert "sees False" in result.stdout, result.stdout  # namespaces: an empty tmpfs over it; bubblewrap: not bound
+
+
+def test_bubblewrap_covers_the_problem_files_where_a_bind_brings_them_in():
+    under_a_bind, elsewhere = "/usr/lib/python3/dist-packages/eval/codegen/data", "/nowhere/eval/codegen/data"
+    argv = sandbox._bubblewrap_argv("/files", 1 << 20, ["true"], hidden=[under_a_bind, elsewhere])
+    at = argv.index(under_a_bind)
+    assert argv[at - 1] == "--tmpfs" and argv[at + 1:at + 3] == ["--remount-ro", under_a_bind]
+    assert elsewhere not in argv
+    assert argv[-1] == "true"
+
+
+def test_process_mode_is_unisolated_and_says_so_in_every_result():
+    # In process mode the same escape can read the tests' process (its memory, its descriptors):
+    # whatever the verdict, the result says it cannot be trusted.
+    marker = new_marker()
+    solution = escape_solution("sibling_proc", marker, "process", evaluator_pid=os.getpid())
+    result = run_tests_sandboxed(solution, marked_tests(marker), "add", timeout_s=120, isolation="process")
+    assert result.isolation == "process" and result.isolated is False
+    assert result.status in {"passed", "failed"}
+
+
 @pytest.mark.parametrize("isolation", MODES)
 def test_an_endless_loop_is_stopped_at_the_time_limit(isolation):
-    result = run_sandboxed("while True:\n    pass", timeout_s=1, isolation=isolation)
+    # Independent of load: neither program can end by itself, so however slowly the sandbox
+    # starts, the only outcome is the wall-clock kill.
+    result = run_sandboxed("while True:\n    pass", timeout_s=2, isolation=isolation)
     assert result.status == "timeout" and result.error_type == "Timeout" and not result.passed
-    hang = run_tests_sandboxed("def add(a, b):\n    while True:\n        pass\n", ADD_TESTS, "add", timeout_s=1,
+    hang = run_tests_sandboxed("def add(a, b):\n    while True:\n        pass\n", ADD_TESTS, "add", timeout_s=2,
                                isolation=isolation)
     assert hang.status == "timeout"
 
@@ -169,10 +251,13 @@ def _spawner(marker: str, then: str) -> str:
 @pytest.mark.parametrize("then, status", [("while True: time.sleep(1)", "timeout"), ("pass", "passed")])
 def test_no_child_survives_a_program_that_spawns_children_that_never_end(isolation, then, status):
     marker = f"slimtune-test-{uuid.uuid4().hex}"
-    result = run_sandboxed(_spawner(marker, then), timeout_s=3, isolation=isolation)
+    for timeout_s in (5, 20, 60):  # under load spawning may outlast a short limit: then try a longer one
+        result = run_sandboxed(_spawner(marker, then), timeout_s=timeout_s, isolation=isolation)
+        assert _alive_with(marker) == []  # nothing survives, whenever the run ended
+        if "spawned 5" in result.stdout:  # the children really ran
+            break
+    assert "spawned 5" in result.stdout, result.stderr
     assert result.status == status, result.stderr
-    assert "spawned 5" in result.stdout  # the children really ran
-    assert _alive_with(marker) == []
 
 
 def test_endless_allocation_ends_in_memory_error():
@@ -356,13 +441,21 @@ def test_other_bad_arguments_are_user_errors():
         run_tests_sandboxed("pass", "pass", "not a name")
 
 
-def test_without_bubblewrap_auto_falls_back_with_a_loud_warning(monkeypatch):
+def test_auto_falls_back_to_namespaces_loudly_and_never_to_process(monkeypatch):
     monkeypatch.delenv("SLIMTUNE_SANDBOX", raising=False)
     monkeypatch.setattr(sandbox, "bubblewrap_available", lambda: False)
-    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: False)
+    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: True)
     sandbox._warn_weak.cache_clear()
     with pytest.warns(RuntimeWarning, match="SANDBOX IS WEAK"):
-        assert resolve_isolation("auto") == "process"
+        assert resolve_isolation("auto") == "namespaces"
+    monkeypatch.setattr(sandbox, "namespace_isolation_available", lambda: False)
+    with pytest.raises(UserInputError, match="only when asked for by name"):
+        resolve_isolation("auto")  # process mode can be forged: it is never chosen for the user
     with pytest.raises(UserInputError, match="bubblewrap"):
         resolve_isolation("bubblewrap")
+    sandbox._warn_weak.cache_clear()
+    with pytest.warns(RuntimeWarning, match="UNISOLATED"):
+        assert resolve_isolation("process") == "process"  # named: it runs, loudly
+    monkeypatch.setenv("SLIMTUNE_SANDBOX", "process")
+    assert resolve_isolation("auto") == "process"  # named in the environment
     sandbox._warn_weak.cache_clear()

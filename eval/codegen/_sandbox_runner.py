@@ -1,8 +1,11 @@
 """The code that runs inside the sandbox (copied there and started as `python -I -B FILE CONFIG`).
 
 Not imported by the suite: `eval.codegen.sandbox` copies this file into the sandbox's read-only files
-folder. It uses the standard library only. CONFIG (argv[1]) is JSON: role, limits, descriptors
-and file paths; nothing in it is secret.
+folder. It uses the standard library only. CONFIG (argv[1]) is JSON: role, limits, descriptor
+numbers and names; nothing in it is secret. The sources arrive as open in-memory files
+(CONFIG["sources"]: name -> descriptor), each role's own only; `_read_sources` reads and closes
+them before any untrusted code runs, so no path, argument or descriptor left in this process
+leads to them.
 
 Roles:
 - "program": run one program; report "ready", then "error TYPE" or "done NONCE" on the verdict
@@ -11,7 +14,8 @@ Roles:
   this process's memory while the program runs (the program could dig it out with `gc` or
   `ctypes`), so "done" is best effort; `run_tests` below does not depend on it.
 - "serve": load an untrusted solution and answer calls to its entry point over two pipes. This
-  process never reports a verdict: whatever it does, it can only answer (or not) the calls.
+  process never reports a verdict, and it is never given the tests: whatever it does, it can
+  only answer (or not) the calls.
 - "test": trusted code only (the problem's context and tests). It calls the solution through a
   proxy that sends plain data over the pipes, so no code of the solution ever runs here; its
   verdict is the evaluator's evidence of a pass.
@@ -19,6 +23,7 @@ Roles:
 
 import builtins
 import json
+import linecache
 import os
 import resource
 import sys
@@ -97,9 +102,19 @@ def _audit(event, args):
         raise PermissionError("sandbox: network access is disabled")
 
 
-def _read(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def _read_sources():
+    """{name: text} of this role's sources; their descriptors are closed afterwards.
+
+    Each is registered with linecache under NAME.py, so tracebacks still show the lines.
+    """
+    sources = {}
+    for name, fd in CONF["sources"].items():
+        with os.fdopen(fd, "rb") as f:
+            text = f.read().decode("utf-8")
+        filename = name + ".py"
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        sources[name] = text
+    return sources
 
 
 def _say(fd, text):
@@ -169,7 +184,7 @@ def run_program():
     nonce_fd, verdict_fd = CONF["fds"]
     nonce = os.read(nonce_fd, 64)
     os.close(nonce_fd)
-    source = _read(CONF["files"]["program"])
+    source = _read_sources()["program"]
     _say(verdict_fd, "ready")
     reserve = bytearray(1 << 20)  # freed on an exception, so that reporting a MemoryError has room
     namespace = {"__name__": "__main__", "__file__": "program.py"}
@@ -204,11 +219,12 @@ def _failure(e):
 def serve():
     requests_fd, answers_fd = CONF["fds"]
     requests, answers = os.fdopen(requests_fd, "rb"), os.fdopen(answers_fd, "wb")
+    solution = _read_sources()["solution"]
     namespace = {"__name__": "__main__", "__file__": "solution.py"}
     sys.argv = ["solution.py"]
     sys.addaudithook(_audit)
     try:
-        exec(compile(_read(CONF["files"]["solution"]), "solution.py", "exec"), namespace)
+        exec(compile(solution, "solution.py", "exec"), namespace)
         function = namespace.get(CONF["entry_point"])
         if not callable(function):
             raise NameError(f"the solution defines no function {CONF['entry_point']!r}")
@@ -294,7 +310,8 @@ class _Solution:
 def run_tests():
     requests_fd, answers_fd, verdict_fd = CONF["fds"]
     solution = _Solution(os.fdopen(requests_fd, "wb"), os.fdopen(answers_fd, "rb"))
-    context, tests = _read(CONF["files"]["context"]), _read(CONF["files"]["tests"])
+    sources = _read_sources()
+    context, tests = sources["context"], sources["tests"]
     _say(verdict_fd, "ready")
     namespace = {"__name__": "__main__", "__file__": "tests.py"}
     try:

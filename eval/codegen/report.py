@@ -14,6 +14,8 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
     rows = []
     for name, s in summaries.items():
         row = {"sampler": _sampler_label(name, config), "n": s["n"]}
+        if not report.get("isolated", True):
+            row["sandbox"] = f"UNISOLATED ({report.get('isolation')})"
         row.update({f"pass@{k}": 100 * s["pass_at_k"][k] for k in ks})
         row.update({"solved": f"{s['problems_solved']}/{config['problems']}",
                     "hard tokens %": 100 * s["hard_token_fraction"] if "hard_token_fraction" in s else None})
@@ -27,6 +29,9 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
     warning = "" if isolation == "bubblewrap" else (
         f"**Warning: weak sandbox.** Generated code ran with isolation `{isolation}`, not bubblewrap: it was not "
         "fully contained (see the README, 'Running generated code').\n\n")
+    if not report.get("isolated", True):
+        warning += ("**UNISOLATED results.** Every result below ran in process mode: a completion could read the "
+                    "tests or forge its verdict, so a pass is not evidence of a correct completion.\n\n")
     return (f"# {title}\n\n{warning}{config['problems']} problems; pass@k in %, unbiased estimator over n samples "
             f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
             f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")

@@ -172,8 +172,11 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
 
     Returns {"samplers": {name: {"pass_at_k": {k: value}, "n": ..., "passed": ..., "samples": ...,
     "failures": {error_type: count}, ...}}, "problems": [per problem and sampler: n, c],
-    "samples": [every completion with its status and error type], "isolation": the sandbox mode
-    that ran ("bubblewrap", or a weaker fallback, see eval.codegen.sandbox), "config": ...}.
+    "samples": [every completion with its status, error type and `isolated`], "isolation": the
+    sandbox mode that ran ("bubblewrap", or a weaker fallback, see eval.codegen.sandbox),
+    "isolated": False when that mode was "process" (every verdict could have been forged),
+    "config": ...}. A completion that breaks its sandbox counts as failed with the error's type
+    (e.g. "SandboxError"); it never aborts the run.
     """
     from tqdm.auto import tqdm
 
@@ -208,12 +211,13 @@ def evaluate_codegen(model, tokenizer, problems: list[Problem], samplers: str | 
             results[key] = future.result()
     for s in samples:
         result = results[_run_key(by_id[s["task_id"]], s["completion"])]
-        s.update(status=result.status, error_type=result.error_type)
+        s.update(status=result.status, error_type=result.error_type, isolated=result.isolated)
 
     return {"samplers": {s: _summarise(s, samples, problems, ks, sampling_stats[s]) for s in samplers},
             "problems": _per_problem(samples, problems, samplers),
             "samples": samples,
             "isolation": isolation,
+            "isolated": all(s["isolated"] for s in samples),
             "config": {**asdict(config), "n": n, "ks": ks, "timeout_s": timeout_s, "seed": seed,
                        "problems": len(problems)}}
 
@@ -224,10 +228,14 @@ def _run_key(problem: Problem, completion: str) -> tuple[str, str, str, str]:
 
 
 def _judge(key: tuple[str, str, str, str], timeout_s: float, isolation: str):
-    from eval.codegen.sandbox import run_tests_sandboxed
+    from eval.codegen.sandbox import failed_run, run_tests_sandboxed
 
     solution, tests, entry_point, prompt = key
-    return run_tests_sandboxed(solution, tests, entry_point, context=prompt, timeout_s=timeout_s, isolation=isolation)
+    try:
+        return run_tests_sandboxed(solution, tests, entry_point, context=prompt, timeout_s=timeout_s,
+                                   isolation=isolation)
+    except Exception as e:  # noqa: BLE001 - one completion that breaks its sandbox is one failure, not the run's end
+        return failed_run(e, isolation)
 
 
 def _per_problem(samples, problems, samplers) -> list[dict[str, Any]]:
@@ -255,7 +263,8 @@ def _summarise(sampler, samples, problems, ks, stats) -> dict[str, Any]:
     summary = {"pass_at_k": pass_k, "n": per_problem[0][0], "samples": len(mine),
                "passed": sum(s["status"] == "passed" for s in mine),
                "problems_solved": sum(c > 0 for _, c in per_problem),
-               "failures": dict(failures.most_common()), "unfinished": stats.get("unfinished", 0)}
+               "failures": dict(failures.most_common()), "unfinished": stats.get("unfinished", 0),
+               "unisolated": sum(not s["isolated"] for s in mine)}
     if stats.get("total_steps"):
         summary["hard_token_fraction"] = stats["hard_steps"] / stats["total_steps"]
     return summary

@@ -1,12 +1,13 @@
-"""Run untrusted Python (a model's completion and its tests) so that it cannot harm us or forge a pass.
+"""Run untrusted Python (a model's completion and its tests) so that it cannot harm us, see the tests or forge a pass.
 
     run_tests_sandboxed(solution, tests, "add", context=prompt)  # how codegen-eval judges a completion
     run_sandboxed(program, timeout_s=10)                         # one program, "passed" = ran to its end
 
 Both return a `SandboxResult` (`.passed`, `.status` in {"passed", "failed", "timeout"},
-`.error_type`, `.isolation`). The threat model, in short (README, "Running generated code"):
+`.error_type`, `.isolation`, `.isolated`). The threat model, in short (README, "Running
+generated code"; the escapes tried and their outcomes per mode: docs/results/sandbox.md):
 
-Isolation, chosen by `isolation="auto"` in this order:
+Isolation, chosen by `isolation="auto"` in this order (never "process"):
 - "bubblewrap" (the `bwrap` tool, Debian package `bubblewrap`): the program runs in new PID, net,
   IPC and UTS namespaces (no network at all: 127.0.0.1 is the sandbox's own, empty loopback;
   the evaluator and every other process are invisible), on a root that holds read-only binds of
@@ -17,29 +18,43 @@ Isolation, chosen by `isolation="auto"` in this order:
   namespace would map "nobody" back onto uid 0 and let it read /etc/shadow); when we are not,
   bwrap runs in an unprivileged user namespace as uid 65534 mapped onto our own uid, so it reads
   only what we can read, of the few folders it sees.
-- "namespaces" (root without bwrap; loud warning): `unshare --net --pid` + `setpriv` as nobody.
-  No network, no view of the evaluator, nothing owned by root writable; but a child program
+- "namespaces" (root without bwrap; loud warning): `unshare` with new net, PID, IPC, UTS and
+  mount namespaces, its own /proc (--mount-proc: only the sandbox's processes), a private tmpfs
+  working directory, then `setpriv` as nobody. No network, no view of the evaluator or of the
+  other sandbox, nothing owned by root writable; but it sees the host's files as `nobody` does
+  (any world-readable file, a checkout's problem files included), and a child program
   (os.system, subprocess, ctypes) can write as nobody to world-writable places such as /tmp.
-- "process" (no bwrap, not root; loud warning): resource limits and a Python audit hook only.
-  A child program can do whatever our user can: read our files, delete them, reach the network,
-  signal us. Use it for code you would run anyway.
+- "process" (only when asked for by name; its results are marked `isolated=False` and every
+  codegen report says so): resource limits and a Python audit hook only. A child program can do
+  whatever our user can: read our files, delete them, reach the network, signal us, read and
+  write the tests' process through /proc. Use it for code you would run anyway.
 In every mode: rlimits (address space, CPU seconds, file size, processes, no core dumps) set by
 the runner before any untrusted code, and a wall-clock timeout after which the whole process
-tree is killed; the working folder is removed afterwards.
+tree is killed; the working folders are removed afterwards.
+
+Who sees what. No source is ever written to a file: each process gets its own sources through
+anonymous in-memory files (memfd) passed as open descriptors, which the runner reads and closes
+before any untrusted code runs. Its command line and environment hold only descriptor numbers,
+limits and names (the entry point, `check`). So the solution's process holds the solution
+(prompt + completion) and nothing else: no argument, environment variable, mount or descriptor
+of it names or holds the tests, and in the isolated modes the tests' process is in another PID
+namespace with another /proc, so the solution cannot read its memory, descriptors or command
+line, nor signal it. The captured output files are readable by us only (0600). Where the
+package's own problem files lie under a folder bound into a sandbox (a non-editable install),
+the solution's sandbox gets an empty tmpfs over them.
 
 How a pass is decided (see eval/codegen/_sandbox_runner.py). A process that runs untrusted code can
 fake anything it can print or exit with: a "done" line, exit status 0 (`os._exit(0)` before a
 failing assert), even a secret token, which sits in its own memory (`gc`, `ctypes`,
 /proc/self/mem) while it runs. So `run_tests_sandboxed` never runs the solution where the tests
-run: the solution is loaded in its own sandbox (its own PID namespace, so it cannot see, signal
-or trace the tests' process) and answers calls to its entry point over two pipes; the tests run
-in a second sandbox holding only trusted code (the problem's prompt and tests) and call the
-solution through a proxy that exchanges plain data (JSON with tags for tuple, set, dict keys,
-bytes; never pickle, never code). The verdict is written by that trusted process to a
-descriptor only it and we hold. A solution that exits early, crashes, hangs or answers garbage
-makes the call fail. What remains: the tests see only return values (in-place changes to
-arguments are not sent back, and non-plain values such as generators or custom objects cannot
-be returned), and a solution may still game weak tests with correct-looking values.
+run: the solution is loaded in its own sandbox and answers calls to its entry point over two
+pipes; the tests run in a second sandbox holding only trusted code (the problem's prompt and
+tests) and call the solution through a proxy that exchanges plain data (JSON with tags for
+tuple, set, dict keys, bytes; never pickle, never code). The verdict is written by that trusted
+process to a descriptor only it and we hold. A solution that exits early, crashes, hangs or
+answers garbage makes the call fail. What remains: the tests see only return values (in-place
+changes to arguments are not sent back, and non-plain values such as generators or custom
+objects cannot be returned), and a solution may still game weak tests with correct-looking values.
 `run_sandboxed` runs one program as a whole; its "done" report carries a nonce read from a pipe
 that is closed before the program starts (no longer in argv, as before), which stops an honest
 program's accidental early exit but not one that searches its own memory.
@@ -66,11 +81,13 @@ from pathlib import Path
 from eval.errors import UserInputError
 
 ISOLATIONS = ("auto", "bubblewrap", "namespaces", "process")
+ISOLATED = ("bubblewrap", "namespaces")  # modes that keep the solution away from the tests and the evaluator
 NOBODY_UID = 65534
 MIN_MEMORY_MB = 32  # below this the interpreter cannot even load the tests
 _TAIL_CHARS = 2000
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "_sandbox_runner.py"
 _BOX_WORK, _BOX_FILES = "/sandbox", "/sandbox-files"  # paths inside a bubblewrap sandbox
+_PROBLEM_DATA = Path(__file__).resolve().parent / "data"  # the shipped problems: hidden from solutions
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 
 
@@ -110,7 +127,9 @@ class SandboxResult:
     status: "passed", "failed" (an exception, an early exit, a signal) or "timeout" (killed at
     the wall-clock limit). error_type: the exception's class name ("NameError",
     "AssertionError", "SystemExit", ...), "Timeout", a signal name such as "SIGXCPU",
-    "EarlyExit" for an exit before the end; None when passed. isolation: the mode that ran.
+    "EarlyExit" for an exit before the end, "SandboxError" when the sandbox itself broke (see
+    `failed_run`); None when passed. isolation: the mode that ran; `isolated` is False for
+    "process", whose verdicts the program could have forged.
     """
 
     status: str
@@ -125,6 +144,19 @@ class SandboxResult:
     def passed(self) -> bool:
         return self.status == "passed"
 
+    @property
+    def isolated(self) -> bool:
+        return self.isolation in ISOLATED
+
+
+def failed_run(error: Exception, isolation: str) -> SandboxResult:
+    """A run that ended in an error of ours (e.g. a `SandboxError`) as one failed result named by its type.
+
+    For an evaluation of many completions: one that breaks its sandbox (in "process" mode a
+    program can eat the tests' "ready" line) is counted as failed instead of aborting the run.
+    """
+    return SandboxResult("failed", type(error).__name__, None, 0.0, "", str(error)[-_TAIL_CHARS:], isolation)
+
 
 def run_sandboxed(program: str, timeout_s: float = 10.0, *, memory_mb: float = 512, max_processes: int = 16,
                   max_file_mb: float = 16, isolation: str = "auto") -> SandboxResult:
@@ -133,14 +165,14 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, *, memory_mb: float = 5
         raise UserInputError(f"program must be Python source text (str), got {type(program).__name__}")
     limits = SandboxLimits(timeout_s, memory_mb, max_processes, max_file_mb)
     isolation = resolve_isolation(isolation)
-    with _Box(isolation, {"program": program}) as box:
+    with _Box(isolation) as box:
         nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = os.pipe()
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         verdict_r, verdict_w = os.pipe()
         start = time.monotonic()
-        proc = box.start("program", limits, [nonce_r, verdict_w], {})
+        proc = box.start("program", limits, [nonce_r, verdict_w], {}, {"program": program})
         _close(nonce_r, verdict_w)
         timed_out = _wait(proc, start + limits.timeout_s)
         duration = time.monotonic() - start
@@ -167,7 +199,8 @@ def run_tests_sandboxed(solution: str, tests: str, entry_point: str, *, context:
 
     `solution` is the untrusted source that defines `entry_point` (for HumanEval: prompt +
     completion); `tests` and `context` (the prompt, for its helpers) are trusted and run apart
-    from it. The verdict comes from the tests' process only (see the module doc).
+    from it: the solution's process is given the solution only, the tests' process the tests
+    and the context only. The verdict comes from the tests' process only (see the module doc).
     """
     for name, value in (("solution", solution), ("tests", tests), ("context", context)):
         if not isinstance(value, str):
@@ -177,14 +210,16 @@ def run_tests_sandboxed(solution: str, tests: str, entry_point: str, *, context:
             raise UserInputError(f"{name} must be a Python name, got {value!r}")
     limits = SandboxLimits(timeout_s, memory_mb, max_processes, max_file_mb)
     isolation = resolve_isolation(isolation)
-    with _Box(isolation, {"solution": solution, "tests": tests, "context": context}) as box:
+    with _Box(isolation) as box:
         requests_r, requests_w = os.pipe()
         answers_r, answers_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
         start = time.monotonic()
-        server = box.start("serve", limits, [requests_r, answers_w], {"entry_point": entry_point})
+        server = box.start("serve", limits, [requests_r, answers_w], {"entry_point": entry_point},
+                           {"solution": solution})
         try:
-            tester = box.start("test", limits, [requests_w, answers_r, verdict_w], {"check": check})
+            tester = box.start("test", limits, [requests_w, answers_r, verdict_w], {"check": check},
+                               {"context": context, "tests": tests})
         except BaseException:
             _kill_everything(server, running=True)
             raise
@@ -230,7 +265,11 @@ def _last_verdict(lines: list[str]) -> dict | None:
 
 
 def resolve_isolation(isolation: str = "auto") -> str:
-    """The mode a run will use: the strongest available for "auto" (with a loud warning below bubblewrap)."""
+    """The mode a run will use: for "auto" the strongest isolated one (a loud warning below bubblewrap).
+
+    "process" is never chosen for the user: it runs only when named (here or in SLIMTUNE_SANDBOX),
+    because a program in it can forge its verdict; its results say `isolated=False`.
+    """
     if isolation not in ISOLATIONS:
         raise UserInputError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if isolation == "auto":
@@ -239,23 +278,32 @@ def resolve_isolation(isolation: str = "auto") -> str:
             isolation = forced
         elif bubblewrap_available():
             return "bubblewrap"
+        elif namespace_isolation_available():
+            isolation = "namespaces"
         else:
-            isolation = "namespaces" if namespace_isolation_available() else "process"
+            raise UserInputError("no isolated sandbox here: install bubblewrap (Debian/Ubuntu: apt-get install "
+                                 "bubblewrap), or run as root with `unshare` and `setpriv` for isolation='namespaces'. "
+                                 "isolation='process' runs generated code unisolated (it can forge its own verdict) "
+                                 "and is used only when asked for by name")
+        _warn_weak(isolation)
+    elif isolation == "process":
         _warn_weak(isolation)
     if isolation == "bubblewrap" and not bubblewrap_available():
         raise UserInputError("isolation='bubblewrap' needs a working `bwrap` (Debian/Ubuntu: apt-get install "
                              "bubblewrap; it also needs user namespaces when not run as root)")
     if isolation == "namespaces" and not namespace_isolation_available():
-        raise UserInputError("isolation='namespaces' needs root with working `unshare` and `setpriv`; use 'process'")
+        raise UserInputError("isolation='namespaces' needs root with working `unshare` (mount namespaces "
+                             "included) and `setpriv`; isolation='process' runs unisolated")
     return isolation
 
 
 @functools.cache
 def _warn_weak(isolation: str) -> None:
     if isolation != "bubblewrap":
-        warnings.warn(f"SANDBOX IS WEAK: bubblewrap (`bwrap`) is not available, so generated code runs with "
-                      f"isolation={isolation!r}, which does not contain everything (see the README, 'Running "
-                      f"generated code'). Install bubblewrap (apt-get install bubblewrap) for full isolation.",
+        warnings.warn(f"SANDBOX IS WEAK: generated code runs with isolation={isolation!r}, not bubblewrap, which "
+                      f"does not contain everything (see the README, 'Running generated code')"
+                      + (": UNISOLATED, a program can forge its own pass" if isolation not in ISOLATED else "")
+                      + ". Install bubblewrap (apt-get install bubblewrap) for full isolation.",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -284,12 +332,16 @@ def namespace_isolation_available() -> bool:
         return False
     if not (shutil.which("unshare") and shutil.which("setpriv")):
         return False
-    probe = _namespace_prefix() + [_world_interpreter(), "-I", "-B", "-c",
-                                   f"import os, socket; assert os.getuid() == {NOBODY_UID}"]
-    try:
-        done = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd="/")
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    probe = [_world_interpreter(), "-I", "-B", "-c",
+             f"import os, socket; assert os.getuid() == {NOBODY_UID}; assert os.listdir('.') == []; "
+             f"assert sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1']"]
+    with tempfile.TemporaryDirectory(prefix="slimtune-sandbox-probe-") as work:
+        os.chmod(work, 0o755)
+        try:
+            done = subprocess.run(_namespace_argv(work, 1 << 20, probe), stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=30, cwd="/")
+        except (OSError, subprocess.TimeoutExpired):
+            return False
     return done.returncode == 0
 
 
@@ -298,27 +350,22 @@ def namespace_isolation_available() -> bool:
 
 
 class _Box:
-    """A run's host folder: read-only `files/` (runner and sources), `work/` (cwd outside
-    bubblewrap) and the captured output; removed on exit, whatever happened."""
+    """A run's host folder, removed on exit whatever happened: `files/` (the runner only,
+    read-only), one working folder per role (`work-ROLE`, the cwd outside bubblewrap) and the
+    captured output (readable by us only). Sources never go there: see `_source_fd`."""
 
-    def __init__(self, isolation: str, sources: dict[str, str]):
-        self.isolation, self.sources = isolation, sources
+    def __init__(self, isolation: str):
+        self.isolation = isolation
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self):
         self.base = Path(tempfile.mkdtemp(prefix="slimtune-sandbox-"))
         try:
-            os.chmod(self.base, 0o711)  # `nobody` may pass through to its folders, not list ours
-            self.files, self.work = self.base / "files", self.base / "work"
+            os.chmod(self.base, 0o711)  # `nobody` may pass through to the runner, not list the folder
+            self.files = self.base / "files"
             self.files.mkdir(mode=0o755)
-            self.work.mkdir()
             shutil.copyfile(_RUNNER_SOURCE, self.files / "runner.py")
-            for name, text in self.sources.items():
-                (self.files / f"{name}.py").write_text(text, encoding="utf-8")
-            for path in self.files.iterdir():
-                path.chmod(0o644)
-            if self.isolation == "namespaces":
-                os.chown(self.work, NOBODY_UID, NOBODY_UID)
+            (self.files / "runner.py").chmod(0o644)
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)
             raise
@@ -329,24 +376,37 @@ class _Box:
             _kill_everything(proc, running=proc.returncode is None)
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def start(self, role: str, limits: SandboxLimits, fds: list[int], extra: dict) -> subprocess.Popen:
+    def start(self, role: str, limits: SandboxLimits, fds: list[int], extra: dict,
+              sources: dict[str, str]) -> subprocess.Popen:
+        """Start the runner as `role`; it gets `sources` (name -> Python text) and nothing else to read."""
+        host_work = self.base / f"work-{role}"
+        # namespaces: root-owned and empty on the host; the role mounts a private tmpfs over it,
+        # so the other role (same uid `nobody`) sees this empty folder, never the role's files.
+        host_work.mkdir(mode=0o755)
         inside_files = _BOX_FILES if self.isolation == "bubblewrap" else str(self.files)
-        workdir = _BOX_WORK if self.isolation == "bubblewrap" else str(self.work)
-        config = {"role": role, "fds": fds, "workdir": workdir, **limits.runner_limits(), **extra,
-                  "files": {name: f"{inside_files}/{name}.py" for name in self.sources}}
-        inner = [_interpreter() if self.isolation != "namespaces" else _world_interpreter(), "-I", "-B",
-                 f"{inside_files}/runner.py", json.dumps(config)]
-        if self.isolation == "bubblewrap":
-            argv = _pdeathsig() + _bubblewrap_argv(str(self.files), int(limits.memory_mb) << 20, inner)
-        elif self.isolation == "namespaces":
-            argv = _pdeathsig() + _namespace_prefix() + inner
-        else:
-            argv = inner
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
-               "TMPDIR": "/tmp" if self.isolation == "bubblewrap" else workdir}
-        with open(self.base / f"{role}.stdout", "wb") as out, open(self.base / f"{role}.stderr", "wb") as err:
-            proc = subprocess.Popen(argv, cwd=self.work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True, pass_fds=fds)
+        workdir = _BOX_WORK if self.isolation == "bubblewrap" else str(host_work)
+        source_fds = {name: _source_fd(text) for name, text in sources.items()}
+        try:
+            config = {"role": role, "fds": fds, "sources": source_fds, "workdir": workdir,
+                      **limits.runner_limits(), **extra}
+            inner = [_interpreter() if self.isolation != "namespaces" else _world_interpreter(), "-I", "-B",
+                     f"{inside_files}/runner.py", json.dumps(config)]
+            tmpfs_bytes = int(limits.memory_mb) << 20
+            hidden = _hidden_from(role)
+            if self.isolation == "bubblewrap":
+                argv = _pdeathsig() + _bubblewrap_argv(str(self.files), tmpfs_bytes, inner, hidden)
+            elif self.isolation == "namespaces":
+                argv = _pdeathsig() + _namespace_argv(workdir, tmpfs_bytes, inner, hidden)
+            else:
+                argv = inner
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
+                   "TMPDIR": "/tmp" if self.isolation == "bubblewrap" else workdir}
+            with _private_file(self.base / f"{role}.stdout") as out, _private_file(self.base / f"{role}.stderr") as err:
+                proc = subprocess.Popen(argv, cwd=host_work, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=err, start_new_session=True, close_fds=True,
+                                        pass_fds=[*fds, *source_fds.values()])
+        finally:
+            _close(*source_fds.values())
         self.processes.append(proc)
         return proc
 
@@ -354,8 +414,40 @@ class _Box:
         return _tail(self.base / f"{role}.stdout"), _tail(self.base / f"{role}.stderr")
 
 
-def _bubblewrap_argv(files: str, tmpfs_bytes: int, inner: list[str]) -> list[str]:
-    """bwrap's command line: namespaces, a read-only minimal root, private tmpfs /tmp and work dir."""
+def _source_fd(text: str) -> int:
+    """An anonymous in-memory file holding `text`, rewound: a descriptor that no path names."""
+    data = text.encode("utf-8")
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("source")  # close-on-exec: only a child given it in pass_fds holds it
+    else:  # not Linux (process mode only): an unlinked temporary file
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _private_file(path: Path):
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _hidden_from(role: str) -> list[str]:
+    """Folders an untrusted role's sandbox gets an empty tmpfs over: the shipped problems and their tests."""
+    if role == "test" or not _PROBLEM_DATA.is_dir():
+        return []
+    return [str(_PROBLEM_DATA)]
+
+
+def _bubblewrap_argv(files: str, tmpfs_bytes: int, inner: list[str], hidden: list[str] = ()) -> list[str]:
+    """bwrap's command line: namespaces, a read-only minimal root, private tmpfs /tmp and work dir.
+
+    `hidden`: folders that, where a bind brings them in, are covered by an empty read-only tmpfs.
+    """
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
             "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() == 0:
@@ -386,6 +478,9 @@ def _bubblewrap_argv(files: str, tmpfs_bytes: int, inner: list[str]) -> list[str
                 made.add(parent)
         argv += ["--ro-bind", path, path]
         bound.append(path)
+    for path in hidden:
+        if any(path == b or path.startswith(b + "/") for b in bound):
+            argv += ["--size", "4096", "--perms", "0755", "--tmpfs", path, "--remount-ro", path]
     return argv + ["--chdir", _BOX_WORK, "--", *inner]
 
 
@@ -399,7 +494,12 @@ def _interpreter_dirs() -> list[str]:
 
 
 def _interpreter() -> str:
-    return sys.executable or shutil.which("python3") or "python3"
+    """This interpreter by a path that exists inside bubblewrap: its folder's links resolved (a venv
+    reached through a symlink is bound at its real place), its own name kept (a venv's python is a
+    link to the base one, and only the venv's path makes it use the venv)."""
+    if not sys.executable:
+        return shutil.which("python3") or "python3"
+    return os.path.join(os.path.realpath(os.path.dirname(sys.executable)), os.path.basename(sys.executable))
 
 
 def _pdeathsig() -> list[str]:
@@ -409,11 +509,32 @@ def _pdeathsig() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
-def _namespace_prefix() -> list[str]:
-    # New network + PID namespaces; --kill-child: if unshare dies, its child (the namespace's
-    # init, i.e. the program) gets SIGKILL, which takes every process in the namespace with it.
-    return ["unshare", "--net", "--pid", "--fork", "--kill-child",
-            "setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", "--"]
+# Runs as root inside the new namespaces, before setpriv drops to nobody. $1: the working folder
+# (gets a private tmpfs owned by nobody), $2: its size, then folders to hide up to "--", then the
+# command. The mount namespace is private (unshare's default propagation), so none of this
+# reaches the host or the other sandbox.
+_NAMESPACE_SETUP = f"""set -e
+work=$1; size=$2; shift 2
+mount -t tmpfs -o "size=$size,mode=0700,uid={NOBODY_UID},gid={NOBODY_UID}" tmpfs "$work"
+cd "$work"  # the cwd we were started in is the host folder below the new mount
+while [ "$1" != -- ]; do mount -t tmpfs -o ro,size=4096,mode=0755 tmpfs "$1"; shift; done
+shift
+exec "$@"
+"""
+
+
+def _namespace_argv(workdir: str, tmpfs_bytes: int, inner: list[str], hidden: list[str] = ()) -> list[str]:
+    """unshare's command line: new net, PID, IPC, UTS and mount namespaces with their own /proc.
+
+    --mount-proc: /proc shows the sandbox's processes only (not the host's, not the other
+    sandbox's). --kill-child: if unshare dies, its child (the namespace's init) gets SIGKILL,
+    which takes every process in the namespace with it.
+    """
+    return ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc",
+            "--", "/bin/sh", "-c", _NAMESPACE_SETUP, "sandbox-setup", workdir, str(max(tmpfs_bytes, 1 << 20)),
+            *hidden, "--",
+            "setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--", *inner]
 
 
 def _world_interpreter() -> str:
