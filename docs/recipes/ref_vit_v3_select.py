@@ -27,7 +27,7 @@ from lowrank_vit.model import compress  # noqa: E402
 from lowrank_vit.pipeline import as_tensor_batches, image_accuracy  # noqa: E402
 
 
-def measure(name: str, keep: float, calib: int) -> list[dict]:
+def measure(name: str, keep: float, calib: int, methods: list[str]) -> list[dict]:
     from transformers import ViTForImageClassification
 
     from eval.io import read_json
@@ -43,7 +43,7 @@ def measure(name: str, keep: float, calib: int) -> list[dict]:
     rows = [{"candidate": name, "parameters": card["parameters"],
              "images_per_parameter": card["images_seen_per_parameter"], "method": "dense",
              "validation_top1": base, "change_points": 0.0}]
-    for method in METHODS:
+    for method in methods:
         model = copy.deepcopy(dense)
         compress(model, calib_batches, MixedRankConfig(keep=keep, method=method, calib_images=calib), progress=False)
         top1 = image_accuracy(model, validation, val_idx)
@@ -56,15 +56,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", nargs="+", choices=sorted(CANDIDATES))
     parser.add_argument("--keep", type=float, default=0.4)
-    parser.add_argument("--calib", type=int, default=256)
+    parser.add_argument("--calib", type=int, default=256, help="calibration images from train")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [row for name in args.candidates for row in measure(name, args.keep, args.calib)]
+    rows = [row for name in args.candidates for row in measure(name, args.keep, args.calib, args.methods)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "select.json", {"keep": args.keep, "calib": args.calib, "split": "validation", "rows": rows})
-    table = [{"candidate": r["candidate"], "parameters": r["parameters"], "images seen / parameter":
+    rows = [{**r, "calib": args.calib} for r in rows]
+    table = [{"candidate": r["candidate"], "calibration images": r["calib"], "parameters": r["parameters"], "images seen / parameter":
               r["images_per_parameter"], "method": r["method"], "validation top-1 %": round(100 * r["validation_top1"], 2),
               "change (points)": round(r["change_points"], 2)} for r in rows]
     (out / "select.md").write_text(markdown_table(table) + "\n")
