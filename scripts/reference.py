@@ -19,15 +19,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("kind", choices=["lm", "vit"], help="which reference model")
     p.add_argument("--rebuild", action="store_true", help="retrain from the recipe (resumes an interrupted build) and compare with the shipped weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the build (each seed is cached separately)")
+    p.add_argument("--write-images", action="store_true",
+                   help="vit only: also write the glyphs as an ImageNet-style PNG folder (for --data DIR of other "
+                   "commands; a minute or two the first time) and print where")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long build of a very small model, to check the mechanics (not for measurements)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from eval.errors import UserInputError
     from eval.io import read_json
     from eval.reference import CARD_NAME, reference_image_folder, reference_path
     from eval.reference.shipped import compare_with_shipped
+    from eval.reference.vit import image_folder_is_written, image_folder_path
+
+    if args.write_images and args.kind != "vit":
+        raise UserInputError(f"--write-images is for `slimtune reference vit` (the glyph images); got kind {args.kind!r}")
 
     path = reference_path(args.kind, seed=args.seed, tiny=args.tiny, rebuild=args.rebuild)
     card = read_json(path / CARD_NAME, what="reference card")
@@ -39,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = (f"ref-vit: {card['parameters'] / 1e6:.2f} M parameters, test accuracy "
                    f"{card['test_accuracy']:.2%} on {card['data']['images']['test']} test images")
-        if not args.tiny:
+        if args.write_images:  # rendered only when asked for: it takes a minute or two the first time
             summary += f" (PNG folder: {reference_image_folder()})"
+        elif image_folder_is_written():
+            summary += f" (PNG folder: {image_folder_path()})"
+        else:
+            summary += " (PNG folder of the glyphs: add --write-images)"
     print(f"{summary}, built in {card['build_seconds']:.0f} s")
     comparison = compare_with_shipped(args.kind, path) if args.rebuild and not args.tiny else None
     if comparison:

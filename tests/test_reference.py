@@ -177,14 +177,17 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 def test_glyph_split_is_by_typeface_with_enough_test_images():
     from PIL import ImageFont
 
-    keys = {split: ref_vit.glyph_keys(split) for split in ("train", "test")}  # counted, not rendered
-    assert len(keys["test"]) >= 2000 and len(keys["train"]) > 5 * len(keys["test"])
+    keys = {split: ref_vit.glyph_keys(split) for split in ref_vit.VIT_SPLITS}  # counted, not rendered
+    assert len(keys["test"]) >= 2000 and len(keys["train"]) > 10 * len(keys["test"]) and len(keys["validation"]) >= 900
     fonts = {split: {k[0] for k in split_keys} for split, split_keys in keys.items()}
-    assert fonts["train"] and fonts["test"] and not fonts["train"] & fonts["test"]
-    # Disjoint as typefaces too, not only as files (no "Bold" of a test face in train).
+    assert all(fonts.values())
+    assert not fonts["train"] & fonts["test"] and not fonts["train"] & fonts["validation"]
+    assert not fonts["validation"] & fonts["test"]
+    # Test is disjoint as typefaces too, not only as files (no "Bold" of a test face in train or
+    # validation); validation holds styles train never sees, whose siblings it does.
     families = {split: {ImageFont.truetype(str(ref_vit.font_dir() / f), 10).getname()[0].split()[0]
                         for f in split_fonts} for split, split_fonts in fonts.items()}
-    assert not families["train"] & families["test"], families
+    assert not (families["train"] | families["validation"]) & families["test"], families
     for split_keys in keys.values():  # every class in every typeface, equally often
         per_class = torch.bincount(torch.tensor([k[1] for k in split_keys]), minlength=len(ref.GLYPH_CLASSES))
         assert per_class.min() == per_class.max() > 0
@@ -205,8 +208,8 @@ def test_glyph_rendering_is_a_fixed_function_of_font_char_and_render():
 def test_glyph_split_matches_the_png_folder(monkeypatch):
     from eval.data import load_image_folder
 
-    monkeypatch.setattr(ref_vit, "_RENDERS", {"train": 1, "test": 1})  # a small folder, quick to write
-    ref_vit._processed_split.cache_clear()
+    monkeypatch.setattr(ref_vit, "_RENDERS", {"train": 1, "validation": 1, "test": 1})  # a small folder, quick to write
+    ref_vit._rendered_split.cache_clear()
     try:
         test_x, test_y = ref.reference_image_split("test")
         assert test_x.shape == (len(ref_vit.glyph_keys("test")), 3, 32, 32)
@@ -226,11 +229,52 @@ def test_glyph_split_matches_the_png_folder(monkeypatch):
             assert torch.allclose(pixels, test_x[order[position]], atol=1e-6)
         assert len(ref.reference_vit_split("test")) == len(test_y)
     finally:
-        ref_vit._processed_split.cache_clear()
+        ref_vit._rendered_split.cache_clear()
+
+
+def test_glyphs_are_rendered_once_then_read_from_the_cache(monkeypatch):
+    monkeypatch.setattr(ref_vit, "_RENDERS", {"train": 1, "validation": 2, "test": 1})
+    ref_vit._rendered_split.cache_clear()
+    try:
+        first_x, first_y = ref.reference_image_split("validation")
+        assert ref_vit._rendered_split_path("validation", None).is_file()
+        ref_vit._rendered_split.cache_clear()  # a new process: only the disk cache is left
+
+        def no_rendering(*args):
+            raise AssertionError("rendered again although the split is cached")
+
+        monkeypatch.setattr(ref_vit, "render_glyph", no_rendering)
+        again_x, again_y = ref.reference_image_split("validation")
+        assert torch.equal(first_x, again_x) and torch.equal(first_y, again_y)
+        # A different data recipe is another cache entry, not the old tensors.
+        monkeypatch.setattr(ref_vit, "_RENDERS", {"train": 1, "validation": 3, "test": 1})
+        assert ref_vit._rendered_split_path("validation", None) != ref_vit._rendered_split_path("test", None)
+        with pytest.raises(AssertionError, match="rendered again"):
+            ref_vit._rendered_split("validation")
+    finally:
+        ref_vit._rendered_split.cache_clear()
+
+
+def test_cli_reference_vit_renders_nothing_unless_asked(capsys, monkeypatch):
+    from scripts.cli import main
+
+    def no_rendering(*args):
+        raise AssertionError("`slimtune reference vit` rendered glyphs")
+
+    from eval.reference.shipped import shipped_dir
+
+    monkeypatch.setattr(ref_vit, "render_glyph", no_rendering)
+    monkeypatch.setattr(ref, "reference_image_folder", no_rendering)  # nor writes the PNG folder
+    ref_vit._rendered_split.cache_clear()
+    assert main(["reference", "vit"]) == 0  # the shipped model: nothing to train, nothing to render
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(shipped_dir("vit")) and "PNG folder" in lines[0]
+    assert main(["reference", "lm", "--write-images"]) != 0
+    assert "--write-images is for `slimtune reference vit`" in capsys.readouterr().err
 
 
 def test_vit_recipe_checks_the_image_size():
-    assert ref.vit_recipe().version == 2
+    assert ref.vit_recipe().version == 3
     with pytest.raises(UserInputError, match="glyph images are 32x32"):
         ref.ViTRecipe(image_size=64)
 
