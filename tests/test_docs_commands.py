@@ -211,3 +211,10 @@ ref-lm: output that mentions slimtune bench --nope is not a command
     assert _problems(["bench", "--no-such-flag"], subparsers) == ["no flag --no-such-flag in `slimtune bench`"]
     assert _problems(["no-such-command"], subparsers) == ["no subcommand 'no-such-command'"]
     assert OUTSIDE_PATH.search("see /work/notes/x.py") and not ALLOWED_TMP.search("see /work/notes/x.py")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
+def test_every_recipe_a_doc_names_is_in_the_repository(doc):
+    named = set(re.findall(r"docs/recipes/[A-Za-z0-9_.-]+\.(?:py|sh)", doc.read_text(encoding="utf-8")))
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, f"{_doc_id(doc)} names recipes that are not in the repository: {missing}"

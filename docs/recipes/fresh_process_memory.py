@@ -29,6 +29,9 @@ def alloc(mb: int, setup_mb: int) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     from eval.measure import run_in_fresh_process
 
     print("| measured work (MiB) | set-up transient (MiB) | peak_memory_bytes (MiB) | set-up peak RSS − set-up RSS (MiB) |")

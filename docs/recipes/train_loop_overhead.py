@@ -9,6 +9,7 @@ docs/RESULTS.md ("eval.train.train overhead against a plain PyTorch loop").
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -58,6 +59,7 @@ def shared_loop(data: list[dict]) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     torch.set_num_threads(1)
     data = batches()
     results = {"plain": [], "eval.train": []}
