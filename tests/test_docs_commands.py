@@ -54,13 +54,14 @@ def _split(segment: str) -> list[str]:
 def _slimtune_argv(segment: str) -> list[str] | None:
     """The arguments after `slimtune` when `segment` runs it, else None."""
     tokens = _split(segment)
-    i = 0
-    while i < len(tokens) and (tokens[i] in WRAPPERS or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[i])
-                               or (i and tokens[i - 1] in WRAPPERS and tokens[i].startswith("-"))
-                               or (i and tokens[i - 1] in {"-n", "timeout"} and tokens[i].lstrip("-").isdigit())):
-        i += 1
-    if i >= len(tokens) or tokens[i].rsplit("/", 1)[-1] != "slimtune":
+    if not tokens:
         return None
+    is_slimtune = [t.rsplit("/", 1)[-1] == "slimtune" for t in tokens]
+    starts_a_command = (is_slimtune[0] or tokens[0] in WRAPPERS
+                        or bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0])))
+    if not starts_a_command or not any(is_slimtune):
+        return None  # prose or program output that mentions slimtune
+    i = is_slimtune.index(True)  # after wrappers and their options (`nice -n 10`, `time -f FMT`)
     argv = []
     for token in tokens[i + 1:]:
         if token.startswith((">", "2>", "&", "<")) or token in {"|", "&&", ";"}:
@@ -195,17 +196,19 @@ C="--calib runs/calib --eval runs/heldout"
 nice -n 10 slimtune compress-lm --model ref-lm $C \\
     --keep 0.5 --out $OUT/lm50 > log.txt 2>&1 && slimtune zero-shot --model ref-lm
 $ .venv/bin/slimtune prune --method nosuch --out /work/elsewhere
+/usr/bin/time -f "%e s wall" slimtune estimate-memory --arch llama-2-7b
 ref-lm: output that mentions slimtune bench --nope is not a command
 ```
 """
     commands = _commands(text)
-    assert [argv[0] for _, argv in commands] == ["compress-lm", "zero-shot", "prune", "reference", "bench"]
+    assert [argv[0] for _, argv in commands] == ["compress-lm", "zero-shot", "prune", "estimate-memory", "reference",
+                                                 "bench"]
     compress = commands[0][1]
     assert compress == ["compress-lm", "--model", "ref-lm", "--calib", "runs/calib", "--eval", "runs/heldout",
                         "--keep", "0.5", "--out", "runs/x/lm50"]
     subparsers = _subparsers()
     assert _problems(compress, subparsers) == []
-    assert [_problems(a, subparsers) for a in _alternatives(commands[3][1])] == [[], []]
+    assert [_problems(a, subparsers) for a in _alternatives(commands[4][1])] == [[], []]
     prune = _problems(commands[2][1], subparsers)
     assert any("'nosuch' is not one of" in p for p in prune) and any("absolute path" in p for p in prune)
     assert _problems(["bench", "--no-such-flag"], subparsers) == ["no flag --no-such-flag in `slimtune bench`"]
