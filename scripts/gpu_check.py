@@ -262,15 +262,25 @@ def _install_carried(pip: list[str], wheels: Path, missing: list[str], shadow: b
         )
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pin:
         pin.write(f"torch=={importlib.metadata.version('torch')}\n")  # pinned: nothing carried replaces it
+    # The Python-independent ones go in as they are (their needs, torch, numpy and packaging, are
+    # the machine's), also over a copy pip would call installed: the module did not import.
+    independent = [n for n in names if n in PYTHON_INDEPENDENT]
+    resolved = [n for n in names if n not in PYTHON_INDEPENDENT]  # matplotlib: with its carried needs
+    base = [*pip, "install", "-q", "--no-index", "--find-links", str(wheels), "-c", pin.name]
+    commands = ([[*base, "--ignore-installed", "--no-deps", *independent]] if independent else []) + \
+        ([[*base, *resolved]] if resolved else [])
+    failed = None
     try:
-        extra = ["--ignore-installed", "--no-deps"] if shadow else []
-        proc = subprocess.run([*pip, "install", "-q", "--no-index", "--find-links", str(wheels),
-                               "-c", pin.name, *extra, *names], capture_output=True, text=True)
+        for command in commands:
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode:
+                failed = proc
+                break
     finally:
         os.unlink(pin.name)
-    if proc.returncode:
+    if failed is not None:
         raise CheckError(
-            f"installing {', '.join(names)} from {wheels} failed: {_last_line(proc)}; were the wheels prepared for "
+            f"installing {', '.join(names)} from {wheels} failed: {_last_line(failed)}; were the wheels prepared for "
             f"this Python ({platform.python_version()})? `bash scripts/gpu_check.sh --prepare-wheels "
             "--matplotlib-python X.Y` adds matplotlib for Python X.Y"
         )
