@@ -325,8 +325,6 @@ class QSTForCausalLM(_QSTModel, QSTGenerationMixin):
 
         In training mode with `labels`, only labelled positions reach the LM head and `.logits`
         is None (the loss is the same; the [B, S, vocab] logits are never built)."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         cache = cache if cache is not None else past_key_values
         generation_cache = cache if isinstance(cache, QSTGenerationCache) else None
         if generation_cache is not None:  # generate's: the backbone's DynamicCache carrying the side's
@@ -343,13 +341,22 @@ class QSTForCausalLM(_QSTModel, QSTGenerationMixin):
             mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache, predicts)
             logits = head(mixed.to(head.weight.device, head.weight.dtype))
             loss = F.cross_entropy(logits.float(), targets[keep])
-            return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
+            return _causal_lm_output(loss=loss, logits=None, cache=cache)
         mixed, cache = self.mixed_state(input_ids, attention_mask, position_ids, cache, use_cache)
         if logits_to_keep:
             mixed = mixed[:, -logits_to_keep:]
         logits = head(mixed.to(head.weight.device, head.weight.dtype))
         loss = _causal_lm_loss(logits, labels.to(logits.device)) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=generation_cache or cache)
+        return _causal_lm_output(loss=loss, logits=logits, cache=generation_cache or cache)
+
+
+def _causal_lm_output(loss, logits, cache):
+    """`CausalLMOutputWithPast` with the cache under this transformers' name for it: `cache` in
+    the newer 5.x releases, `past_key_values` in older ones (5.17, the GPU machine's)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{name: cache})
 
 
 class QSTForSequenceClassification(_QSTModel):

@@ -9,8 +9,17 @@ OPT-1.3B shape at 16 x 512: qlora, qst; random weights, each method in a fresh p
 `pruning.speed.measure_pruned_speed` (in this process; LLaMA-2-7B shape, 50 % of the block parameters removed,
 against dense, bf16), with the paper's numbers, the estimator's and the issue's targets side by
 side in `gpu_check.json` / `gpu_check.md` under --out (rewritten after every stage, so a run cut
-short keeps what it measured). No method logic lives here. This module imports only the
-standard library at the top, so `setup` runs on a bare interpreter.
+short keeps what it measured). `gpu_check.json` is the one machine-readable summary: `status`
+(`running`, `complete`), `environment` (versions, and whether this transformers is one the script
+was tested with), `setup` (the venv, its pip, what was installed from the carried wheels), the
+benches, the pruning speed, `targets` (each with `met`: true / false / null when not measured)
+and wall times. No method logic lives here. This module imports only the standard library at the
+top, so `setup` runs on a bare interpreter.
+
+Carried wheels are Python-independent (`py3-none-*`: bitsandbytes loads its CUDA library with
+ctypes, einops is pure Python), so one folder serves whatever Python the GPU machine has; pip picks
+them there with `--no-index`. matplotlib (for the PNGs) is carried only when asked for a named
+Python (`--matplotlib-python 3.12`), since its wheels are built per Python version.
 """
 
 from __future__ import annotations
@@ -46,7 +55,14 @@ STEPS = {"full": {"steps": 5, "warmup": 2}, "tiny": {"steps": 1, "warmup": 1}}
 TARGETS = {"mem_ratio": 2.1, "step_ratio": 3.0, "estimate_tolerance": 0.15, "prune_speedup": 1.4}
 
 # What the measurements import beyond torch, transformers, peft and accelerate (module: wheel name).
+# The first two are Python-independent wheels; matplotlib's are per Python version (see prepare_wheels).
 CARRIED = {"bitsandbytes": "bitsandbytes", "einops": "einops", "matplotlib": "matplotlib"}
+PYTHON_INDEPENDENT = ("bitsandbytes", "einops")
+# transformers versions the dry run (tests/test_gpu_check.py) has passed with: the GPU machine's
+# image and the development machine's. Another version runs too; the summary says it is untested.
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
+MIN_TRANSFORMERS = (5, 17)
+SETUP_RECORD = "slimtune-gpu-setup.json"  # written into the venv by `setup`, read by `run`
 BNB_KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda13")  # CUDA 13.x libraries and the CPU one
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64")
@@ -60,14 +76,24 @@ class CheckError(Exception):
 # --------------------------------------------------------------------------- prepare-wheels (here)
 
 
-def prepare_wheels(dest: Path, python_version: str, pip: list[str]) -> dict:
-    """Download the carried wheels for `python_version` on Linux x86_64; bitsandbytes repacked."""
+def prepare_wheels(dest: Path, pip: list[str], matplotlib_pythons: tuple[str, ...] = ()) -> dict:
+    """Download the carried wheels for Linux x86_64 into `dest`; bitsandbytes repacked.
+
+    bitsandbytes and einops are Python-independent wheels (refused otherwise), so they fit any
+    Python on the GPU machine. matplotlib and its dependencies are per Python version: fetched only
+    for each version in `matplotlib_pythons` (the GPU machine's, if it lacks matplotlib).
+    """
     dest.mkdir(parents=True, exist_ok=True)
+    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
     with tempfile.TemporaryDirectory(prefix="gpu-wheels-") as tmp:
-        target = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-                  *[a for p in WHEEL_PLATFORMS for a in ("--platform", p)], "-d", tmp]
-        _pip(pip, ["download", "--no-deps", *target, "bitsandbytes"])
-        _pip(pip, ["download", *target, *[w for m, w in CARRIED.items() if m != "bitsandbytes"]])
+        binary = ["--only-binary=:all:", "--implementation", "cp", *platforms, "-d", tmp]
+        _pip(pip, ["download", "--no-deps", *binary, *PYTHON_INDEPENDENT])
+        for wheel in sorted(Path(tmp).glob("*.whl")):
+            if not _python_independent(wheel.name):
+                raise CheckError(f"{wheel.name} is built for one Python version; expected a py3-none wheel "
+                                 "(one that any Python on the GPU machine can install)")
+        for version in matplotlib_pythons:
+            _pip(pip, ["download", *binary, "--python-version", version, "matplotlib"])
         for wheel in sorted(Path(tmp).glob("*.whl")):
             name = wheel.name.split("-")[0].lower()
             if name in PRESENT_THERE:
@@ -79,6 +105,12 @@ def prepare_wheels(dest: Path, python_version: str, pip: list[str]) -> dict:
     files = sorted(dest.glob("*.whl"))
     return {"dest": str(dest), "wheels": {f.name: f.stat().st_size for f in files},
             "total_bytes": sum(f.stat().st_size for f in files)}
+
+
+def _python_independent(wheel_name: str) -> bool:
+    """`name-version(-build)-python-abi-platform.whl` with abi `none` and a python tag of any py3."""
+    python_tag, abi = wheel_name[:-len(".whl")].split("-")[-3:-1]
+    return abi == "none" and all(t.startswith("py") for t in python_tag.split("."))
 
 
 def _pip(pip: list[str], args: list[str]) -> None:
@@ -118,26 +150,54 @@ def repack_bitsandbytes(src: Path, dst: Path) -> list[str]:
 
 def setup(venv_dir: Path, wheels: Path, device: str) -> Path:
     """An environment in `venv_dir` that sees this interpreter's packages (torch untouched), with
-    the carried wheels this machine lacks and the checkout installed. Returns its python."""
+    the carried wheels this machine lacks and the checkout installed. Returns its python.
+
+    What was done is recorded in `venv_dir/SETUP_RECORD` for the summary of `run`."""
     if importlib.util.find_spec("torch") is None:  # the machine's own torch must be visible here
         raise CheckError(f"{sys.executable} has no torch; set PYTHON to the interpreter that has the machine's torch")
     _preflight_device(device)
     py = venv_dir / "bin" / "python"
     if not py.exists():
-        venv.EnvBuilder(with_pip=False, symlinks=True).create(venv_dir)
+        _create_venv(venv_dir)
     _link_parent_site(venv_dir, py)
+    pip = _pip_command(py)
+    record = {"python": platform.python_version(), "venv": str(venv_dir), "pip": " ".join(pip[1:]),
+              "wheels": str(wheels), "installed": [], "shadowed": []}
     missing = [m for m in CARRIED if not _importable(py, m)]
     if missing:
-        _install_carried(py, wheels, missing)
+        record["installed"] = _install_carried(pip, wheels, missing)
     if device.startswith("cuda") and "bitsandbytes" not in missing and not _bnb_has_cuda_library(py):
-        _install_carried(py, wheels, ["bitsandbytes"], shadow=True)  # one with the library, in front
-    editable = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                               "--no-build-isolation", "-e", str(REPO)], capture_output=True, text=True)
+        record["shadowed"] = _install_carried(pip, wheels, ["bitsandbytes"], shadow=True)  # one with the library
+    editable = subprocess.run([*pip, "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                               "-e", str(REPO)], capture_output=True, text=True)
+    record["checkout"] = "pip install -e" if editable.returncode == 0 else ".pth file"
     if editable.returncode:  # no setuptools here: the checkout on the path does the same
         (_site_dir(py) / "slimtune-checkout.pth").write_text(f"{REPO}\n")
         print(f"gpu_check: pip install -e failed ({_last_line(editable)}); checkout put on the path instead",
               file=sys.stderr)
+    (venv_dir / SETUP_RECORD).write_text(json.dumps(record, indent=1))
     return py
+
+
+def _create_venv(venv_dir: Path) -> None:
+    """A venv with its own pip (ensurepip installs the one bundled with Python: no network). An
+    interpreter without ensurepip (Debian's python3 without python3-venv) gets a venv without pip;
+    `_pip_command` then drives it with this interpreter's pip."""
+    try:
+        venv.EnvBuilder(with_pip=True, symlinks=True).create(venv_dir)
+    except subprocess.CalledProcessError:
+        shutil.rmtree(venv_dir, ignore_errors=True)
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(venv_dir)
+
+
+def _pip_command(py: Path) -> list[str]:
+    """The command that installs into the venv of `py`: its own pip, else this interpreter's pip
+    pointed at it (`pip --python`, pip >= 22.3)."""
+    for command in ([str(py), "-m", "pip"], [sys.executable, "-m", "pip", "--python", str(py)]):
+        if subprocess.run([*command, "--version"], capture_output=True).returncode == 0:
+            return command
+    raise CheckError(f"no pip can install into {py.parent.parent}: neither it nor {sys.executable} has pip "
+                     "(or ensurepip); install python3-venv or pip for this Python")
 
 
 def _preflight_device(device: str) -> None:
@@ -183,34 +243,49 @@ def _bnb_has_cuda_library(py: Path) -> bool:
     return subprocess.run([str(py), "-c", code], capture_output=True, cwd=REPO).returncode == 0
 
 
-def _install_carried(py: Path, wheels: Path, missing: list[str], shadow: bool = False) -> None:
-    """Install the carried wheels of `missing` modules into the venv; `shadow`: over one the machine
-    has (a copy in the venv, found first; the machine's own stays as it is)."""
+def _install_carried(pip: list[str], wheels: Path, missing: list[str], shadow: bool = False) -> list[str]:
+    """Install the carried wheels of `missing` modules into the venv, from `wheels` only (no
+    index: pip picks the wheel that fits this machine's Python); `shadow`: over one the machine
+    has (a copy in the venv, found first; the machine's own stays as it is). Returns the names."""
     names = [CARRIED[m] for m in missing]
     have = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")} if wheels.is_dir() else set()
     absent = [n for n in names if n.lower() not in have]
     if absent:
         lacking = "a bitsandbytes with a CUDA library for this torch" if shadow else ", ".join(absent)
+        how = ("`bash scripts/gpu_check.sh --prepare-wheels"
+               + (f" --matplotlib-python {platform.python_version_tuple()[0]}.{platform.python_version_tuple()[1]}"
+                  if "matplotlib" in absent else "") + "`")
         raise CheckError(
             f"this machine lacks {lacking} and {wheels} holds no wheel for it; on a machine with network run "
-            "`bash scripts/gpu_check.sh --prepare-wheels` and carry build/gpu-wheels/ here"
+            f"{how} and carry build/gpu-wheels/ here"
             + (" (the 4-bit methods need bitsandbytes' CUDA library)" if "bitsandbytes" in absent else "")
         )
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pin:
         pin.write(f"torch=={importlib.metadata.version('torch')}\n")  # pinned: nothing carried replaces it
+    # The Python-independent ones go in as they are (their needs, torch, numpy and packaging, are
+    # the machine's), also over a copy pip would call installed: the module did not import.
+    independent = [n for n in names if n in PYTHON_INDEPENDENT]
+    resolved = [n for n in names if n not in PYTHON_INDEPENDENT]  # matplotlib: with its carried needs
+    base = [*pip, "install", "-q", "--no-index", "--find-links", str(wheels), "-c", pin.name]
+    commands = ([[*base, "--ignore-installed", "--no-deps", *independent]] if independent else []) + \
+        ([[*base, *resolved]] if resolved else [])
+    failed = None
     try:
-        extra = ["--ignore-installed", "--no-deps"] if shadow else []
-        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
-                               "-c", pin.name, *extra, *names], capture_output=True, text=True)
+        for command in commands:
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode:
+                failed = proc
+                break
     finally:
         os.unlink(pin.name)
-    if proc.returncode:
+    if failed is not None:
         raise CheckError(
-            f"installing {', '.join(names)} from {wheels} failed: {_last_line(proc)}; were the wheels prepared for "
+            f"installing {', '.join(names)} from {wheels} failed: {_last_line(failed)}; were the wheels prepared for "
             f"this Python ({platform.python_version()})? `bash scripts/gpu_check.sh --prepare-wheels "
-            "--python-version X.Y` prepares them for another one"
+            "--matplotlib-python X.Y` adds matplotlib for Python X.Y"
         )
     print(f"gpu_check: installed {', '.join(names)} from {wheels}", file=sys.stderr)
+    return names
 
 
 def _last_line(proc: subprocess.CompletedProcess) -> str:
@@ -231,8 +306,12 @@ def run(device: str, tiny: bool, out: Path, log=print) -> dict:
         resolve_device(device, four_bit=True)  # CUDA, and bitsandbytes' CUDA library
     except UserInputError as e:
         raise CheckError(str(e)) from e
-    data = {"device": device, "tiny": tiny, "environment": _environment(device), "benches": {},
-            "pruning_speed": None, "targets": [], "wall_s": {}}
+    environment = _environment(device)
+    if environment["transformers_version_ok"] is False:
+        raise CheckError(f"transformers {environment['transformers']} is older than "
+                         f"{'.'.join(map(str, MIN_TRANSFORMERS))}, the oldest this suite runs on")
+    data = {"status": "running", "device": device, "tiny": tiny, "environment": environment,
+            "setup": _setup_record(), "benches": {}, "pruning_speed": None, "targets": [], "wall_s": {}}
     start = time.perf_counter()
     for name, arch, methods, batch, seq in (TINY_BENCHES if tiny else BENCHES):
         t0 = time.perf_counter()
@@ -243,8 +322,15 @@ def run(device: str, tiny: bool, out: Path, log=print) -> dict:
     data["pruning_speed"] = _prune_speed(device, tiny, log)
     data["wall_s"]["pruning_speed"] = time.perf_counter() - t0
     data["wall_s"]["total"] = time.perf_counter() - start
+    data["status"] = "complete"
     _write(out, data)
     return data
+
+
+def _setup_record() -> dict | None:
+    """What `setup` did, when this interpreter is the venv it made."""
+    path = Path(sys.prefix) / SETUP_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _bench(arch, methods, batch, seq, device, tiny, out: Path, log) -> dict:
@@ -280,11 +366,14 @@ def _environment(device: str) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
            else platform.processor() or platform.machine()}
-    for package in ("transformers", "peft", "accelerate", "bitsandbytes"):
+    for package in ("transformers", "peft", "accelerate", "bitsandbytes", "einops", "matplotlib"):
         try:
             env[package] = __import__(package).__version__
         except ImportError:
             env[package] = None
+    env["transformers_tested"] = env["transformers"] in TESTED_TRANSFORMERS
+    env["transformers_version_ok"] = (None if env["transformers"] is None else
+                                      tuple(int(x) for x in env["transformers"].split(".")[:2]) >= MIN_TRANSFORMERS)
     return env
 
 
@@ -358,6 +447,9 @@ def format_markdown(data: dict) -> str:
         f"Python {env['python']}. Random weights; memory and speed only.",
         "",
     ]
+    if not env.get("transformers_tested", True):
+        lines += [f"transformers {env['transformers']} is not one the dry run was tested with "
+                  f"({', '.join(TESTED_TRANSFORMERS)}).", ""]
     if dry:
         lines += ["**Dry run** (" + ("tiny shapes" if data["tiny"] else "CPU") + "): these numbers test the script, "
                   "they measure none of the targets.", ""]
@@ -417,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-wheels", help="download and repack the carried wheels (needs network)")
     prep.add_argument("--dest", default=str(REPO / "build" / "gpu-wheels"))
-    prep.add_argument("--python-version", default="3.12", help="the GPU machine's Python")
+    prep.add_argument("--matplotlib-python", action="append", default=[], metavar="X.Y",
+                      help="also carry matplotlib for this Python version (only if the GPU machine lacks it; "
+                      "repeatable)")
     prep.add_argument("--pip", default=f"{sys.executable} -m pip", help="the pip command to download with")
     for name, helps in (("setup", "an environment with the carried wheels and the checkout"),
                         ("run", "the measurements")):
@@ -435,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prepare-wheels":
-            result = prepare_wheels(Path(args.dest), args.python_version, args.pip.split())
+            result = prepare_wheels(Path(args.dest), args.pip.split(), tuple(args.matplotlib_python))
             print(json.dumps(result, indent=1))
         elif args.command == "setup":
             print(setup(Path(args.venv), Path(args.wheels), args.device))

@@ -5,10 +5,13 @@
 #   bash scripts/gpu_check.sh --device cuda --out runs/gpu-check # there: one CUDA GPU, no network
 #   bash scripts/gpu_check.sh --device cpu --tiny --out DIR      # the dry run (tests/test_gpu_check.py)
 #
-# On the GPU machine it first makes build/gpu-venv: a venv that reads the machine's own packages
-# (its torch is never replaced), then installs there the carried wheels the machine lacks
-# (bitsandbytes with its CUDA 13 library, einops, matplotlib; from build/gpu-wheels, no index) and
-# the checkout (`pip install --no-deps -e .`). Then each method runs in its own process.
+# On the GPU machine it first makes build/gpu-venv: a venv with its own pip (ensurepip, offline)
+# that reads the machine's own packages (its torch is never replaced), then installs there, with
+# `pip --no-index` from build/gpu-wheels, the carried wheels the machine lacks (bitsandbytes with
+# its CUDA 13 library and einops: Python-independent wheels; matplotlib only if prepared with
+# --matplotlib-python X.Y) and the checkout (`pip install --no-deps -e .`). Then each method runs in
+# its own process; gpu_check.json under --out is the machine-readable summary (status, versions,
+# setup, measurements, targets).
 # Environment: PYTHON (default python3), SLIMTUNE_GPU_WHEELS, SLIMTUNE_GPU_VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -96,12 +96,28 @@ def test_a_batch_that_cannot_fit_is_refused_with_the_estimate(tmp_path):
 
 
 FAILING_WORKER = """
+import eval.train
 from qst.benchmark import measure_method
+
+
+class StepClock:
+    \"\"\"eval.train's clock, faked: optimizer step i (from 0) takes i + 1 seconds, so the
+    step and train times below are exact, whatever the machine's speed.\"\"\"
+
+    def __init__(self):
+        self.calls, self.now = 0, 0.0
+
+    def __call__(self, device):
+        if self.calls % 2:  # odd calls end a step
+            self.now += self.calls // 2 + 1
+        self.calls += 1
+        return self.now
 
 
 def measure(method, **kwargs):
     if method == "lora":
         raise RuntimeError("lora exploded on purpose")
+    eval.train._now = StepClock()
     return measure_method(method, **kwargs)
 """
 
@@ -124,10 +140,12 @@ def test_bench_writes_the_schema_and_reports_a_failing_method(tmp_path):
     assert set(full) == {"trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
                          "tokens_per_s", "train_time_s", "feature_cache", "final_loss", "accuracy",
                          "accuracy_se", "examples_scored"}
-    assert full["train_time_s"] >= full["step_time_s"] and full["feature_cache"] is None
+    # Steps of 1 s (warm-up) and 2 s (timed): the step time is the timed step's only, the train
+    # time every step's, tokens/s the batch's tokens over the step time.
+    assert full["step_time_s"] == 2.0 and full["train_time_s"] == 3.0 and full["tokens_per_s"] == 2 * 16 / 2.0
+    assert full["feature_cache"] is None
     assert full["trainable_share"] == 1.0 and full["trainable_params"] > 0
-    assert full["peak_memory_bytes"] > 0 and full["step_time_s"] > 0
-    assert full["tokens_per_s"] == pytest.approx(2 * 16 / full["step_time_s"])
+    assert full["peak_memory_bytes"] > 0
     assert full["accuracy"] is None  # random weights: nothing to score
     assert set(data["floor"]) >= {"forward_time_s", "forward_peak_memory_bytes"}
     assert data["floor"]["forward_time_s"] > 0
@@ -202,17 +220,22 @@ def test_forward_floor_builds_no_kv_cache(monkeypatch):
 
 
 def test_bench_report_names_the_machine():
-    from eval.measure import machine_info
     from qst.benchmark import format_markdown
 
     qst = {"trainable_params": 10, "trainable_share": 0.1, "peak_memory_bytes": 2e6, "step_time_s": 0.5,
            "tokens_per_s": 16.0, "final_loss": 1.0, "accuracy": None}
+    # A machine unlike any real one, so the line can only come from this record.
+    machine = {"cpu_model": "Test CPU 9000", "cpu_vector_flags": ["avx2", "fma"], "torch_cpu_capability": "AVX2",
+               "cpu_cores": 3, "torch_threads": 7, "bnb_4bit_path": "4-bit path X", "four_bit_compute_dtype": "float32",
+               "gpu": "Test GPU", "torch": "9.9", "python": "3.99"}
     data = {"model": "m", "device": "cpu", "task": None, "batch": 1, "seq": 8, "methods": {"qst": qst},
             "floor": {"forward_time_s": 0.1}, "estimates": {"qst": {"total_bytes": 3e6}},
-            "settings": {"lr": 1e-3, "warmup": 1, "steps": 1, "train_steps": 0}, "machine": machine_info()}
+            "settings": {"lr": 1e-3, "warmup": 1, "steps": 1, "train_steps": 0}, "machine": machine}
     markdown = format_markdown(data)
-    assert "Machine: CPU " in markdown and "torch threads" in markdown
-    assert "only at the positions that predict a labelled token" in markdown
+    assert ("Machine: CPU Test CPU 9000 (avx2, fma; torch kernels AVX2); 3 cores, 7 torch threads; GPU Test GPU; "
+            "4-bit path X; 4-bit layers compute in float32; torch 9.9, Python 3.99.") in markdown
+    assert "| qst | 10 | 10 | 2 | 3 | — | 0.5 | — | 5 | 16 |" in markdown  # step / floor = 0.5 / 0.1
+    assert "Machine: not recorded." in format_markdown({**data, "machine": None})
 
 
 def test_qst_reads_its_backbone_features_from_the_cache_after_the_first_epoch(tiny_llama_dir):
@@ -222,9 +245,20 @@ def test_qst_reads_its_backbone_features_from_the_cache_after_the_first_epoch(ti
     result = measure_method("qst", model=tiny_llama_dir, task="def-kind", batch=2, seq=32, steps=1, warmup=1,
                             train_steps=6, train_examples=4, eval_examples=6, feature_cache=True)
     assert result["feature_cache"]["misses"] == 2 and result["feature_cache"]["hits"] == 4
-    assert result["examples_scored"] == 6 and 0 <= result["accuracy"] <= 1
-    p = result["accuracy"]
-    assert result["accuracy_se"] == pytest.approx((p * (1 - p) / 6) ** 0.5)
+    assert result["examples_scored"] == 6
+    # k of 6 right: the binomial standard error sqrt(p (1 - p) / 6), worked out by hand
+    se_of_k_right = {0: 0.0, 1: 0.15214515, 2: 0.19245009, 3: 0.20412415, 4: 0.19245009, 5: 0.15214515, 6: 0.0}
+    k = round(result["accuracy"] * 6)
+    assert result["accuracy"] == pytest.approx(k / 6)
+    assert result["accuracy_se"] == pytest.approx(se_of_k_right[k], abs=1e-8)
+
+
+def test_standard_error_by_hand():
+    from qst.benchmark import _standard_error
+
+    assert _standard_error(0.5, 100) == pytest.approx(0.05)
+    assert _standard_error(0.9, 400) == pytest.approx(0.015)
+    assert _standard_error(None, 10) is None and _standard_error(0.5, 0) is None
 
 
 def test_base_rates_are_the_most_frequent_answer_and_guessing():

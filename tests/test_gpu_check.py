@@ -1,9 +1,13 @@
-"""scripts/gpu_check.sh: the CPU dry run of the GPU script (same path, tiny shapes), the suite
-without lm-eval and datasets, the carried bitsandbytes wheel, random DISP-style pruning, and bad
-input (no CUDA; no bitsandbytes CUDA library)."""
+"""scripts/gpu_check.sh: the CPU dry run of the GPU script (same path, tiny shapes: a fresh venv
+with its own pip, a carried wheel installed with `pip --no-index` and no network, the JSON
+summary), the suite without lm-eval and datasets, the carried bitsandbytes wheel, random
+DISP-style pruning, and bad input (no CUDA; no bitsandbytes CUDA library)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -22,22 +26,56 @@ from scripts import gpu_check
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 HIDDEN = ("lm_eval", "datasets")  # absent on the GPU machine; only zero-shot needs them
+# Present here but treated as absent on the GPU machine: the dry run must install it from a carried
+# wheel into its fresh venv (a pure-Python one, repacked from this environment's copy).
+CARRIED_IN_DRY_RUN = "einops"
 
 # Imported first by every Python process started with this directory on PYTHONPATH (the script,
 # its venv, every bench worker): importing a hidden package fails as it would where it is absent.
+# SLIMTUNE_TEST_CARRY modules are importable only from under SLIMTUNE_TEST_CARRY_ROOT (the dry run's
+# venv): until the script installs them there, they are missing, as on the GPU machine.
 SITECUSTOMIZE = textwrap.dedent("""
     import os, sys
+    from importlib.machinery import PathFinder
 
     class _Hide:
         hidden = set(filter(None, os.environ.get("SLIMTUNE_TEST_HIDE", "").split(",")))
+        carried = set(filter(None, os.environ.get("SLIMTUNE_TEST_CARRY", "").split(",")))
+        root = os.path.realpath(os.environ.get("SLIMTUNE_TEST_CARRY_ROOT") or os.devnull) + os.sep
 
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.hidden:
+            top = name.split(".")[0]
+            if top in self.hidden:
                 raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+            if top in self.carried and path is None:
+                inside = [p for p in sys.path if os.path.realpath(p or ".").startswith(self.root)]
+                spec = PathFinder.find_spec(name, inside)
+                if spec is None:
+                    raise ModuleNotFoundError(f"No module named {name!r} (carried: not installed yet)", name=name)
+                return spec
             return None
 
     sys.meta_path.insert(0, _Hide())
 """)
+
+
+def _wheel_of_installed(distribution: str, dest: Path) -> Path:
+    """A py3-none-any wheel of an installed pure-Python distribution, with a valid RECORD."""
+    dist = importlib.metadata.distribution(distribution)
+    info = next(f.parent for f in dist.files if f.name == "METADATA")
+    path = dest / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}-py3-none-any.whl"
+    dest.mkdir(parents=True, exist_ok=True)
+    records = []
+    with zipfile.ZipFile(path, "w") as wheel:
+        for f in dist.files:
+            if "__pycache__" in f.parts or (f.parent == info and f.name not in ("METADATA", "WHEEL")):
+                continue  # compiled files and what the installer wrote (RECORD, INSTALLER, direct_url)
+            data = f.locate().read_bytes()
+            wheel.writestr(str(f), data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{f},sha256={digest},{len(data)}")
+        wheel.writestr(f"{info}/RECORD", "\n".join([*records, f"{info}/RECORD,,"]) + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +90,13 @@ def hiding_env(tmp_path_factory) -> dict[str, str]:
 def dry_run(tmp_path_factory, hiding_env):
     """One dry run of the script exactly as on the GPU machine, with --device cpu --tiny."""
     tmp = tmp_path_factory.mktemp("gpu-check")
-    env = {**hiding_env, "SLIMTUNE_GPU_VENV": str(tmp / "venv"), "SLIMTUNE_GPU_WHEELS": str(tmp / "no-wheels")}
+    _wheel_of_installed(CARRIED_IN_DRY_RUN, tmp / "wheels")
+    offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "HTTP_PROXY": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    env = {**hiding_env, **offline, "SLIMTUNE_GPU_VENV": str(tmp / "venv"), "SLIMTUNE_GPU_WHEELS": str(tmp / "wheels"),
+           "SLIMTUNE_TEST_CARRY": CARRIED_IN_DRY_RUN, "SLIMTUNE_TEST_CARRY_ROOT": str(tmp / "venv")}
     proc = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(tmp / "out")],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)  # a busy shared machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc
 
@@ -62,7 +104,10 @@ def dry_run(tmp_path_factory, hiding_env):
 def test_dry_run_writes_every_measurement(dry_run):
     tmp, proc = dry_run
     data = json.loads((tmp / "out" / "gpu_check.json").read_text())
-    assert data["device"] == "cpu" and data["tiny"] is True
+    assert data["status"] == "complete" and data["device"] == "cpu" and data["tiny"] is True
+    env = data["environment"]
+    assert env["transformers_version_ok"] is True
+    assert env["transformers_tested"] == (env["transformers"] in gpu_check.TESTED_TRANSFORMERS)
     assert set(data["benches"]) == {"llama-2-7b", "opt-1.3b"}
     expected = {"llama-2-7b": ("tiny-llama", ["qlora", "qst", "lora"]), "opt-1.3b": ("tiny-opt", ["qlora", "qst"])}
     for name, (arch, methods) in expected.items():
@@ -93,6 +138,19 @@ def test_dry_run_installed_the_checkout_in_its_own_environment(dry_run):
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp, check=True).stdout.split()
     assert Path(out[0]).resolve() == (REPO / "scripts" / "gpu_check.py").resolve()  # found from outside the repo
     assert Path(out[1]).resolve() == Path(torch.__file__).resolve()  # this interpreter's torch, not a copy
+
+
+def test_dry_run_installed_the_carried_wheel_offline_with_the_venvs_own_pip(dry_run):
+    tmp, proc = dry_run
+    venv_dir = (tmp / "venv").resolve()
+    setup = json.loads((tmp / "out" / "gpu_check.json").read_text())["setup"]
+    assert setup["installed"] == [CARRIED_IN_DRY_RUN] and setup["shadowed"] == []
+    assert setup["pip"] == "-m pip"  # the venv's own pip (ensurepip), not the parent's
+    assert f"installed {CARRIED_IN_DRY_RUN} from {tmp / 'wheels'}" in proc.stderr
+    code = f"import pip, {CARRIED_IN_DRY_RUN} as m; print(pip.__file__); print(m.__file__)"
+    out = subprocess.run([str(tmp / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert all(Path(f).resolve().is_relative_to(venv_dir) for f in out), out
 
 
 def test_suite_imports_without_lm_eval_and_datasets(hiding_env):
@@ -159,10 +217,23 @@ def test_bitsandbytes_not_installed_says_how_to_provide_it(monkeypatch):
 
 
 def test_setup_without_a_carried_wheel_says_how_to_provide_it(tmp_path):
+    pip = [sys.executable, "-m", "pip"]
     with pytest.raises(gpu_check.CheckError, match=r"lacks bitsandbytes.*--prepare-wheels"):
-        gpu_check._install_carried(Path(sys.executable), tmp_path / "empty", ["bitsandbytes"])
+        gpu_check._install_carried(pip, tmp_path / "empty", ["bitsandbytes"])
     with pytest.raises(gpu_check.CheckError, match=r"lacks a bitsandbytes with a CUDA library for this torch"):
-        gpu_check._install_carried(Path(sys.executable), tmp_path / "empty", ["bitsandbytes"], shadow=True)
+        gpu_check._install_carried(pip, tmp_path / "empty", ["bitsandbytes"], shadow=True)
+    version = ".".join(map(str, sys.version_info[:2]))
+    with pytest.raises(gpu_check.CheckError, match=rf"lacks matplotlib.*--prepare-wheels --matplotlib-python {version}"):
+        gpu_check._install_carried(pip, tmp_path / "empty", ["matplotlib"])
+
+
+def test_only_python_independent_wheels_are_carried_for_any_python():
+    assert gpu_check._python_independent("bitsandbytes-0.49.0-py3-none-manylinux_2_24_x86_64.whl")
+    assert gpu_check._python_independent("einops-0.8.1-py3-none-any.whl")
+    assert gpu_check._python_independent("six-1.17.0-py2.py3-none-any.whl")
+    assert not gpu_check._python_independent("matplotlib-3.10.0-cp312-cp312-manylinux_2_17_x86_64.whl")
+    assert not gpu_check._python_independent("kiwisolver-1.4.8-cp312-abi3-manylinux_2_17_x86_64.whl")
+    assert set(gpu_check.PYTHON_INDEPENDENT) == {"bitsandbytes", "einops"}
 
 
 # --------------------------------------------------------------------------- the carried wheel
@@ -242,3 +313,30 @@ def test_random_disp_plan_is_dimension_independent_and_on_budget(tiny_llama_dir)
     assert result["speedup"] == pytest.approx(result["tokens_per_s_pruned"] / result["tokens_per_s_dense"])
     with pytest.raises(UserInputError, match="kept must be a fraction"):
         random_disp_plan(model, kept=1.5)
+
+
+# --------------------------------------------------------------------------- transformers 5.17
+
+
+def test_qst_output_names_its_cache_as_this_transformers_does(monkeypatch):
+    """transformers 5.17 (the GPU machine's) calls the output's cache `past_key_values`; later 5.x
+    releases call it `cache`. QST's forward must build its output under either."""
+    import dataclasses
+    from typing import Any
+
+    import transformers.modeling_outputs as outputs
+
+    from qst.model import _causal_lm_output
+
+    @dataclasses.dataclass
+    class Older:  # the fields of 5.17's CausalLMOutputWithPast
+        loss: Any = None
+        logits: Any = None
+        past_key_values: Any = None
+        hidden_states: Any = None
+        attentions: Any = None
+
+    assert _causal_lm_output(loss=None, logits=None, cache="kv")["cache" if "cache" in
+                             outputs.CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"] == "kv"
+    monkeypatch.setattr(outputs, "CausalLMOutputWithPast", Older)
+    assert _causal_lm_output(loss=None, logits=None, cache="kv").past_key_values == "kv"

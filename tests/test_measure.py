@@ -84,10 +84,21 @@ def test_4bit_weights_count_logical_elements_and_real_bytes():
 # --- time and in-process memory ----------------------------------------------------------------
 
 
-def test_median_step_time_warms_up_then_times_each_repeat():
-    calls = []
-    t = median_step_time(lambda: calls.append(1), warmup=3, repeats=4)
-    assert len(calls) == 7 and 0 <= t < float("inf")
+def test_median_step_time_warms_up_then_times_each_repeat(monkeypatch):
+    import types
+
+    import eval.measure
+
+    # A fake clock that only the step advances: 3 slow warm-up calls, then timed calls of known length.
+    clock = {"now": 0.0}
+    durations = iter([100.0, 100.0, 100.0, 5.0, 1.0, 3.0, 2.0, 7.0, 4.0, 6.0])
+
+    def step():
+        clock["now"] += next(durations)
+
+    monkeypatch.setattr(eval.measure, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    assert median_step_time(step, warmup=3, repeats=4) == 2.5  # median of 5, 1, 3, 2: warm-ups not timed
+    assert median_step_time(step, warmup=0, repeats=3) == 6.0  # median of 7, 4, 6
     with pytest.raises(UserInputError):
         median_step_time(lambda: None, repeats=0)
 

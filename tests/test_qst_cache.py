@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from eval.bnb import compute_dtype_name
 from eval.data import pack_token_blocks
 from eval.models import load_causal_lm
 from eval.train import TrainConfig, train
@@ -50,17 +51,28 @@ def test_cached_training_gives_the_same_losses(llama_nf4, blocks, tmp_path):
     assert (cache2.misses, cache2.hits) == (0, 6)
 
 
-def test_entries_are_bf16_memory_maps(llama_nf4, blocks, tmp_path):
-    qst = QSTForCausalLM.from_base(llama_nf4, QSTConfig(r=4))
+@pytest.fixture(scope="module")
+def llama_bf16(tiny_llama_dir):
+    return load_causal_lm(tiny_llama_dir, dtype="bfloat16")[0]
+
+
+@pytest.mark.parametrize("backbone", ["nf4", "bf16"])
+def test_entries_are_memory_maps_in_the_states_dtype(backbone, llama_nf4, llama_bf16, blocks, tmp_path):
+    # An NF4 backbone computes in what eval.bnb chose for this machine's CPU (bf16 only with bf16
+    # hardware, float32 otherwise); a bf16 backbone has bf16 states on any CPU, so the raw-bits
+    # bf16 path is exercised everywhere.
+    base, dtype = (llama_nf4, compute_dtype_name("cpu")) if backbone == "nf4" else (llama_bf16, "bfloat16")
+    qst = QSTForCausalLM.from_base(base, QSTConfig(r=4))
     cache = qst.enable_feature_cache(tmp_path)
     qst.train()
     qst(input_ids=blocks[:2])
     (entry,) = [p for p in (tmp_path / cache.backbone_key).glob("seq16/*") if p.is_dir()]
     meta = json.loads((entry / "meta.json").read_text())
-    assert meta["dtype"] == "bfloat16" and meta["states_shape"] == [3, 2, 16, 64]
-    assert (entry / "states.bin").stat().st_size == 3 * 2 * 16 * 64 * 2
+    assert meta["dtype"] == dtype and meta["states_shape"] == [3, 2, 16, 64]
+    assert (entry / "states.bin").stat().st_size == 3 * 2 * 16 * 64 * getattr(torch, dtype).itemsize
     features = cache.load(blocks[:2], None)
     direct = qst.backbone_features(blocks[:2].clone(), use_cache=True)  # use_cache bypasses the cache
+    assert all(a.dtype == getattr(torch, dtype) for a in features.hidden_states)
     assert all(torch.equal(a, b) for a, b in zip(features.hidden_states, direct.hidden_states, strict=True))
     assert torch.equal(features.last, direct.last)
 

@@ -1,5 +1,6 @@
 """ref-lm v2: bits per byte, the pinned extra corpus and its manifest, resumable builds, and
-the shipped weights (checksums, corruption, recipe changes)."""
+the shipped weights (checksums, corruption, recipe changes: fail closed, nothing trains or downloads
+without --rebuild)."""
 
 from __future__ import annotations
 
@@ -139,24 +140,94 @@ def test_the_shipped_model_is_returned_without_training(shipped_tiny, monkeypatc
     assert ref.reference_path("lm") == shipped_tiny
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_a_damaged_shipped_file_is_one_clear_error(shipped_tiny, damage):
-    weights = shipped_tiny / "model.safetensors"
-    if damage == "corrupt":
+@pytest.fixture
+def no_training_no_download(monkeypatch):
+    """Fail the test if anything starts a build or fetches a corpus wheel."""
+    monkeypatch.setattr(ref, "build_reference_lm", lambda *a, **k: pytest.fail("started a build"))
+    monkeypatch.setattr(corpus, "fetch_wheel", lambda *a, **k: pytest.fail("started a download"))
+
+
+def _damage(folder, damage: str) -> str:
+    """Damage the shipped folder one way; return the file name the error must name."""
+    weights, card = folder / "model.safetensors", folder / ref.CARD_NAME
+    if damage == "corrupt weights":
         weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
-    else:
+    elif damage == "missing weights":
         weights.unlink()
-    with pytest.raises(UserInputError, match=r"model\.safetensors.*--rebuild"):
+    elif damage == "missing checksums":
+        (folder / shipped.CHECKSUMS_NAME).unlink()
+        return shipped.CHECKSUMS_NAME
+    elif damage == "edited card":  # a recipe edited by hand is corruption, not a recipe change
+        edited = json.loads(card.read_text())
+        edited["recipe"]["steps"] += 1
+        card.write_text(json.dumps(edited))
+        return ref.CARD_NAME
+    return "model.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "missing weights", "missing checksums", "edited card"])
+def test_a_damaged_shipped_model_is_one_clear_error_and_nothing_builds(shipped_tiny, damage, no_training_no_download):
+    name = _damage(shipped_tiny, damage)
+    with pytest.raises(UserInputError, match=rf"{name.replace('.', '[.]')}.*slimtune reference lm --rebuild") as error:
+        ref.reference_path("lm")
+    if damage == "edited card":
+        assert "corrupted" in str(error.value)
+    assert not any(ref.cache_root().glob("*ref-lm-*"))
+
+
+def test_a_changed_recipe_is_one_error_naming_the_card_and_nothing_builds(shipped_tiny, monkeypatch,
+                                                                           no_training_no_download):
+    other = ref_lm.lm_recipe(tiny=True, steps=5)
+    monkeypatch.setattr(ref, "lm_recipe", lambda seed=0, tiny=False: other)
+    with pytest.raises(UserInputError, match=r"reference_card[.]json.*differ in steps.*reference lm --rebuild"):
         ref.reference_path("lm")
 
 
-def test_a_changed_recipe_does_not_use_the_shipped_weights(shipped_tiny, monkeypatch):
-    other = ref_lm.lm_recipe(tiny=True, steps=5)
-    monkeypatch.setattr(ref, "lm_recipe", lambda seed=0, tiny=False: other)
-    built = []
-    monkeypatch.setattr(ref, "build_reference_lm", lambda final, **k: built.append(final))
-    ref.reference_path("lm")
-    assert built and built[0] != shipped_tiny
+def test_a_recipe_that_does_not_ship_says_how_to_build_it(shipped_tiny, monkeypatch, no_training_no_download):
+    monkeypatch.setattr(ref, "lm_recipe", lambda seed=0, tiny=False: ref_lm.lm_recipe(tiny=True, seed=seed))
+    with pytest.raises(UserInputError, match=r"differ in seed.*slimtune reference lm --seed 4 --rebuild"):
+        ref.reference_path("lm", seed=4)
+
+
+def test_no_shipped_folder_is_one_clear_error(tmp_path, monkeypatch, no_training_no_download):
+    monkeypatch.setattr(shipped, "SHIPPED_ROOT", tmp_path / "empty")
+    with pytest.raises(UserInputError, match=r"checksums[.]json is missing.*--rebuild"):
+        ref.reference_path("lm")
+
+
+@pytest.fixture
+def rebuilt_in_cache(shipped_tiny, monkeypatch):
+    """What `slimtune reference lm --rebuild` leaves: a finished build of the current recipe in the cache."""
+    monkeypatch.setattr(ref, "build_reference_lm", lambda final, seed, tiny: ref_lm.build_reference_lm(final, tiny=True))
+    rebuilt = ref.reference_path("lm", rebuild=True)
+    assert rebuilt != shipped_tiny and ref.is_finished(rebuilt)
+    monkeypatch.setattr(ref, "build_reference_lm", lambda *a, **k: pytest.fail("started a build"))
+    return rebuilt
+
+
+def test_the_intact_shipped_model_wins_over_a_rebuild_in_the_cache(shipped_tiny, rebuilt_in_cache):
+    # The same weights on every machine: a rebuild made to compare does not change later results.
+    assert ref.reference_path("lm") == shipped_tiny
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "missing checksums"])
+def test_a_rebuild_in_the_cache_is_used_when_the_shipped_model_cannot_be(shipped_tiny, rebuilt_in_cache, damage,
+                                                                         capsys):
+    _damage(shipped_tiny, damage)
+    assert ref.reference_path("lm") == rebuilt_in_cache
+    assert f"using the rebuilt ref-lm in {rebuilt_in_cache}" in capsys.readouterr().err
+
+
+def test_the_shipped_ref_lm_is_the_current_recipe_and_intact(no_training_no_download):
+    import dataclasses
+
+    import eval.reference as package
+
+    # A recipe change without re-shipping would make every user's `--model ref-lm` an error.
+    assert shipped.shipped_recipe("lm") == dataclasses.asdict(package.lm_recipe())
+    assert ref.reference_path("lm") == shipped.verify_shipped("lm")
+    card = json.loads((shipped.shipped_dir("lm") / ref.CARD_NAME).read_text())
+    assert card["tiny"] is False and card["test_bits_per_byte"] > 0
 
 
 def test_a_rebuild_is_compared_with_the_shipped_model(shipped_tiny, tmp_path):

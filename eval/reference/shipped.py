@@ -2,10 +2,20 @@
 
 A shipped model is the directory a build wrote (weights in safetensors, tokenizer or image
 processor, card, corpus manifest) plus `checksums.json`, the SHA-256 of every other file,
-written last. `reference_path` returns it when its card's recipe is the current recipe, after
-checking every file against its checksum, so a fresh install needs no training; a recipe that
-changed falls back to building into the cache. `slimtune reference KIND --rebuild` retrains
-from the recipe and `compare_with_shipped` says how the result compares.
+written last. `reference_path` returns it after checking every file against its checksum (the
+card included) and then the card's recipe against the current recipe, so a fresh install needs
+no training.
+
+It fails closed: a missing `checksums.json`, a file that differs from its checksum (an edited
+card is corruption, not a recipe change), or a card whose recipe is not the current recipe is
+one `UserInputError` naming the file and saying how to rebuild. Nothing trains and nothing
+downloads unless the user asks with `slimtune reference KIND --rebuild`, which retrains from the
+recipe into the cache; `compare_with_shipped` says how the result compares.
+
+A rebuild in the cache of exactly the current recipe is used only when the shipped model cannot
+be (damaged, or the caller asks for another recipe such as another seed), with a note on
+stderr; an intact shipped model always wins, so that `--model ref-lm` means the same weights on
+every machine and a rebuild made to compare does not change later results.
 """
 
 from __future__ import annotations
@@ -37,18 +47,51 @@ def shipped_recipe(kind: str) -> dict | None:
     return read_json(folder / CARD_NAME, what=f"shipped ref-{kind} card").get("recipe")
 
 
+def how_to_rebuild(kind: str, flags: str = "") -> str:
+    """The one sentence every shipped-model error ends with."""
+    return (f"reinstall slimtune, or retrain it with `slimtune reference {kind}{flags} --rebuild` "
+            "(about an hour for ref-lm on 2 cores; the rebuilt model goes to the cache, which is used whenever the shipped model cannot be)")
+
+
 def verify_shipped(kind: str) -> Path:
-    """The shipped directory of `kind`, after checking each file against `checksums.json`."""
+    """The shipped directory of `kind`, after checking each file against `checksums.json`.
+
+    A missing folder or checksum file, a missing file or a checksum mismatch is a `UserInputError`
+    naming the file."""
     folder = shipped_dir(kind)
-    how = (f"reinstall slimtune, or retrain it with `slimtune reference {kind} --rebuild` "
-           "(the rebuilt model goes to the cache)")
-    for name, expected in read_json(folder / CHECKSUMS_NAME, what=f"shipped ref-{kind} checksums").items():
+    how = how_to_rebuild(kind)
+    checksums = folder / CHECKSUMS_NAME
+    if not checksums.is_file():
+        raise UserInputError(f"the shipped ref-{kind} has no checksum file ({checksums} is missing), so its weights "
+                             f"cannot be trusted; {how}")
+    expected_sums = read_json(checksums, what=f"shipped ref-{kind} checksums")
+    if CARD_NAME not in expected_sums:  # the card holds the recipe: it must be covered too
+        raise UserInputError(f"the shipped ref-{kind} checksums ({checksums}) do not cover {CARD_NAME}; {how}")
+    for name, expected in expected_sums.items():
         path = folder / name
         if not path.is_file():
             raise UserInputError(f"the shipped ref-{kind} file {path} is missing; {how}")
         if _sha256(path) != expected:
             raise UserInputError(f"the shipped ref-{kind} file {path} is corrupted (its SHA-256 does not match "
                                  f"{CHECKSUMS_NAME}); {how}")
+    return folder
+
+
+def verified_shipped_for(kind: str, recipe: dict, flags: str = "") -> Path:
+    """The shipped directory of `kind` when it is intact and its card's recipe is `recipe`.
+
+    Checksums first, recipe second: an edited card is corruption, never a recipe change. A recipe
+    that differs (the package and the code disagree, or the caller asks for a recipe that does
+    not ship, e.g. another seed) is a `UserInputError` naming the card: nothing is built here.
+    """
+    folder = verify_shipped(kind)
+    card = folder / CARD_NAME
+    shipped = read_json(card, what=f"shipped ref-{kind} card").get("recipe")
+    if shipped != recipe:
+        differ = sorted(k for k in set(shipped or {}) | set(recipe) if (shipped or {}).get(k) != recipe.get(k))
+        raise UserInputError(f"the shipped ref-{kind} ({card}) was built from another recipe than the one asked for "
+                             f"(they differ in {', '.join(differ) or 'everything'}), and no rebuild of that recipe "
+                             f"is in the cache; {how_to_rebuild(kind, flags)}")
     return folder
 
 
