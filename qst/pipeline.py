@@ -44,6 +44,9 @@ class TuneSettings:
       before training.
     - `device`: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...; `fit_check`: refuse a
       run the memory estimate says will not fit.
+    - `eval_tasks`: lm-eval task names scored after training (`eval.lm_eval_bridge`, offline: local
+      data only; a built-in task's own name is its suite YAML), with task YAMLs also read from
+      `eval_include_path`; `eval_limit`: examples per lm-eval task (None: all).
     - `cache_backbone`: store the backbone's hidden states on disk in the first epoch (in
       `cache_dir`, default $SLIMTUNE_CACHE/qst-features); later epochs run only the side network.
     """
@@ -62,6 +65,9 @@ class TuneSettings:
     fit_check: bool = True
     cache_backbone: bool = False
     cache_dir: str | Path | None = None
+    eval_tasks: tuple[str, ...] = ()
+    eval_include_path: tuple[str, ...] = ()
+    eval_limit: int | None = None
     qst: QSTConfig = dataclasses.field(default_factory=QSTConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -75,6 +81,10 @@ class TuneSettings:
             require_positive(name, getattr(self, name))
         if self.train_examples is not None:
             require_positive("train_examples", self.train_examples)
+        if self.eval_limit is not None:
+            require_positive("eval_limit", self.eval_limit)
+        object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+        object.__setattr__(self, "eval_include_path", tuple(str(p) for p in self.eval_include_path))
         if not isinstance(self.qst, QSTConfig) or not isinstance(self.train, TrainConfig):
             raise UserInputError("TuneSettings.qst must be a QSTConfig and TuneSettings.train a TrainConfig")
 
@@ -142,6 +152,7 @@ def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     scores_after = scores()
     after = scores_after.get("accuracy")
+    lm_eval_results = _lm_eval_after(s, model, tokenizer, device)
     model.slimtune_card = {"quality": {
         "task": f"{task.name} (test split{'' if s.eval_examples is None else f', first {s.eval_examples} examples'})",
         **_card_scores(scores_before, scores_after),
@@ -163,6 +174,7 @@ def _run_tune(s: TuneSettings, out: Path) -> dict[str, Any]:
         # instruction tasks: mean loss and perplexity per response token of the test split
         "heldout_loss_before": (scores_before or {}).get("loss"), "heldout_loss_after": scores_after.get("loss"),
         "perplexity_before": (scores_before or {}).get("perplexity"), "perplexity_after": scores_after.get("perplexity"),
+        "eval_tasks": lm_eval_results,
         "losses": history.losses, "steps": history.steps, "resumed_from": history.resumed_from,
         "peak_memory_bytes": peak,
         "process_peak_rss_bytes": lifetime_peak_rss(),  # backbone, data, training, evaluation
@@ -189,6 +201,21 @@ def _task_spec(s: TuneSettings) -> dict:
     return spec
 
 
+def _lm_eval_after(s: TuneSettings, model, tokenizer, device: str) -> dict | None:
+    """{lm-eval task: its metrics} of the tuned model on `s.eval_tasks` (None when none asked)."""
+    if not s.eval_tasks:
+        return None
+    from eval.lm_eval_bridge import run_lm_eval
+    from eval.tasks import BUILTIN_TASKS, lm_eval_task_name, task_yaml_dir
+
+    names = [lm_eval_task_name(t) if t in BUILTIN_TASKS else t for t in s.eval_tasks]
+    include = [*s.eval_include_path, *([str(task_yaml_dir())] if set(s.eval_tasks) & set(BUILTIN_TASKS) else [])]
+    model.eval()
+    results = run_lm_eval(model, tokenizer, names, include_path=include or None, limit=s.eval_limit,
+                          batch_size=s.eval_batch, device=device)
+    return results.get("results", {})
+
+
 def _card_scores(before: dict | None, after: dict) -> dict:
     """The model card's quality lines: accuracy, or held-out perplexity for instruction tasks."""
     name = "accuracy" if "accuracy" in after else "perplexity"
@@ -198,7 +225,12 @@ def _card_scores(before: dict | None, after: dict) -> dict:
 def _load_task(s: TuneSettings):
     from eval.tasks import load_task
 
-    task = load_task(_task_spec(s))
+    spec = _task_spec(s)
+    task = load_task(spec)
+    if s.train_examples is not None and len(task.train) > s.train_examples:  # a loader that ignored the sample
+        import random
+
+        task = dataclasses.replace(task, train=random.Random(spec["seed"]).sample(task.train, s.train_examples))
     if s.head == "classifier" and task.kind != "classification":
         raise UserInputError(f"head 'classifier' needs a classification task; {task.name} is {task.kind}",
                              field="head")
@@ -296,6 +328,10 @@ def _write_report(out: Path, data: dict) -> None:
         f"| median step time | {ms(data['median_step_time_s'])} (first epoch {ms(data['median_step_time_first_epoch_s'])}, "
         f"later epochs {ms(data['median_step_time_later_epochs_s'])}) |",
     ]
+    for name, metrics in (data.get("eval_tasks") or {}).items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        lines.append(f"| lm-eval {name} after tuning | {shown} |")
     if cache is not None:
         lines.append(f"| feature cache | {cache['hits']} hits, {cache['misses']} misses ({cache['root']}) |")
     lines += ["", f"Device: {data['device']}. {machine_line(data['machine'])}", ""]

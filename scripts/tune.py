@@ -81,6 +81,13 @@ def add_parser(subparsers) -> None:
     evaluation.add_argument("--eval-examples", type=int, default=None, help="cap on test examples (default: all)")
     evaluation.add_argument("--eval-batch", type=int, default=8)
     evaluation.add_argument("--skip-before", action="store_true", help="skip the accuracy before training")
+    evaluation.add_argument("--eval-tasks", default=None,
+                            help="comma list of lm-eval tasks scored after training (local data only, e.g. MMLU "
+                            "after instruction tuning through a YAML in --eval-include-path; a built-in task by "
+                            "its own name)")
+    evaluation.add_argument("--eval-include-path", action="append", default=[],
+                            help="a folder of lm-eval task YAMLs for --eval-tasks (repeatable)")
+    evaluation.add_argument("--eval-limit", type=int, default=None, help="examples per --eval-tasks task")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--no-fit-check", action="store_true",
                    help="start even when the memory estimate says the run will not fit")
@@ -117,7 +124,9 @@ def settings(args: argparse.Namespace):
     return TuneSettings(
         task=dataclasses.asdict(task_spec(args)), method=args.method, model=args.model, head=args.head, batch=args.batch, seq=args.seq,
         train_examples=args.train_examples, eval_examples=args.eval_examples, eval_batch=args.eval_batch,
-        skip_before=args.skip_before, device=args.device, fit_check=not args.no_fit_check,
+        skip_before=args.skip_before, device=args.device,
+        eval_tasks=tuple(t.strip() for t in (args.eval_tasks or "").split(",") if t.strip()),
+        eval_include_path=tuple(args.eval_include_path), eval_limit=args.eval_limit, fit_check=not args.no_fit_check,
         cache_backbone=args.cache_backbone, cache_dir=args.cache_dir, qst=qst, train=train,
     )
 

@@ -422,3 +422,25 @@ def test_export_refuses_a_non_empty_folder(builtin_tiny, tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(UserInputError, match="not empty"):
         export_task(builtin_tiny, tmp_path / "x")
+
+
+def test_tune_scores_lm_eval_tasks_after_instruction_tuning(tmp_path, tiny_llama_dir, alpaca_json):
+    """--eval-tasks: an lm-eval task on local data (here a tiny multiple-choice JSONL and its YAML),
+    as the QST paper scores MMLU after instruction tuning."""
+    yamls = tmp_path / "yamls"
+    yamls.mkdir()
+    rows = [{"query": "2 + 2 =", "choices": ["4", "5"], "answer": 0}, {"query": "Sky is", "choices": ["blue", "up"],
+                                                                        "answer": 0}]
+    (yamls / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (yamls / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(yamls / 'tiny_mc.jsonl'))}\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["tune", "--model", str(tiny_llama_dir), "--task", str(alpaca_json), "--out", str(out), *TUNE,
+                     "--eval-tasks", "tiny_mc", "--eval-include-path", str(yamls)]) == 0
+    report = json.loads((out / "tune_report.json").read_text())
+    assert 0 <= report["eval_tasks"]["tiny_mc"]["acc,none"] <= 1
+    assert "lm-eval tiny_mc after tuning" in (out / "tune_report.md").read_text()
