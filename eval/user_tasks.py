@@ -103,7 +103,7 @@ def open_splits(spec: TaskSpec) -> dict:
             raise UserInputError(f"--task-config {spec.config!r} applies to hf:NAME datasets only; {path} is a "
                                  "local path")
         raw = _open_saved(path) if _is_saved_dataset(path) else _open_files(path)
-    raw = {_split_of_name(name) or name: ds for name, ds in raw.items()}
+    raw = _merge_aliases(raw, spec.source)
     unknown = sorted(set(raw) - set(SPLITS))
     if unknown and "train" in raw:
         warnings.warn(f"task {spec.source}: split(s) {', '.join(unknown)} are not train / validation / test and "
@@ -119,6 +119,24 @@ def open_splits(spec: TaskSpec) -> dict:
         if len(ds) == 0:
             raise UserInputError(f"task {spec.source}: the {split} split is empty; expected rows of data")
     return raw
+
+
+def _merge_aliases(raw: dict, source: str) -> dict:
+    """{split: Dataset} with split names mapped (`dev` -> validation); sets naming the same split
+    are concatenated (MMLU's dev and val)."""
+    import datasets
+
+    groups: dict[str, list] = {}
+    for name in sorted(raw):
+        groups.setdefault(_split_of_name(name) or name, []).append(raw[name])
+    merged = {}
+    for split, parts in groups.items():
+        try:
+            merged[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        except ValueError as e:
+            raise UserInputError(f"task {source}: the sets that make the {split} split have different columns "
+                                 f"({_short(e)}); expected one layout") from e
+    return merged
 
 
 def _split_of_name(name: str) -> str | None:

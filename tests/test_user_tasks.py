@@ -201,6 +201,20 @@ def test_parquet_and_save_to_disk_with_class_label(tmp_path):
         assert _load(path).labels == ("0", "1")
 
 
+def test_split_names_map_like_mmlus_on_the_hub(tmp_path):
+    """cais/mmlu's splits: auxiliary_train is train; dev and validation together are validation."""
+    import datasets
+
+    def part(n, start):
+        return datasets.Dataset.from_dict({"question": [f"q{start + i}" for i in range(n)],
+                                           "choices": [["a", "b", "c", "d"]] * n, "answer": [i % 4 for i in range(n)]})
+
+    datasets.DatasetDict({"auxiliary_train": part(8, 0), "dev": part(2, 10), "validation": part(3, 20),
+                          "test": part(4, 30)}).save_to_disk(tmp_path / "mmlu")
+    task = _load(tmp_path / "mmlu")
+    assert (task.kind, len(task.train), len(task.validation), len(task.test)) == ("multiple_choice", 8, 5, 4)
+
+
 def test_train_examples_materialises_only_the_sample(tmp_path):
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 3}) + "\n" for i in range(3000)))
