@@ -58,18 +58,24 @@ _HF_PREFIX = "hf:"
 
 def load_user_task(spec: TaskSpec) -> Task:
     """The task in the user's data `spec` names (see the module docstring)."""
+    with _quiet_datasets():
+        return _load_user_task(spec)
+
+
+def _load_user_task(spec: TaskSpec) -> Task:
     raw = open_splits(spec)
     columns = _column_union(raw)
     kind = spec.kind or infer_kind(columns, spec.columns)
     roles = resolve_columns(kind, columns, spec.columns, spec.source)
     raw = _drop_unlabelled(raw, kind, roles)
+    # From every labelled row the data has, before any carving or sampling: the same names always.
+    labels = class_names(raw, roles, spec.labels) if kind == "classification" else ()
     raw = carve_splits(raw, spec)
     if spec.train_examples is not None and spec.train_examples < len(raw["train"]):
         # The sample `load_task` takes of a built-in task (random.sample over positions): the same
         # seed picks the same rows of the same data in either form.
         picked = random.Random(spec.seed).sample(range(len(raw["train"])), spec.train_examples)
         raw["train"] = raw["train"].select(picked)
-    labels = class_names(raw, roles, spec.labels) if kind == "classification" else ()
     examples = {split: _examples(raw[split], split, kind, roles, labels, spec.source) for split in SPLITS}
     task = Task(name=task_name(spec), kind=kind, labels=tuple(labels), train=examples["train"],
                 validation=examples["validation"], test=examples["test"],
