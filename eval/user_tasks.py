@@ -24,7 +24,6 @@ parsed are skipped and counted (one warning per split); a split with none left i
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 import random
@@ -75,7 +74,7 @@ def _load_user_task(spec: TaskSpec) -> Task:
         # The sample `load_task` takes of a built-in task (random.sample over positions): the same
         # seed picks the same rows of the same data in either form.
         picked = random.Random(spec.seed).sample(range(len(raw["train"])), spec.train_examples)
-        raw["train"] = raw["train"].select(picked)
+        raw["train"] = _select(raw["train"], picked, ("sample", spec.seed, spec.train_examples))
     examples = {split: _examples(raw[split], split, kind, roles, labels, spec.source) for split in SPLITS}
     task = Task(name=task_name(spec), kind=kind, labels=tuple(labels), train=examples["train"],
                 validation=examples["validation"], test=examples["test"],
@@ -449,14 +448,26 @@ def carve_splits(raw: dict, spec: TaskSpec) -> dict:
         n = math.floor(fraction[split] * len(train))
         if fraction[split] > 0 and n == 0 and len(train) > 2:
             n = 1
-        out[split] = train.select(sorted(order[start:start + n]))
+        out[split] = _select(train, sorted(order[start:start + n]), ("carve", split, tuple(missing), spec.seed,
+                                                                  fraction[split], spec.test_fraction))
         start += n
     if start >= len(train):
         raise UserInputError(f"task {spec.source}: {len(train)} rows leave no training data after carving "
                              f"validation ({spec.validation_fraction}) and test ({spec.test_fraction}); give more "
                              "rows or smaller --validation-fraction / --test-fraction")
-    out["train"] = train.select(sorted(order[start:])) if start else train
+    if start:
+        out["train"] = _select(train, sorted(order[start:]), ("carve", "train", tuple(missing), spec.seed,
+                                                              spec.validation_fraction, spec.test_fraction))
     return out
+
+
+def _select(ds, indices: list[int], how: tuple):
+    """`ds.select(indices)` with a fingerprint made from what chose the rows: datasets would
+    otherwise hash the whole index list (seconds on 100k rows)."""
+    import hashlib
+
+    key = repr((ds._fingerprint, how, len(indices))).encode()
+    return ds.select(indices, new_fingerprint=hashlib.sha256(key).hexdigest()[:32])
 
 
 # --------------------------------------------------------------------------------------------
