@@ -524,8 +524,8 @@ def format_markdown(data: dict) -> str:
             "error": None,
         })
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    if all(r.get("held-out ppl") is None for r in rows):  # only instruction tasks are scored by it
-        columns.remove("held-out ppl")
+    if "held-out ppl" in columns and all(r.get("held-out ppl") is None for r in rows):
+        columns.remove("held-out ppl")  # only instruction tasks are scored by it
     if all(r.get("error") is None for r in rows):
         columns.remove("error")
     s = data["settings"]
