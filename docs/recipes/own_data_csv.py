@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
-from eval.tasks import SPLITS, load_task
-from eval.user_tasks import task_rows
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, run from a clone
+
+from eval.tasks import SPLITS, load_task  # noqa: E402
+from eval.user_tasks import task_rows  # noqa: E402
 
 
 def main() -> int:
