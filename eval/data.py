@@ -52,11 +52,16 @@ class MultipleChoiceExample:
 
 @dataclass(frozen=True)
 class InstructionExample:
-    """One Alpaca-style record; `input` is "" when the instruction needs no input."""
+    """One Alpaca-style record; `input` is "" when the instruction needs no input.
+
+    A chat (a `messages` list) keeps its turns before the response in `messages` (dicts with
+    `role` and `content`); `output` is the last assistant turn, the response the loss falls on.
+    """
 
     instruction: str
     input: str
     output: str
+    messages: tuple = ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,7 +144,15 @@ def continuation_log_likelihoods(model, tokenizer, pairs: Sequence[tuple[str, st
 def context_continuation_ids(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
     context_ids = tokenizer(context)["input_ids"]
     full_ids = tokenizer(context + continuation)["input_ids"]
+    return split_continuation(context_ids, full_ids, max_length)
+
+
+def split_continuation(context_ids: list[int], full_ids: list[int], max_length: int) -> tuple[list[int], int]:
+    """(ids, n_continuation) from the tokens of the context and of context + continuation: the
+    continuation is what follows their common prefix; long inputs lose tokens from the left."""
     common = 0
+    if full_ids[: len(context_ids)] == context_ids:  # the usual case, compared in C
+        common = min(len(context_ids), len(full_ids))
     while common < min(len(context_ids), len(full_ids)) and context_ids[common] == full_ids[common]:
         common += 1
     # At least one context token must remain to predict the first continuation token.

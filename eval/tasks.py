@@ -142,12 +142,13 @@ class Task:
                                  "validation data (give the data a validation split or --validation-fraction)")
         return examples
 
-    def prompt(self, example) -> str:
-        """What a causal LM reads before the answer."""
+    def prompt(self, example, tokenizer=None) -> str:
+        """What a causal LM reads before the answer. An instruction is rendered with `tokenizer`'s
+        chat template when it has one (`instruction_prompt`)."""
         if self.kind == "classification":
             return self.template.format(text=example.text)
         if self.kind == "instruction":
-            return instruction_prompt(example)
+            return instruction_prompt(example, tokenizer)
         return example.question
 
     def answer(self, example) -> str:
@@ -173,10 +174,30 @@ class Task:
 # own format, so that models tuned on Alpaca see what they were tuned with).
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# A chat's turns in the plain format: a user turn reads as an instruction, an assistant turn as a
+# response, so a one-turn chat renders exactly as an Alpaca record without input.
+CHAT_TURN_HEADINGS = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
 
 
-def instruction_prompt(example: InstructionExample) -> str:
-    """The plain-text prompt of an instruction example (`INSTRUCTION_TEMPLATE`)."""
+def instruction_messages(example: InstructionExample) -> list[dict]:
+    """The example as chat turns before the response: its `messages`, or one user turn holding
+    the instruction and (after a blank line) the input."""
+    if example.messages:
+        return [dict(m) for m in example.messages]
+    content = example.instruction + (f"\n\n{example.input}" if example.input else "")
+    return [{"role": "user", "content": content}]
+
+
+def instruction_prompt(example: InstructionExample, tokenizer=None) -> str:
+    """The prompt of an instruction example: `tokenizer`'s chat template (with the generation
+    prompt) when it has one, else the plain template (`INSTRUCTION_TEMPLATE`, `CHAT_TURN_HEADINGS`)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(instruction_messages(example), tokenize=False,
+                                             add_generation_prompt=True)
+    if example.messages:
+        turns = [f"{CHAT_TURN_HEADINGS.get(m['role'], '### ' + m['role'].title() + ':')}\n{m['content']}\n\n"
+                 for m in example.messages]
+        return "".join(turns) + CHAT_TURN_HEADINGS["assistant"] + "\n"
     template = INSTRUCTION_WITH_INPUT_TEMPLATE if example.input else INSTRUCTION_TEMPLATE
     return template.format(instruction=example.instruction, input=example.input)
 
@@ -402,18 +423,30 @@ def classification_batches(examples: Sequence, tokenizer, batch_size: int, seq_l
 
 
 def lm_batches(task: Task, split: str, tokenizer, batch_size: int, seq_len: int, shuffle: bool = False,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, max_examples: int | None = None) -> list[dict]:
     """Batches for causal-LM tuning: each example is its prompt + its answer (`Task.answer`: the
-    label name, the right choice or the instruction's output), right-padded to `seq_len`; `labels` is -100 except on the answer's
-    tokens, so the model learns only the answer. Long prompts lose tokens from the left."""
-    from eval.metrics import context_continuation_ids
+    label name, the right choice or the instruction's output), right-padded to `seq_len`; `labels`
+    is -100 except on the answer's tokens, so the model learns only the answer. Long prompts lose
+    tokens from the left; an instruction's response keeps its start (`response_ids`).
+    `max_examples`: the first that many examples of the split only."""
+    from eval.metrics import split_continuation
 
     _check_batching(batch_size, seq_len)
     examples = task.split(split)
+    if max_examples is not None:
+        examples = examples[: require_positive("max_examples", max_examples)]
     pad = _pad_id(tokenizer)
-    sequences = []
-    for ex in examples:
-        sequences.append(context_continuation_ids(tokenizer, task.prompt(ex), task.answer(ex), max_length=seq_len))
+    if task.kind == "instruction":
+        sequences = response_ids(tokenizer, [task.prompt(ex, tokenizer) for ex in examples],
+                                 [task.answer(ex) for ex in examples], seq_len)
+    else:  # context_continuation_ids per example, with the tokenizer called once per chunk (fast on 100k rows)
+        sequences = []
+        for start in range(0, len(examples), 1024):
+            chunk = examples[start:start + 1024]
+            prompts = [task.prompt(ex) for ex in chunk]
+            contexts = tokenizer(prompts, verbose=False)["input_ids"]
+            fulls = tokenizer([p + task.answer(ex) for p, ex in zip(prompts, chunk)], verbose=False)["input_ids"]
+            sequences += [split_continuation(c, f, seq_len) for c, f in zip(contexts, fulls)]
     order = _order(len(sequences), shuffle, seed)
     batches = []
     for start in range(0, len(order), batch_size):
@@ -425,6 +458,63 @@ def lm_batches(task: Task, split: str, tokenizer, batch_size: int, seq_len: int,
             labels[r, len(ids) - n_answer : len(ids)] = torch.tensor(ids[len(ids) - n_answer :])
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
+
+
+def response_ids(tokenizer, prompts: list[str], responses: list[str], seq_len: int) -> list[tuple[list[int], int]]:
+    """(prompt + response + EOS ids, number of response tokens incl. EOS) per instruction example,
+    at most `seq_len` tokens.
+
+    What is cut when it is too long: the prompt loses tokens from its left, down to half of
+    `seq_len` (its end, next to the response, says what to answer); then the response loses
+    tokens from its right. So a response is never dropped whole, and its first tokens, the ones
+    a model must learn to start with, stay. EOS ends the response so that the model learns to stop.
+    """
+    chat = bool(getattr(tokenizer, "chat_template", None))  # the template writes its own BOS
+    prompt_ids = tokenizer(prompts, add_special_tokens=not chat, verbose=False)["input_ids"]
+    answer_ids = tokenizer(responses, add_special_tokens=False, verbose=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for prompt, answer in zip(prompt_ids, answer_ids):
+        answer = answer + eos
+        keep_prompt = max(1, min(len(prompt), max(seq_len - len(answer), seq_len // 2)))
+        prompt = prompt[len(prompt) - keep_prompt:]
+        answer = answer[: seq_len - len(prompt)]
+        out.append((prompt + answer, len(answer)))
+    return out
+
+
+def response_loss(model, tokenizer, task: Task, split: str = "test", batch_size: int = 8, seq_len: int = 256,
+                  max_examples: int | None = None) -> dict:
+    """Held-out loss of an instruction task: mean cross-entropy per response token (the tokens the
+    training loss falls on, truncated as in training) and its perplexity exp(loss)."""
+    import math
+
+    from eval.metrics import model_device
+
+    device = model_device(model)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in lm_batches(task, split, tokenizer, batch_size, seq_len, max_examples=max_examples):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())  # predicted positions (labels shift by one)
+            if n:
+                total += float(model(**batch).loss) * n
+                tokens += n
+    if not tokens:
+        raise UserInputError(f"task {task.name!r}: the {split} split has no response tokens to score")
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+def task_scores(model, tokenizer, task: Task, split: str = "test", batch_size: int = 8,
+                max_examples: int | None = None, seq_len: int = 256) -> dict:
+    """What a task is scored by: {"accuracy"} for classification and multiple choice
+    (`task_accuracy`), {"loss", "perplexity", "tokens"} of the responses for instruction tasks."""
+    if task.kind == "instruction":
+        return response_loss(model, tokenizer, task, split, batch_size=batch_size, seq_len=seq_len,
+                             max_examples=max_examples)
+    return {"accuracy": task_accuracy(model, tokenizer, task, split, batch_size=batch_size,
+                                      max_examples=max_examples)}
 
 
 def task_accuracy(model, tokenizer, task: Task, split: str = "test", batch_size: int = 8,

@@ -42,6 +42,9 @@ class PruneSettings:
     block_size: tokens per block; batch_size: blocks per step (training, perplexity, tokens/s);
     calib_blocks / eval_blocks: at most this many calibration / held-out blocks.
     recover_steps, recover_lr, lora_rank: LoRA recovery fine-tuning after pruning (0 steps: none).
+    recover_task: recover on a task's training split instead of the calibration text (what
+        `eval.tasks.load_task` takes: a built-in name or a `TaskSpec` dict, the user's data); its
+        test split is scored (accuracy, or held-out perplexity of the responses) before and after.
     threads: CPU threads for the whole run (None: torch's choice).
     """
 
@@ -66,6 +69,7 @@ class PruneSettings:
     recover_steps: int = 0
     recover_lr: float = 2e-4
     lora_rank: int = 8
+    recover_task: str | dict | None = None
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -79,6 +83,9 @@ class PruneSettings:
         require_positive("recover_steps", self.recover_steps, minimum=0)
         if self.recover_steps:
             require_positive("lora_rank", self.lora_rank)
+        if self.recover_task is not None and not self.recover_steps:
+            raise UserInputError("recover_task needs recover_steps > 0 (the LoRA recovery that trains on it)",
+                                 field="recover_task")
         if self.threads is not None:
             require_positive("threads", self.threads)
         self.disp_config()  # validates the hypernetwork's settings, whatever the method
@@ -124,6 +131,11 @@ def _markdown(r: dict) -> str:
              f"(block_params_after / block_params_before).", "", markdown_table(rows), ""]
     if r.get("ppl_after_recovery") is not None:
         lines += [f"After {r['recover_steps']} LoRA recovery steps: perplexity {r['ppl_after_recovery']:.3f}.", ""]
+    if r.get("recover_task_scores"):
+        before, after = r["recover_task_scores"]["before_recovery"], r["recover_task_scores"]["after_recovery"]
+        name = "accuracy" if "accuracy" in after else "perplexity"
+        lines += [f"Recovered on task {r['recover_task']}: test {name} {before[name]:.4f} after pruning, "
+                  f"{after[name]:.4f} after recovery.", ""]
     lines += [f"Pruning took {r['prune_time_s']:.1f} s"
               + (f" (hypernetwork training {r['hypernet_train_time_s']:.1f} s, {r['steps']} steps)."
                  if r["method"] == "disp" else "."),
@@ -159,6 +171,7 @@ def _run_prune(s: PruneSettings, out: Path) -> dict:
     torch.manual_seed(s.seed)
     model, tokenizer = load_causal_lm(s.model, device=s.device)
     layout_for(model.config)  # an unsupported architecture fails here, before any work
+    recover_task = _load_recover_task(s)  # bad task data fails here, before any work
     blocks, test_blocks, eval_source = _token_blocks(s, model, tokenizer)
 
     ppl_before = perplexity_of_blocks(model, test_blocks, batch_size=s.batch_size)
@@ -172,18 +185,28 @@ def _run_prune(s: PruneSettings, out: Path) -> dict:
     speed_batch = test_blocks[: s.batch_size].to(model.device)
     speed = side_by_side_throughput({"dense": model, "pruned": pruned}, {"input_ids": speed_batch},
                                     items=speed_batch.numel())
-    ppl_recovered = None
+    ppl_recovered, task_scores = None, {}
     if s.recover_steps:
+        task_batches = None
+        if recover_task is not None:
+            from eval.tasks import lm_batches
+
+            task_batches = lm_batches(recover_task, "train", tokenizer, s.batch_size, s.block_size, shuffle=True,
+                                      seed=s.seed)
+            task_scores["before_recovery"] = _task_scores(pruned, tokenizer, recover_task, s)
         pruned = recover_with_lora(pruned, blocks, s.recover_steps, lr=s.recover_lr, rank=s.lora_rank,
-                                   batch_size=s.batch_size, seed=s.seed)
+                                   batch_size=s.batch_size, seed=s.seed, batches=task_batches)
         ppl_recovered = perplexity_of_blocks(pruned, test_blocks, batch_size=s.batch_size)
+        if recover_task is not None:
+            task_scores["after_recovery"] = _task_scores(pruned, tokenizer, recover_task, s)
 
     report = {"method": s.method, "model": s.model, "kept": s.kept, **training}
     report.update(
         params_before=count_parameters(model), params_after=count_parameters(pruned),
         block_params_before=block_params(model), block_params_after=block_params(pruned),
         ppl_before=ppl_before, ppl_after=ppl_after, ppl_after_recovery=ppl_recovered,
-        recover_steps=s.recover_steps, tokens_per_s_before=speed["dense"], tokens_per_s_after=speed["pruned"],
+        recover_steps=s.recover_steps, recover_task=None if recover_task is None else recover_task.name,
+        recover_task_scores=task_scores or None, tokens_per_s_before=speed["dense"], tokens_per_s_after=speed["pruned"],
         prune_time_s=prune_time, **_widths_report(s.method, model, pruned),
         block_size=s.block_size, calib_blocks=int(blocks.shape[0]), eval_blocks=int(test_blocks.shape[0]),
         eval_text=eval_source, throughput_batch=list(speed_batch.shape),
@@ -195,6 +218,23 @@ def _run_prune(s: PruneSettings, out: Path) -> dict:
     _write(out, pruned, tokenizer, hypernet, report)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return report
+
+
+def _load_recover_task(s: PruneSettings):
+    if s.recover_task is None:
+        return None
+    from eval.tasks import load_task
+
+    return load_task(s.recover_task)
+
+
+def _task_scores(model, tokenizer, task, s: PruneSettings) -> dict:
+    """The recovery task's test score: accuracy, or held-out loss / perplexity (instruction)."""
+    from eval.tasks import task_scores
+
+    model.eval()
+    with torch.no_grad():
+        return task_scores(model, tokenizer, task, "test", batch_size=s.batch_size, seq_len=s.block_size)
 
 
 def _card_quality(r: dict) -> dict:

@@ -130,16 +130,21 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 
 
 def recover_with_lora(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 2e-4, rank: int = 8,
-                      batch_size: int = 4, seed: int = 0, desc: str = "lora recovery") -> nn.Module:
+                      batch_size: int = 4, seed: int = 0, desc: str = "lora recovery",
+                      batches: list[dict] | None = None) -> nn.Module:
     """Recovery fine-tuning (the paper's follow-up): LoRA on every attention/MLP linear of the pruned
-    model, trained with the shared loop on LM loss, then merged back (same shapes, same config)."""
+    model, trained with the shared loop on LM loss, then merged back (same shapes, same config).
+    `batches` (input_ids / attention_mask / labels, e.g. a task's `eval.tasks.lm_batches`) replace
+    the calibration `blocks` as the training data."""
     from peft import LoraConfig, get_peft_model
 
     from eval.train import TrainConfig, train
 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                   target_modules=lora_target_modules(model)))
-    batches = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calibration_batches(blocks, batch_size)]
+    if batches is None:
+        batches = [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
+                   for b in calibration_batches(blocks, batch_size)]
     train(peft_model, batches, TrainConfig(max_steps=steps, lr=lr, warmup_ratio=0.05, schedule="cosine", seed=seed),
           desc=desc)
     merged = peft_model.merge_and_unload()

@@ -33,7 +33,7 @@ from qst.baselines import DEFAULT_METHODS
 LOSS_WINDOW = 5  # final_loss: mean of the last steps' losses (one batch is noisy)
 
 
-def _batches(task_name: str | None, tokenizer, vocab_size: int, batch: int, seq: int, n_steps: int,
+def _batches(task_name: str | dict | None, tokenizer, vocab_size: int, batch: int, seq: int, n_steps: int,
              seed: int, train_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The training batches every method sees (one epoch; eval.train cycles it): the task's
     prompt+answer batches (the first `train_examples` of a seeded shuffle), or random tokens."""
@@ -48,7 +48,7 @@ def _batches(task_name: str | None, tokenizer, vocab_size: int, batch: int, seq:
             batches = batches[:train_examples // batch]
         if not batches:
             raise UserInputError(
-                f"task {task_name!r} gives no full batch of {batch} training examples"
+                f"task {task.name!r} gives no full batch of {batch} training examples"
                 + (f" from {train_examples} examples" if train_examples is not None else "")
                 + "; use a smaller batch or more training examples"
             )
@@ -69,7 +69,7 @@ def _check_sizes(batch: int, seq: int, steps: int, warmup: int, train_steps: int
 
 
 def measure_method(method: str, model: str | None = "ref-lm", arch: str | None = None,
-                   task: str | None = None, batch: int = 16, seq: int = 512, steps: int = 5,
+                   task: str | dict | None = None, batch: int = 16, seq: int = 512, steps: int = 5,
                    warmup: int = 2, train_steps: int = 0, lr: float = 2e-4, device: str = "cpu",
                    dtype: str | None = None, seed: int = 0, eval_examples: int | None = None,
                    eval_batch_size: int = 8, baseline_options: dict | None = None,
@@ -123,15 +123,17 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     if cache_dir is not None:
         cache_stats = cache.stats()
         cache_dir.cleanup()
-    accuracy, scored = None, 0
+    accuracy, scored, scores = None, 0, {}
     if tokenizer is not None and train_steps > 0:
-        from eval.tasks import load_task, task_accuracy
+        from eval.tasks import load_task, task_scores
 
         tuned.eval()
         scored_task = load_task(task)
         scored = len(scored_task.test[:eval_examples] if eval_examples is not None else scored_task.test)
-        accuracy = task_accuracy(tuned, tokenizer, scored_task, split="test",
-                                 batch_size=eval_batch_size, max_examples=eval_examples)
+        with torch.no_grad():  # instruction tasks: held-out loss and perplexity of the responses
+            scores = task_scores(tuned, tokenizer, scored_task, split="test", batch_size=eval_batch_size,
+                                 max_examples=eval_examples, seq_len=seq)
+        accuracy = scores.get("accuracy")
     losses = result.losses[-LOSS_WINDOW:]
     return {
         "method": method,
@@ -147,6 +149,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "final_loss": sum(losses) / len(losses) if losses and all(map(math.isfinite, losses)) else None,
         "accuracy": accuracy,
         "accuracy_se": _standard_error(accuracy, scored),
+        "heldout_loss": scores.get("loss"),
+        "perplexity": scores.get("perplexity"),
         "examples_scored": scored,
         "train_time_s": sum(result.step_times),
         "feature_cache": cache_stats,
@@ -217,7 +221,7 @@ class BenchSettings:
     steps: int = 5
     warmup: int = 2
     train_steps: int = 50
-    task: str | None = None
+    task: str | dict | None = None  # a built-in name or a TaskSpec dict (eval.tasks.load_task)
     eval_examples: int | None = 200
     lr: float = 2e-4
     device: str = "cpu"
@@ -348,7 +352,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         "seq": settings.seq,
         "methods": methods,
         "floor": floor,
-        "task": task,
+        "task": _task_label(task),
+        "task_spec": task,
         **_base_rates(task, settings.eval_examples),
         "settings": {k: getattr(settings, k) for k in BenchSettings.__dataclass_fields__},
         "estimates": {m: {"total_bytes": e["total_bytes"], "breakdown_bytes": e["breakdown_bytes"]}
@@ -362,17 +367,24 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
     return {"data": data, "markdown": markdown, "paths": paths}
 
 
-def _resolve_task(settings: BenchSettings) -> str | None:
+def _resolve_task(settings: BenchSettings) -> str | dict | None:
     if settings.arch is not None:
         return None
     from eval.tasks import TASKS, load_task
 
     name = settings.task or TASKS[0]
-    load_task(name)  # an unknown task fails here, before any process starts
+    load_task(name)  # an unknown task or bad data fails here, before any process starts
     return name
 
 
-def _base_rates(task: str | None, eval_examples: int | None) -> dict[str, float | None]:
+def _task_label(task: str | dict | None) -> str | None:
+    """The task's name in the report: a built-in name, or the user's data source."""
+    if isinstance(task, dict):
+        return task["source"] + (f" ({task['config']})" if task.get("config") else "")
+    return task
+
+
+def _base_rates(task: str | dict | None, eval_examples: int | None) -> dict[str, float | None]:
     """The accuracy of always answering the most frequent right answer, and of guessing, on the
     test examples the bench scores (the first `eval_examples`): what "learned something" is against."""
     if task is None:
@@ -382,6 +394,8 @@ def _base_rates(task: str | None, eval_examples: int | None) -> dict[str, float 
     from eval.tasks import load_task
 
     loaded = load_task(task)
+    if loaded.kind == "instruction":  # scored by perplexity: no answers to count
+        return {"majority_rate": None, "chance_rate": None}
     examples = loaded.test[:eval_examples] if eval_examples is not None else loaded.test
     targets = Counter(loaded.target(e) for e in examples)
     chance = sum(1 / len(loaded.candidates(e)) for e in examples) / len(examples)
@@ -439,6 +453,8 @@ def _method_entry(raw: dict) -> tuple[dict, dict]:
         return entry, {"traceback": raw.get("traceback", "")}
     entry = {k: raw.get(k) for k in METHOD_KEYS}
     entry["peak_memory_bytes"] = _peak_bytes(raw)
+    # An instruction task is scored by held-out loss and perplexity of its responses, not accuracy.
+    entry.update({k: raw[k] for k in ("heldout_loss", "perplexity") if raw.get(k) is not None})
     details = {k: raw.get(k) for k in ("total_params", "parameter_bytes", "steps_trained", "losses",
                                        "memory_measure", "labelled_tokens")}
     details["peak_increment_bytes"] = raw.get("peak_memory_bytes")
@@ -504,9 +520,12 @@ def format_markdown(data: dict) -> str:
             "final loss": m["final_loss"],
             "accuracy %": _percent_with_se(acc, m.get("accuracy_se")),
             "Δacc vs QLoRA (pts)": None if acc is None or ref_acc is None else 100 * (acc - ref_acc),
+            "held-out ppl": m.get("perplexity"),
             "error": None,
         })
     columns = list(dict.fromkeys(k for r in rows for k in r))
+    if "held-out ppl" in columns and all(r.get("held-out ppl") is None for r in rows):
+        columns.remove("held-out ppl")  # only instruction tasks are scored by it
     if all(r.get("error") is None for r in rows):
         columns.remove("error")
     s = data["settings"]

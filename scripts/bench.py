@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ DEFAULTS = {"batch": 16, "seq": 512, "steps": 5, "train_steps": 50, "eval_exampl
 
 def add_parser(subparsers) -> None:
     from qst.baselines import DEFAULT_METHODS, METHODS
+    from scripts.task_options import add_task_arguments
 
     p = subparsers.add_parser(
         "bench",
@@ -49,7 +51,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-steps", type=int, default=None,
                    help="training steps before the test accuracy is measured (the timed steps are among "
                    f"them; 0: no accuracy) (default {DEFAULTS['train_steps']})")
-    p.add_argument("--task", default=None, help="downstream task (default: the first of eval.tasks.TASKS)")
+    add_task_arguments(p, required=False, default_help=f" (default: {QUICK['task']} with --quick, else the "
+                       "first built-in task)")
     p.add_argument("--eval-examples", type=int, default=None,
                    help=f"test examples scored per method (default {DEFAULTS['eval_examples']}; 0: the whole "
                    "test split)")
@@ -126,15 +129,18 @@ def run(args) -> int:
         return run_scaling(args)
     from eval.io import prepare_output_dir
     from qst.benchmark import BenchSettings, run_bench
+    from scripts.task_options import task_spec
 
     import_method_packages()  # a pruned or low-rank --model loads through its package
     preset = QUICK if args.quick else DEFAULTS
+    spec = task_spec(args, train_examples=_flag_or(args, preset, "train_examples"),
+                     source=None if args.arch else preset.get("task"))  # random weights: no task
     settings = BenchSettings(
         model=None if args.arch else args.model, arch=args.arch, methods=args.methods,
         batch=_flag_or(args, preset, "batch"), seq=_flag_or(args, preset, "seq"),
         steps=_flag_or(args, preset, "steps"), warmup=_flag_or(args, preset, "warmup"),
         train_steps=_flag_or(args, preset, "train_steps"),
-        task=args.task or (None if args.arch else preset.get("task")),  # random weights: no task
+        task=None if spec is None else dataclasses.asdict(spec),
         eval_examples=_eval_examples(_flag_or(args, preset, "eval_examples")),
         train_examples=_flag_or(args, preset, "train_examples"),
         feature_cache=not args.no_feature_cache,

@@ -28,6 +28,7 @@ COMMANDS = [
     "codegen_eval",
     "estimate_memory",
     "reference",
+    "export_task",
 ]
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def add_parser(subparsers) -> None:
     from pruning.config import ESTIMATORS
     from pruning.pipeline import METHODS, PruneSettings
+    from scripts.task_options import add_task_arguments
 
     defaults = PruneSettings  # its class attributes are the fields' defaults
 
@@ -45,6 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--recover-steps", type=int, default=defaults.recover_steps, help="LoRA recovery fine-tuning steps after pruning (0: none)")
     p.add_argument("--recover-lr", type=float, default=defaults.recover_lr, help="LoRA recovery learning rate")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank for recovery")
+    add_task_arguments(p, required=False, flag="--recover-task", purpose=" for LoRA recovery",
+                       default_help=". Recovery (--recover-steps) then trains on its train split instead of the "
+                       "calibration text, and its test split is scored before and after recovery")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads for the whole run (default: torch's "
@@ -56,18 +61,21 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from eval.errors import UserInputError, naming_flags
     from pruning.pipeline import PruneSettings, run_prune
+    from scripts.task_options import task_spec
 
     try:
+        recover_task = task_spec(args)
         settings = PruneSettings(
             model=args.model, method=args.method, kept=args.kept, calib=args.calib, eval_text=args.eval_text,
             steps=args.steps, estimator=args.estimator, lam=args.lam, lr=args.lr, tau=args.tau, offset=args.offset,
             block_size=args.block_size, batch_size=args.batch_size, calib_blocks=args.calib_blocks,
             eval_blocks=args.eval_blocks, recover_steps=args.recover_steps, recover_lr=args.recover_lr,
-            lora_rank=args.lora_rank, seed=args.seed, device=args.device, threads=args.threads,
+            lora_rank=args.lora_rank, recover_task=None if recover_task is None else dataclasses.asdict(recover_task),
+            seed=args.seed, device=args.device, threads=args.threads,
         )
         r = run_prune(settings, args.out)
     except UserInputError as error:  # the library names its settings; say which flag sets each
-        raise naming_flags(error, vars(args), {"eval_text": "--eval"}) from None
+        raise naming_flags(error, vars(args), {"eval_text": "--eval", "recover_task": "--recover-task"}) from None
     print(f"{r['method']}: block params {r['block_params_before']:,} -> {r['block_params_after']:,} "
           f"(kept {r['kept_ratio']:.3f}); perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}"
           + (f" ({r['ppl_after_recovery']:.3f} after recovery)" if r["ppl_after_recovery"] is not None else "")

@@ -2,6 +2,9 @@
 
     slimtune tune --method qst --model ref-lm --task TASK --out runs/qst-TASK
     slimtune tune --method lst --model ref-lm --task TASK --out runs/lst-TASK --side-init pruned
+    slimtune tune --model ref-lm --task reviews.csv --text-column review --label-column stars --out runs/reviews
+
+--task takes the user's data too (docs/DATA.md; the flags: scripts.task_options).
 
 The pipeline is `qst.pipeline.run_tune`; see there for what --out receives.
 """
@@ -9,6 +12,7 @@ The pipeline is `qst.pipeline.run_tune`; see there for what --out receives.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from eval.errors import UserInputError
@@ -19,6 +23,7 @@ def add_parser(subparsers) -> None:
     from eval.tuning_methods import SIDE_TUNING_METHODS
     from qst.config import DOWNSAMPLERS, OUTPUT_MIXES, SIDE_INITS, QSTConfig
     from qst.pipeline import HEADS
+    from scripts.task_options import add_task_arguments
 
     p = subparsers.add_parser(
         "tune", help="train a QST / LST side network on a task",
@@ -30,7 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=sorted(SIDE_TUNING_METHODS), default="qst",
                    help="qst: NF4 backbone; lst: the same side network on an unquantized backbone")
     p.add_argument("--model", default="ref-lm", help="'ref-lm', a local model directory or a hub id")
-    p.add_argument("--task", required=True, help="a reference task name (see eval.tasks.TASKS)")
+    add_task_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--head", choices=HEADS, default="lm",
                    help="lm: learn the answer text with the frozen LM head; classifier: a fresh score head "
@@ -70,11 +75,19 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--cache-dir", type=Path, default=None,
                        help="feature cache location (default: $SLIMTUNE_CACHE/qst-features)")
     train.add_argument("--train-examples", type=int, default=None,
-                       help="train on a fixed random subset of this many examples (default: the whole train split)")
+                       help="train on a fixed random subset of this many examples, sampled as the data loads "
+                       "(--data-seed; default: the whole train split)")
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--eval-examples", type=int, default=None, help="cap on test examples (default: all)")
     evaluation.add_argument("--eval-batch", type=int, default=8)
     evaluation.add_argument("--skip-before", action="store_true", help="skip the accuracy before training")
+    evaluation.add_argument("--eval-tasks", default=None,
+                            help="comma list of lm-eval tasks scored after training (local data only, e.g. MMLU "
+                            "after instruction tuning through a YAML in --eval-include-path; a built-in task by "
+                            "its own name)")
+    evaluation.add_argument("--eval-include-path", action="append", default=[],
+                            help="a folder of lm-eval task YAMLs for --eval-tasks (repeatable)")
+    evaluation.add_argument("--eval-limit", type=int, default=None, help="examples per --eval-tasks task")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--no-fit-check", action="store_true",
                    help="start even when the memory estimate says the run will not fit")
@@ -106,10 +119,14 @@ def settings(args: argparse.Namespace):
         side_init=args.side_init, side_layers=_side_layers(args.side_layers),
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    from scripts.task_options import task_spec
+
     return TuneSettings(
-        task=args.task, method=args.method, model=args.model, head=args.head, batch=args.batch, seq=args.seq,
+        task=dataclasses.asdict(task_spec(args)), method=args.method, model=args.model, head=args.head, batch=args.batch, seq=args.seq,
         train_examples=args.train_examples, eval_examples=args.eval_examples, eval_batch=args.eval_batch,
-        skip_before=args.skip_before, device=args.device, fit_check=not args.no_fit_check,
+        skip_before=args.skip_before, device=args.device,
+        eval_tasks=tuple(t.strip() for t in (args.eval_tasks or "").split(",") if t.strip()),
+        eval_include_path=tuple(args.eval_include_path), eval_limit=args.eval_limit, fit_check=not args.no_fit_check,
         cache_backbone=args.cache_backbone, cache_dir=args.cache_dir, qst=qst, train=train,
     )
 
