@@ -281,3 +281,77 @@ def test_the_shipped_problem_file_is_inside_the_package():
 
     path = shipped_problems_path()
     assert path.is_file() and path.parent.parent.parent == Path(eval.__file__).resolve().parent
+
+
+# --- The easy tier (eval.codegen.easy) --------------------------------------------------------
+
+
+def test_extract_completion_of_a_method_stops_where_the_class_body_resumes():
+    prompt = "class A:\n\n    def get(self):\n        \"\"\"Doc.\"\"\"\n"
+    generated = "        return self.x\n\n    def other(self):\n        pass\n"
+    assert extract_completion(generated, prompt=prompt) == "        return self.x\n"
+    assert extract_completion("        y = 1\n            z = 2\nclass B:\n", prompt=prompt) == (
+        "        y = 1\n            z = 2")  # deeper lines stay in, column 0 ends it too
+
+
+def test_the_easy_tier_files_are_what_the_generator_writes_and_the_splits_are_disjoint():
+    from eval.codegen.easy import FAMILIES, SPLIT_FILES, easy_tier
+
+    tier = easy_tier()
+    for split, path in SPLIT_FILES.items():
+        assert path.read_text(encoding="utf-8") == "".join(json.dumps(p) + "\n" for p in tier[split])
+    validation, test = load_humaneval("easy-validation"), load_humaneval("easy-test")
+    assert len(validation) + len(test) >= 100 and len(test) >= 2 * len(validation) - len(FAMILIES)
+    assert not {p.task_id for p in validation} & {p.task_id for p in test}
+    for split in tier.values():  # stratified: every family on both sides
+        assert {p["family"] for p in split} == set(FAMILIES)
+    assert easy_tier() == tier  # deterministic
+
+
+def _easy_problems():
+    return load_humaneval("easy-validation") + load_humaneval("easy-test")
+
+
+def _wrong_attribute_body(problem) -> str:
+    # The class's other attribute in place of the one asked for: the tests must catch it.
+    lines = problem.prompt.splitlines()
+    init = lines.index(next(line for line in lines if line.startswith("    def __init__(self, ")))
+    asked = problem.task_id.rsplit("/", 1)[1]
+    names = [n.strip() for n in lines[init].split("(self, ", 1)[1].rstrip("):").split(",")]
+    other = next((n for n in names if n != asked), "zzz")
+    return problem.canonical_solution.replace(f"self.{asked}", f"self.{other}").replace(
+        f"self._{asked}", f"self._{other}")
+
+
+def test_every_easy_canonical_solution_passes_and_empty_or_wrong_bodies_fail():
+    problems = _easy_problems()
+    assert all(_run_all_in_one_sandbox([build_program(p, p.canonical_solution) for p in problems]))
+    for body in ("        pass\n", "        return None\n"):
+        assert not any(_run_all_in_one_sandbox([build_program(p, body) for p in problems]))
+    wrong = [build_program(p, _wrong_attribute_body(p)) for p in problems]
+    assert all(w != build_program(p, p.canonical_solution) for w, p in zip(wrong, problems))
+    assert not any(_run_all_in_one_sandbox(wrong))
+
+
+def test_easy_problems_are_judged_across_the_sandbox_boundary():
+    from eval.codegen.easy import FAMILIES
+    from eval.codegen.run import _judge, _run_key
+    from eval.codegen.sandbox import resolve_isolation
+
+    isolation = resolve_isolation("auto")
+    one_per_family = {}
+    for p in load_humaneval("easy-validation"):
+        one_per_family.setdefault(p.task_id.split("/")[1], p)
+    assert set(one_per_family) == set(FAMILIES)
+    for problem in one_per_family.values():  # the entry point is a function; the class stays inside
+        good = _judge(_run_key(problem, problem.canonical_solution), 10, isolation)
+        assert good.passed, (problem.task_id, good.stderr)
+        assert _judge(_run_key(problem, "        pass\n"), 10, isolation).status == "failed"
+
+
+def test_an_unknown_problem_set_name_is_a_file_not_found():
+    with pytest.raises(UserInputError, match="problem file not found: easy-train"):
+        load_humaneval("easy-train")
+    with pytest.raises(UserInputError, match="unknown problem set 'easy-train'"):
+        shipped_problems_path("easy-train")
+
