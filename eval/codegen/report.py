@@ -31,7 +31,43 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
             f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
             f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
             + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
-            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
+            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures)
+            + _paired_markdown(report) + _selection_markdown(report))
+
+
+def _paired_markdown(report: dict[str, Any]) -> str:
+    """AdapT - temperature per k: the paired difference of per-problem pass@k (eval.codegen.paired)."""
+    from eval.report import markdown_table
+
+    paired = report.get("paired")
+    if not paired:
+        return ""
+    rows = [{"k": k, "mean difference": 100 * d["mean"], "95 % bootstrap low": 100 * d["low"],
+             "95 % bootstrap high": 100 * d["high"], "95 % t low": 100 * d["t_low"], "95 % t high": 100 * d["t_high"],
+             "problems better / worse / tied": f"{d['better']} / {d['worse']} / {d['ties']}"}
+            for k, d in paired["by_k"].items()]
+    first = next(iter(paired["by_k"].values()))
+    return (f"\n## {paired['a']} - {paired['b']}: paired difference of pass@k (points)\n\nPer problem, pass@k of "
+            f"{paired['a']} minus pass@k of {paired['b']} on the same problem; mean over the {first['problems']} "
+            f"problems with a 95 % percentile bootstrap interval over problems ({first['resamples']} resamples) and "
+            "the paired t interval.\n\n" + markdown_table(rows, floatfmt=".1f"))
+
+
+def _selection_markdown(report: dict[str, Any]) -> str:
+    """The validation table that chose the sampler settings (eval.codegen.select)."""
+    from eval.report import markdown_table
+
+    selection = report.get("selection")
+    if not selection:
+        return ""
+    k = selection["k"]
+    rows = [{"sampler": r["sampler"], "setting": r["setting"], "pass@1": 100 * r["pass@1"],
+             f"pass@{k}": 100 * r[f"pass@{k}"], "solved": f"{r['solved']}/{selection['problems']}"}
+            for r in selection["rows"]]
+    chosen = ", ".join(f"{s}: {v}" for s, v in selection["chosen"].items())
+    return (f"\n## Settings chosen on validation problems\n\n{selection['problems']} validation problems "
+            f"({selection['problems_file']}), none of them reported above; n = {selection['n']}; chosen by "
+            f"pass@{k} (ties: pass@1). Chosen: {chosen}.\n\n" + markdown_table(rows, floatfmt=".1f"))
 
 
 def _sampler_label(name: str, config: dict[str, Any]) -> str:
