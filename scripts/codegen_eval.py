@@ -44,9 +44,9 @@ def add_parser(subparsers) -> None:
                    help="validation problems (file or shipped set, e.g. easy-validation) on which to choose "
                    "--temperature from --temperature-grid and AdapT's temperatures from --adapt-grid, by pass@k "
                    "(k: --select-k); they must not share a task_id with --problems")
-    p.add_argument("--temperature-grid", default="0.2,0.4,0.6,0.8,1.0",
+    p.add_argument("--temperature-grid", default="0.4,0.8,1.2",
                    help="with --select-on: the temperatures tried for the temperature sampler")
-    p.add_argument("--adapt-grid", default="0.8:0.2,1.2:0.2,0.8:0.4,1.2:0.4",
+    p.add_argument("--adapt-grid", default="0.8:0.2,1.2:0.4",
                    help="with --select-on: AdapT's HARD:EASY temperature pairs tried")
     p.add_argument("--select-k", type=int, default=None, help="with --select-on: the k of pass@k that chooses "
                    "(default: the largest --k)")
