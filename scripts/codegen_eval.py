@@ -68,7 +68,8 @@ def run(args) -> int:
     from eval.codegen.problems import load_humaneval
     from eval.codegen.report import codegen_markdown, codegen_plots
     from eval.codegen.run import SamplingConfig, evaluate_codegen, parse_samplers
-    from eval.codegen.select import parse_adapt_grid, parse_temperature_grid, select_sampler_settings
+    from eval.codegen.select import (parse_adapt_grid, parse_temperature_grid, require_disjoint,
+                                     select_sampler_settings)
     from eval.codegen.sandbox import SandboxLimits, resolve_isolation
     from eval.errors import UserInputError, require_positive
     from eval.report import write_report
@@ -95,10 +96,7 @@ def run(args) -> int:
         temperatures = parse_temperature_grid(args.temperature_grid) if "temperature" in samplers else []
         adapt_pairs = parse_adapt_grid(args.adapt_grid) if "adapt" in samplers else []
         validation = load_humaneval(args.select_on)
-        overlap = {p.task_id for p in validation} & {p.task_id for p in problems}
-        if overlap:  # checked before loading the model; select_sampler_settings checks again
-            raise UserInputError(f"--select-on shares {len(overlap)} task_id(s) with --problems (e.g. "
-                                 f"{sorted(overlap)[0]!r}); settings must be chosen on other problems")
+        require_disjoint(validation, problems)  # before loading the model
     model, tokenizer = load_spec(args.model, base=args.base, device=args.device)
     run_kwargs = dict(timeout_s=args.timeout, seed=args.seed, workers=args.workers, isolation=isolation)
     selection = None

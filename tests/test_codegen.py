@@ -472,5 +472,5 @@ def test_the_command_refuses_validation_problems_that_are_reported(tmp_path, cap
     problems = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM])
     assert main(["codegen-eval", "--problems", str(problems), "--select-on", str(problems),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "--select-on shares 1 task_id(s) with --problems" in capsys.readouterr().err
+    assert "(--select-on) share 1 task_id(s) with the reported ones" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

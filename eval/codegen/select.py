@@ -42,6 +42,14 @@ def parse_adapt_grid(text: str) -> list[tuple[float, float]]:
     return pairs
 
 
+def require_disjoint(validation: list[Problem], reported: list[Problem]) -> None:
+    """Refuse validation problems that are also reported: settings must be chosen on other problems."""
+    overlap = {p.task_id for p in validation} & {p.task_id for p in reported}
+    if overlap:
+        raise UserInputError(f"the validation problems (--select-on) share {len(overlap)} task_id(s) with the "
+                             f"reported ones (e.g. {sorted(overlap)[0]!r}); settings must be chosen on other problems")
+
+
 def select_sampler_settings(model, tokenizer, validation: list[Problem], reported: list[Problem],
                             temperatures: list[float], adapt_pairs: list[tuple[float, float]], n: int, k: int,
                             base: SamplingConfig = SamplingConfig(), **evaluate_kwargs
@@ -52,10 +60,7 @@ def select_sampler_settings(model, tokenizer, validation: list[Problem], reporte
     Returns (base with temperature, hard_temperature and easy_temperature replaced by the
     winners; {"k", "problems", "task_ids", "rows": [one per setting], "chosen": {...}}).
     """
-    overlap = {p.task_id for p in validation} & {p.task_id for p in reported}
-    if overlap:
-        raise UserInputError(f"the validation problems share {len(overlap)} task_id(s) with the reported ones "
-                             f"(e.g. {sorted(overlap)[0]!r}); settings must be chosen on other problems")
+    require_disjoint(validation, reported)
     if not validation:
         raise UserInputError("no validation problems to choose sampler settings on")
     ks = sorted({1, k})
