@@ -95,6 +95,9 @@ def run(args) -> int:
             raise UserInputError(f"--select-k must be in 1..n (n={args.n}), got {select_k}")
         temperatures = parse_temperature_grid(args.temperature_grid) if "temperature" in samplers else []
         adapt_pairs = parse_adapt_grid(args.adapt_grid) if "adapt" in samplers else []
+        if not temperatures and not adapt_pairs:
+            raise UserInputError("--select-on chooses the settings of the temperature and adapt samplers; "
+                                 f"--sampler {args.sampler!r} has neither")
         validation = load_humaneval(args.select_on)
         require_disjoint(validation, problems)  # before loading the model
     model, tokenizer = load_spec(args.model, base=args.base, device=args.device)

@@ -474,3 +474,8 @@ def test_the_command_refuses_validation_problems_that_are_reported(tmp_path, cap
                  "--out", str(tmp_path / "o")]) == 2
     assert "(--select-on) share 1 task_id(s) with the reported ones" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    validation = _write_jsonl(tmp_path / "v.jsonl", [dict(PROBLEM, task_id="v/0")])
+    for extra, message in ((["--sampler", "greedy"], "has neither"), (["--select-k", "50"], "--select-k must be")):
+        assert main(["codegen-eval", "--problems", str(problems), "--select-on", str(validation), *extra,
+                     "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
