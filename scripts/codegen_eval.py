@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
         "limits; the tests run apart from the completion, so it cannot fake a pass) "
         "and report pass@k per sampler plus the failure types (NameError, SyntaxError, ...). Writes "
         "OUT/codegen.{json,md}, OUT/pass_at_k.png and OUT/failures.png. With temperature and adapt both run, the "
-        "report adds AdapT - temperature as a paired difference of per-problem pass@k with 95 % intervals. With "
+        "report adds AdapT - temperature as a paired difference of per-problem pass@k with 95 % intervals "
+        "(and OUT/paired.png). With "
         "--select-on, T and AdapT's a, b are first chosen on those (validation) problems from the grids. "
         "Example: slimtune codegen-eval --model ref-lm --sampler greedy,temperature,adapt --n 20 --out runs/codegen; "
         "slimtune codegen-eval --problems easy-test --select-on easy-validation --sampler temperature,adapt --out runs/easy",
@@ -119,5 +120,6 @@ def run(args) -> int:
     print(markdown.split("\n## ")[0].split("\n\n")[-1].rstrip())
     if isolation != "bubblewrap":
         print(f"WARNING: generated code ran with the weak sandbox isolation {isolation!r} (no bubblewrap)")
-    print(f"wrote {args.out}/codegen.json, codegen.md, pass_at_k.png, failures.png")
+    plots = ", paired.png" if "paired" in report else ""
+    print(f"wrote {args.out}/codegen.json, codegen.md, pass_at_k.png, failures.png{plots}")
     return 0

@@ -464,6 +464,7 @@ def test_the_command_chooses_on_validation_and_reports_the_paired_difference(tmp
     assert set(report["paired"]["by_k"]) == {"1", "2"} and report["paired"]["by_k"]["2"]["problems"] == 2
     markdown = (out / "codegen.md").read_text()
     assert "paired difference of pass@k" in markdown and "Settings chosen on validation problems" in markdown
+    assert (out / "paired.png").stat().st_size > 0
 
 
 def test_the_command_refuses_validation_problems_that_are_reported(tmp_path, capsys):

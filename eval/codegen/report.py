@@ -79,7 +79,8 @@ def _sampler_label(name: str, config: dict[str, Any]) -> str:
 
 
 def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
-    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler) and `failures.png`."""
+    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler), `failures.png`, and with a
+    paired comparison in the report `paired.png`."""
     summaries, ks = report["samplers"], [str(k) for k in report["config"]["ks"]]
     names = list(summaries)
 
@@ -104,4 +105,21 @@ def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
         grouped(ax, kinds or ["none"], lambda s: [100 * summaries[s]["failures"].get(t, 0) / summaries[s]["samples"]
                                                   for t in kinds] or [0.0], "% of samples", "failure types")
 
-    return {"pass_at_k": pass_plot, "failures": failure_plot}
+    plots = {"pass_at_k": pass_plot, "failures": failure_plot}
+    if report.get("paired"):
+        plots["paired"] = lambda ax: _paired_plot(ax, report["paired"])
+    return plots
+
+
+def _paired_plot(ax, paired: dict[str, Any]) -> None:
+    """`paired.png`: mean per-problem difference of pass@k per k, with its 95 % bootstrap interval."""
+    ks = list(paired["by_k"])
+    means = [100 * paired["by_k"][k]["mean"] for k in ks]
+    errors = [[m - 100 * paired["by_k"][k]["low"] for k, m in zip(ks, means)],
+              [100 * paired["by_k"][k]["high"] - m for k, m in zip(ks, means)]]
+    ax.errorbar(range(len(ks)), means, yerr=errors, fmt="o", capsize=6)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(range(len(ks)), [f"pass@{k}" for k in ks])
+    ax.set_ylabel("points (95 % bootstrap interval over problems)")
+    ax.set_title(f"{paired['a']} - {paired['b']}, paired per problem")
+    ax.grid(axis="y", alpha=0.3)
