@@ -148,3 +148,16 @@ def test_inside_generate_equal_temperatures_reproduce_plain_temperature_sampling
     adapt = _sample(model, tokenizer, prompt, seed=3, temperature=1.0, logits_processor=LogitsProcessorList([same]))
     assert torch.equal(plain, adapt)
     assert same.total_steps == 3 * 12 and same.hard_steps >= 3  # the first step follows "def f(x):\n"
+
+
+def test_the_body_of_every_easy_tier_method_starts_hot():
+    # The easy tier's prompts end inside a class, after a method's `def` (and its docstring, or a
+    # decorator above it): the first token of the body the model writes must be a hard position,
+    # and the line after it (at the body's indentation, no ':' before it) an easy one.
+    from eval.codegen.easy import FAMILIES, easy_problem
+
+    for family in FAMILIES:
+        problem = easy_problem(family, "path", "mode", "Node")
+        assert opens_block_body(problem["prompt"]), family
+        assert opens_block_body(problem["prompt"] + "        ") and not opens_block_body(
+            problem["prompt"] + problem["canonical_solution"] + "        "), family

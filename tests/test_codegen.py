@@ -327,3 +327,202 @@ def test_the_shipped_problem_file_is_inside_the_package():
 
     path = shipped_problems_path()
     assert path.is_file() and path.parent.parent.parent == Path(eval.__file__).resolve().parent
+
+
+# --- The easy tier (eval.codegen.easy) --------------------------------------------------------
+
+
+def test_extract_completion_of_a_method_stops_where_the_class_body_resumes():
+    prompt = "class A:\n\n    def get(self):\n        \"\"\"Doc.\"\"\"\n"
+    generated = "        return self.x\n\n    def other(self):\n        pass\n"
+    assert extract_completion(generated, prompt=prompt) == "        return self.x\n"
+    assert extract_completion("        y = 1\n            z = 2\nclass B:\n", prompt=prompt) == (
+        "        y = 1\n            z = 2")  # deeper lines stay in, column 0 ends it too
+
+
+def test_the_easy_tier_files_are_what_the_generator_writes_and_the_splits_are_disjoint():
+    from eval.codegen.easy import FAMILIES, SPLIT_FILES, easy_tier
+
+    tier = easy_tier()
+    for split, path in SPLIT_FILES.items():
+        assert path.read_text(encoding="utf-8") == "".join(json.dumps(p) + "\n" for p in tier[split])
+    validation, test = load_humaneval("easy-validation"), load_humaneval("easy-test")
+    assert len(validation) + len(test) >= 100 and len(test) >= 2 * len(validation) - len(FAMILIES)
+    assert not {p.task_id for p in validation} & {p.task_id for p in test}
+    for split in tier.values():  # stratified: every family on both sides
+        assert {p["family"] for p in split} == set(FAMILIES)
+    assert easy_tier() == tier  # deterministic
+
+
+def _easy_problems():
+    return load_humaneval("easy-validation") + load_humaneval("easy-test")
+
+
+def _wrong_attribute_body(problem) -> str:
+    # The class's other attribute in place of the one asked for: the tests must catch it.
+    lines = problem.prompt.splitlines()
+    init = lines.index(next(line for line in lines if line.startswith("    def __init__(self, ")))
+    asked = problem.task_id.rsplit("/", 1)[1]
+    names = [n.strip() for n in lines[init].split("(self, ", 1)[1].rstrip("):").split(",")]
+    other = next((n for n in names if n != asked), "zzz")
+    return problem.canonical_solution.replace(f"self.{asked}", f"self.{other}").replace(
+        f"self._{asked}", f"self._{other}")
+
+
+def test_every_easy_canonical_solution_passes_and_empty_or_wrong_bodies_fail():
+    problems = _easy_problems()
+    assert all(_run_all_in_one_sandbox([build_program(p, p.canonical_solution) for p in problems]))
+    for body in ("        pass\n", "        return None\n"):
+        assert not any(_run_all_in_one_sandbox([build_program(p, body) for p in problems]))
+    wrong = [build_program(p, _wrong_attribute_body(p)) for p in problems]
+    assert all(w != build_program(p, p.canonical_solution) for w, p in zip(wrong, problems))
+    assert not any(_run_all_in_one_sandbox(wrong))
+
+
+def test_easy_problems_are_judged_across_the_sandbox_boundary():
+    from eval.codegen.easy import FAMILIES
+    from eval.codegen.run import _judge, _run_key
+    from eval.codegen.sandbox import resolve_isolation
+
+    isolation = resolve_isolation("auto")
+    one_per_family = {}
+    for p in load_humaneval("easy-validation"):
+        one_per_family.setdefault(p.task_id.split("/")[1], p)
+    assert set(one_per_family) == set(FAMILIES)
+    for problem in one_per_family.values():  # the entry point is a function; the class stays inside
+        good = _judge(_run_key(problem, problem.canonical_solution), 10, isolation)
+        assert good.passed, (problem.task_id, good.stderr)
+        assert _judge(_run_key(problem, "        pass\n"), 10, isolation).status == "failed"
+
+
+def test_an_unknown_problem_set_name_is_a_file_not_found():
+    with pytest.raises(UserInputError, match="problem file not found: easy-train"):
+        load_humaneval("easy-train")
+    with pytest.raises(UserInputError, match="unknown problem set 'easy-train'"):
+        shipped_problems_path("easy-train")
+
+
+# --- Paired differences and settings chosen on validation problems ----------------------------
+
+
+def test_paired_difference_of_known_values():
+    from scipy import stats
+
+    from eval.codegen.paired import paired_difference
+
+    a, b = [1.0, 0.5, 0.0, 1.0, 0.25], [0.5, 0.5, 0.0, 0.0, 0.5]
+    d = [x - y for x, y in zip(a, b)]
+    result = paired_difference(a, b, resamples=2000)
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    half = stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+    assert result["mean"] == pytest.approx(mean)
+    assert (result["t_low"], result["t_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert min(d) <= result["low"] <= mean <= result["high"] <= max(d)
+    assert (result["better"], result["worse"], result["ties"], result["problems"]) == (2, 1, 2, 5)
+    same = paired_difference([0.3, 0.7, 0.1], [0.1, 0.5, -0.1])  # a constant difference: no spread
+    assert same["low"] == pytest.approx(0.2) and same["high"] == pytest.approx(0.2)
+    assert same["t_low"] == pytest.approx(0.2) and same["t_high"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("a, b, kwargs, message", [
+    ([1.0], [0.0], {}, "at least 2"),
+    ([1.0, 0.0], [0.0], {}, "equally long"),
+    ([1.0, 0.0], [0.0, 1.0], {"confidence": 1.5}, "confidence must be in"),
+])
+def test_paired_difference_rejects_bad_input(a, b, kwargs, message):
+    from eval.codegen.paired import paired_difference
+
+    with pytest.raises(UserInputError, match=message):
+        paired_difference(a, b, **kwargs)
+
+
+def test_paired_pass_at_k_pairs_the_same_problems():
+    from eval.codegen.paired import paired_pass_at_k
+
+    report = {"samplers": {"adapt": {}, "temperature": {}}, "config": {"ks": [1, 2]},
+              "problems": [{"task_id": "p1", "sampler": "temperature", "n": 4, "c": 1},
+                           {"task_id": "p2", "sampler": "temperature", "n": 4, "c": 0},
+                           {"task_id": "p2", "sampler": "adapt", "n": 4, "c": 4},
+                           {"task_id": "p1", "sampler": "adapt", "n": 4, "c": 1}]}
+    paired = paired_pass_at_k(report, "adapt", "temperature")
+    assert paired["1"]["mean"] == pytest.approx((0 + 1.0) / 2)
+    assert paired["2"]["mean"] == pytest.approx((0 + 1.0) / 2) and paired["2"]["ties"] == 1
+    with pytest.raises(UserInputError, match="sampler 'greedy' is not in the report"):
+        paired_pass_at_k(report, "greedy", "temperature")
+
+
+class TemperatureScriptedModel(ScriptedModel):
+    """Writes the right body only at one temperature (plain) or one AdapT pair, a wrong one otherwise."""
+
+    def __init__(self, tokenizer, right: str, wrong: str, temperature: float, adapt: tuple[float, float]):
+        super().__init__(tokenizer, [right])
+        self.right, self.wrong, self.temperature, self.adapt = right, wrong, temperature, adapt
+
+    def generate(self, input_ids, num_return_sequences=1, **kwargs):
+        from eval.codegen.adapt import AdaptiveTemperatureLogitsProcessor
+
+        adapt = [p for p in kwargs.get("logits_processor", []) if isinstance(p, AdaptiveTemperatureLogitsProcessor)]
+        hit = ((adapt[0].hard_temperature, adapt[0].easy_temperature) == self.adapt if adapt
+               else kwargs.get("temperature") == self.temperature)
+        self.completions = [self.right if hit else self.wrong]
+        return super().generate(input_ids, num_return_sequences, **kwargs)
+
+
+def test_settings_are_chosen_by_validation_pass_at_k_and_never_on_the_reported_problems(tiny_tokenizer):
+    from eval.codegen.select import select_sampler_settings
+
+    validation, reported = load_humaneval("easy-validation")[:1], load_humaneval("easy-test")[:1]
+    model = TemperatureScriptedModel(tiny_tokenizer, validation[0].canonical_solution, "        return 0\n",
+                                     temperature=0.6, adapt=(1.2, 0.4))
+    config, table = select_sampler_settings(model, tiny_tokenizer, validation, reported, [0.2, 0.6, 1.0],
+                                            [(0.8, 0.2), (1.2, 0.4)], n=2, k=2, progress=False)
+    assert (config.temperature, config.hard_temperature, config.easy_temperature) == (0.6, 1.2, 0.4)
+    assert table["chosen"] == {"temperature": "T=0.6", "adapt": "a=1.2, b=0.4"}
+    assert [r["pass@2"] for r in table["rows"]] == [0.0, 1.0, 0.0, 0.0, 1.0]
+    assert table["task_ids"] == [validation[0].task_id]
+    with pytest.raises(UserInputError, match="share 1 task_id"):
+        select_sampler_settings(model, tiny_tokenizer, validation, validation, [0.2], [], n=2, k=2, progress=False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.8-0.2", "HARD:EASY"), ("0.8:x", "comma list of numbers"), ("0.8:0", "must be a positive"),
+])
+def test_a_bad_adapt_grid_is_one_clear_error(text, message):
+    from eval.codegen.select import parse_adapt_grid
+
+    with pytest.raises(UserInputError, match=message):
+        parse_adapt_grid(text)
+
+
+def test_the_command_chooses_on_validation_and_reports_the_paired_difference(tmp_path, tiny_llama_dir):
+    from scripts.cli import main
+
+    validation = _write_jsonl(tmp_path / "v.jsonl", [dict(PROBLEM, task_id="v/0")])
+    problems = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM, dict(PROBLEM, task_id="t/1")])
+    out = tmp_path / "out"
+    assert main(["codegen-eval", "--model", str(tiny_llama_dir), "--problems", str(problems), "--select-on",
+                 str(validation), "--temperature-grid", "0.5,1", "--adapt-grid", "1:0.5", "--sampler",
+                 "temperature,adapt", "--n", "2", "--k", "1,2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "codegen.json").read_text())
+    assert [r["setting"] for r in report["selection"]["rows"]] == ["T=0.5", "T=1", "a=1, b=0.5"]
+    assert report["config"]["temperature"] in (0.5, 1.0) and report["config"]["hard_temperature"] == 1.0
+    assert set(report["paired"]["by_k"]) == {"1", "2"} and report["paired"]["by_k"]["2"]["problems"] == 2
+    markdown = (out / "codegen.md").read_text()
+    assert "paired difference of pass@k" in markdown and "Settings chosen on validation problems" in markdown
+    assert (out / "paired.png").stat().st_size > 0
+
+
+def test_the_command_refuses_validation_problems_that_are_reported(tmp_path, capsys):
+    from scripts.cli import main
+
+    problems = _write_jsonl(tmp_path / "p.jsonl", [PROBLEM])
+    assert main(["codegen-eval", "--problems", str(problems), "--select-on", str(problems),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "(--select-on) share 1 task_id(s) with the reported ones" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    validation = _write_jsonl(tmp_path / "v.jsonl", [dict(PROBLEM, task_id="v/0")])
+    for extra, message in ((["--sampler", "greedy"], "has neither"), (["--select-k", "50"], "--select-k must be")):
+        assert main(["codegen-eval", "--problems", str(problems), "--select-on", str(validation), *extra,
+                     "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -22,9 +22,16 @@ at block-body line starts, easy elsewhere; see eval.codegen.adapt). Sampling is 
 truncation, so the temperatures alone decide the distributions being compared. Every sampler
 draws with the same seed per problem.
 
-Modules: `problems` (the loader and the shipped problems in data/), `sandbox` (running
-untrusted code; `_sandbox_runner.py` is the file it copies into the sandbox, never imported),
-`adapt` (AdapT's logits processor), `run` (sampling and judging), `passk` (the estimator) and
-`report` (Markdown and plots). The public names are exported from `eval` (`eval.pass_at_k`,
+Problem sets (`load_humaneval(NAME)`, `codegen-eval --problems NAME`): "slimtune" (38 stand-alone
+functions written for this project) and the easy tier "easy-validation" / "easy-test" (150
+generated one-line methods in the corpus's idioms, see `easy`). Sampler settings are chosen on
+validation problems (`select`), and two samplers are compared on the same problems by the paired
+difference of per-problem pass@k with 95 % intervals (`paired`).
+
+Modules: `problems` (the loader and the shipped problems in data/), `easy` (the easy tier's
+generator), `sandbox` (running untrusted code; `_sandbox_runner.py` is the file it copies into
+the sandbox, never imported), `adapt` (AdapT's logits processor), `run` (sampling and judging),
+`passk` (the estimator), `select` (settings chosen on validation problems), `paired` (paired
+differences) and `report` (Markdown and plots). The public names are exported from `eval` (`eval.pass_at_k`,
 `eval.run_sandboxed`, ...).
 """

@@ -28,18 +28,31 @@ class Problem:
     canonical_solution: str | None = None
 
 
-def shipped_problems_path() -> Path:
-    """The suite's own problems: short stdlib-style functions, written for this project."""
-    return _DATA_DIR / "slimtune_problems.jsonl"
+# The problem sets that ship with the suite, by name (`--problems NAME`). "easy-*": the easy tier
+# (eval.codegen.easy), whose validation problems choose sampler settings for its test problems.
+PROBLEM_SETS = {"slimtune": "slimtune_problems.jsonl",
+                "easy-validation": "slimtune_easy_validation.jsonl",
+                "easy-test": "slimtune_easy_test.jsonl"}
+
+
+def shipped_problems_path(name: str = "slimtune") -> Path:
+    """A shipped problem set's file; "slimtune": short stdlib-style functions, written for this project."""
+    if name not in PROBLEM_SETS:
+        raise UserInputError(f"unknown problem set {name!r}; expected one of {', '.join(PROBLEM_SETS)} "
+                             "or a HumanEval-format JSONL file")
+    return _DATA_DIR / PROBLEM_SETS[name]
 
 
 def load_humaneval(path: str | os.PathLike | None = None) -> list[Problem]:
-    """Read HumanEval-format JSONL (optionally .gz); default: the shipped problems.
+    """Read HumanEval-format JSONL (optionally .gz), or a shipped set by name (`PROBLEM_SETS`);
+    default: the shipped "slimtune" problems.
 
     A missing file, a line that is not a JSON object, a missing or non-string field, or a
     repeated task_id raises `UserInputError` naming the file, the line and the field.
     """
-    path = Path(path) if path is not None else shipped_problems_path()
+    if path is None or (isinstance(path, str) and path in PROBLEM_SETS):
+        path = shipped_problems_path(path or "slimtune")
+    path = Path(path)
     if not path.is_file():
         raise UserInputError(f"problem file not found: {path}; expected HumanEval-format JSONL "
                              f"(one object per line with {', '.join(REQUIRED_FIELDS)})")

@@ -36,7 +36,43 @@ def codegen_markdown(report: dict[str, Any], title: str = "Code generation: pass
             f"per problem (greedy: one completion, so pass@k = pass@1); tests run in the sandbox (isolation: "
             f"{isolation}) with a {config['timeout_s']:g} s limit.\n\n" + markdown_table(rows, floatfmt=".1f")
             + "\n## Failure types (counts over all samples)\n\nunfinished: the token limit came before the "
-            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures))
+            "function's end (such completions usually fail to parse).\n\n" + markdown_table(failures)
+            + _paired_markdown(report) + _selection_markdown(report))
+
+
+def _paired_markdown(report: dict[str, Any]) -> str:
+    """AdapT - temperature per k: the paired difference of per-problem pass@k (eval.codegen.paired)."""
+    from eval.report import markdown_table
+
+    paired = report.get("paired")
+    if not paired:
+        return ""
+    rows = [{"k": k, "mean difference": 100 * d["mean"], "95 % bootstrap low": 100 * d["low"],
+             "95 % bootstrap high": 100 * d["high"], "95 % t low": 100 * d["t_low"], "95 % t high": 100 * d["t_high"],
+             "problems better / worse / tied": f"{d['better']} / {d['worse']} / {d['ties']}"}
+            for k, d in paired["by_k"].items()]
+    first = next(iter(paired["by_k"].values()))
+    return (f"\n## {paired['a']} - {paired['b']}: paired difference of pass@k (points)\n\nPer problem, pass@k of "
+            f"{paired['a']} minus pass@k of {paired['b']} on the same problem; mean over the {first['problems']} "
+            f"problems with a 95 % percentile bootstrap interval over problems ({first['resamples']} resamples) and "
+            "the paired t interval.\n\n" + markdown_table(rows, floatfmt=".1f"))
+
+
+def _selection_markdown(report: dict[str, Any]) -> str:
+    """The validation table that chose the sampler settings (eval.codegen.select)."""
+    from eval.report import markdown_table
+
+    selection = report.get("selection")
+    if not selection:
+        return ""
+    k = selection["k"]
+    rows = [{"sampler": r["sampler"], "setting": r["setting"], "pass@1": 100 * r["pass@1"],
+             f"pass@{k}": 100 * r[f"pass@{k}"], "solved": f"{r['solved']}/{selection['problems']}"}
+            for r in selection["rows"]]
+    chosen = ", ".join(f"{s}: {v}" for s, v in selection["chosen"].items())
+    return (f"\n## Settings chosen on validation problems\n\n{selection['problems']} validation problems "
+            f"({selection['problems_file']}), none of them reported above; n = {selection['n']}; chosen by "
+            f"pass@{k} (ties: pass@1). Chosen: {chosen}.\n\n" + markdown_table(rows, floatfmt=".1f"))
 
 
 def _sampler_label(name: str, config: dict[str, Any]) -> str:
@@ -48,7 +84,8 @@ def _sampler_label(name: str, config: dict[str, Any]) -> str:
 
 
 def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
-    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler) and `failures.png`."""
+    """`pass_at_k.png` (grouped bars: k on the x axis, one bar per sampler), `failures.png`, and with a
+    paired comparison in the report `paired.png`."""
     summaries, ks = report["samplers"], [str(k) for k in report["config"]["ks"]]
     names = list(summaries)
 
@@ -73,4 +110,21 @@ def codegen_plots(report: dict[str, Any]) -> dict[str, Any]:
         grouped(ax, kinds or ["none"], lambda s: [100 * summaries[s]["failures"].get(t, 0) / summaries[s]["samples"]
                                                   for t in kinds] or [0.0], "% of samples", "failure types")
 
-    return {"pass_at_k": pass_plot, "failures": failure_plot}
+    plots = {"pass_at_k": pass_plot, "failures": failure_plot}
+    if report.get("paired"):
+        plots["paired"] = lambda ax: _paired_plot(ax, report["paired"])
+    return plots
+
+
+def _paired_plot(ax, paired: dict[str, Any]) -> None:
+    """`paired.png`: mean per-problem difference of pass@k per k, with its 95 % bootstrap interval."""
+    ks = list(paired["by_k"])
+    means = [100 * paired["by_k"][k]["mean"] for k in ks]
+    errors = [[m - 100 * paired["by_k"][k]["low"] for k, m in zip(ks, means)],
+              [100 * paired["by_k"][k]["high"] - m for k, m in zip(ks, means)]]
+    ax.errorbar(range(len(ks)), means, yerr=errors, fmt="o", capsize=6)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(range(len(ks)), [f"pass@{k}" for k in ks])
+    ax.set_ylabel("points (95 % bootstrap interval over problems)")
+    ax.set_title(f"{paired['a']} - {paired['b']}, paired per problem")
+    ax.grid(axis="y", alpha=0.3)

@@ -1,7 +1,8 @@
 """Sampling completions (greedy, temperature, AdapT) and judging them in the sandbox: `evaluate_codegen`.
 
 A completion is the model's continuation of the prompt, cut where the function ends (the first
-line that starts at column 0). See the package docstring (`eval.codegen`) for the whole run.
+line indented no deeper than the function's `def`: column 0 for a module-level function, the
+class body's indentation for a method). See the package docstring (`eval.codegen`) for the whole run.
 """
 
 from __future__ import annotations
@@ -17,18 +18,27 @@ from eval.codegen.problems import Problem
 from eval.errors import UserInputError, require_positive, require_positive_number
 
 SAMPLERS = ("greedy", "temperature", "adapt")
-_FUNCTION_END = re.compile(r"\n(?=\S)")  # a newline followed by a line that starts at column 0
+_LAST_DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]", re.MULTILINE)
+
+
+def _function_end(prompt: str) -> re.Pattern:
+    """A newline followed by a line indented no deeper than the prompt's last `def` (the function
+    being completed): column 0 for a module-level function, e.g. 4 spaces for a method."""
+    defs = _LAST_DEF.findall(prompt)
+    depth = len(defs[-1]) if defs else 0
+    return re.compile(r"\n(?=[ \t]{0,%d}\S)" % depth)
 
 
 def extract_completion(generated: str, prompt: str = "\n") -> str:
-    """The function body in `generated` (the text after `prompt`): up to the first line at column 0.
+    """The function body in `generated` (the text after `prompt`): up to the first line indented no
+    deeper than the function's `def` (column 0 for a module-level function).
 
     When the prompt ends inside a line, the first generated line continues it and never ends the
-    function. Whatever follows the function (another def, a test, `if __name__`) is dropped.
+    function. Whatever follows the function (another def or method, a test, `if __name__`) is dropped.
     """
     at_line_start = prompt.endswith("\n")
     text = ("\n" if at_line_start else "") + generated
-    end = _FUNCTION_END.search(text)
+    end = _function_end(prompt).search(text)
     if end is not None:
         text = text[: end.start()]
     return text[1:] if at_line_start else text
