@@ -11,6 +11,7 @@ import importlib.util
 import json
 import re
 import shutil
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +113,10 @@ def test_shipped_sizes_and_card(shipped):
         assert {split: len(task.split(split)) for split in tasks.SPLITS} == \
             {split: card["tasks"][name][split] for split in tasks.SPLITS}
         assert len(task.validation) >= 200 and len(task.test) >= 200
+        if task.kind == "multiple_choice":  # the right answer in every position equally often
+            for split in tasks.SPLITS:
+                positions = Counter(ex.answer for ex in task.split(split))
+                assert max(positions.values()) - min(positions.values()) <= 1, (name, split)
 
 
 def test_every_shipped_generator_example_shows_its_yield(shipped):

@@ -12,7 +12,8 @@ Every tuning method trains and is scored on these, so that all of them see the s
   right def line's parameters, so a model can learn the task (docstring-match, which it
   replaces, asked for semantics that no tuning of ref-lm learned).
 - `next-line` (multiple choice, 4; zero-shot): the code of a function up to a line, and that
-  line's real text among three statement lines of similar length from other files.
+  line's real text among three statement lines of similar length from other files, each naming
+  something the function does not.
 - `local-name` (multiple choice, 4; zero-shot): the code of a function up to a name it defined
   earlier (a parameter or an assigned variable), and that name among three local names of
   similar length from functions of other files.
@@ -318,7 +319,7 @@ def _multiple_choice_splits(name: str, functions: dict, item_of: Callable, distr
             distractors = _draw_distractors(right, file, key, pool, fits, rng)
             if distractors is None:
                 continue
-            answer = rng.randrange(N_CHOICES)
+            answer = len(examples) % N_CHOICES  # every position equally often: the majority rate is chance
             choices = [choice for choice, _, _ in distractors]
             choices.insert(answer, right)
             examples.append(MultipleChoiceExample(question=question, choices=choices, answer=answer))
@@ -399,9 +400,14 @@ def _similar_length(a: str, b: str) -> bool:
     return abs(len(a) - len(b)) <= max(3, len(a) // 5)
 
 
+def _identifiers(code: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_]\w+", code))
+
+
 def _next_line_task(functions: dict) -> dict:
     def item_of(fn: FunctionRecord, rng) -> _Item | None:
-        candidates = _statement_lines(fn)
+        # At least two lines of the def before the line (its def line and one more).
+        candidates = [(lineno, line) for lineno, line in _statement_lines(fn) if lineno > 3]
         if not candidates:
             return None
         lineno, line = candidates[rng.randrange(len(candidates))]
@@ -410,20 +416,24 @@ def _next_line_task(functions: dict) -> dict:
         # The question ends one space short of the line's indentation: the answer's separating
         # space completes it, as ref-lm's tokenizer splits "    x" into "   " + " x".
         question = _clip_left(before, _MAX_SOURCE_CHARS) + "\n" + indent[:-1]
-        return question, line.strip(), fn.file, (line.strip(), frozenset(s.strip() for s in fn.source.splitlines()))
+        own = (frozenset(s.strip() for s in fn.source.splitlines()), frozenset(_identifiers(fn.source)))
+        return question, line.strip(), fn.file, (line.strip(), own)
 
     def pool(split_functions) -> list:
-        return [(line.strip(), fn.file, (line.strip(), frozenset()))
+        return [(line.strip(), fn.file, (line.strip(), None))
                 for fn in split_functions for _, line in _statement_lines(fn)]
 
     def fits(key, other_key) -> bool:
-        (right, own_lines), (other, _) = key, other_key
-        return other not in own_lines and _similar_length(right, other)
+        # A distractor is recognisably from elsewhere: not a line of this def, and it names
+        # something this def never does (a generic line such as `return result` could be right).
+        (right, (own_lines, own_names)), (other, _) = key, other_key
+        return other not in own_lines and bool(_identifiers(other) - own_names) and _similar_length(right, other)
 
     splits = _multiple_choice_splits("next-line", functions, item_of, pool, fits)
     return dict(name="next-line", kind="multiple_choice", labels=(), **splits,
                 description="pick the real next line of a function's code among 4 (distractors: statement "
-                            "lines of similar length from other files of the same split)")
+                            "lines of similar length from other files of the same split that name something "
+                            "the function does not)")
 
 
 def _local_names(fn: FunctionRecord) -> set[str]:
