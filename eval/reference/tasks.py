@@ -13,7 +13,7 @@ Every tuning method trains and is scored on these, so that all of them see the s
   replaces, asked for semantics that no tuning of ref-lm learned).
 - `next-line` (multiple choice, 4; zero-shot): the code of a function up to a line, and that
   line's real text among three statement lines of similar length from other files, each naming
-  something the function does not.
+  something the function does not; the real line names something the lines before it named.
 - `local-name` (multiple choice, 4; zero-shot): the code of a function up to a name it defined
   earlier (a parameter or an assigned variable), and that name among three local names of
   similar length from functions of other files.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import keyword
 import platform
 import random
 import re
@@ -400,19 +401,25 @@ def _similar_length(a: str, b: str) -> bool:
     return abs(len(a) - len(b)) <= max(3, len(a) // 5)
 
 
+_NOT_CONTEXT = frozenset(keyword.kwlist) | {"self", "cls"}
+
+
 def _identifiers(code: str) -> set[str]:
     return set(re.findall(r"[A-Za-z_]\w+", code))
 
 
 def _next_line_task(functions: dict) -> dict:
     def item_of(fn: FunctionRecord, rng) -> _Item | None:
-        # At least two lines of the def before the line (its def line and one more).
-        candidates = [(lineno, line) for lineno, line in _statement_lines(fn) if lineno > 3]
+        # At least two lines of the def before the line (its def line and one more), and a line
+        # that continues them: it names something they named (besides self / cls and keywords).
+        lines = fn.source.splitlines()
+        candidates = [(lineno, line) for lineno, line in _statement_lines(fn) if lineno > 3 and
+                      (_identifiers(line) - _NOT_CONTEXT) & _identifiers("\n".join(lines[: lineno - 1]))]
         if not candidates:
             return None
         lineno, line = candidates[rng.randrange(len(candidates))]
         indent = line[: len(line) - len(line.lstrip())]
-        before = "\n".join(fn.source.splitlines()[: lineno - 1])
+        before = "\n".join(lines[: lineno - 1])
         # The question ends one space short of the line's indentation: the answer's separating
         # space completes it, as ref-lm's tokenizer splits "    x" into "   " + " x".
         question = _clip_left(before, _MAX_SOURCE_CHARS) + "\n" + indent[:-1]
@@ -431,9 +438,9 @@ def _next_line_task(functions: dict) -> dict:
 
     splits = _multiple_choice_splits("next-line", functions, item_of, pool, fits)
     return dict(name="next-line", kind="multiple_choice", labels=(), **splits,
-                description="pick the real next line of a function's code among 4 (distractors: statement "
-                            "lines of similar length from other files of the same split that name something "
-                            "the function does not)")
+                description="pick the real next line of a function's code (one that names something the lines "
+                            "before it named) among 4 (distractors: statement lines of similar length from other "
+                            "files of the same split that name something the function does not)")
 
 
 def _local_names(fn: FunctionRecord) -> set[str]:
