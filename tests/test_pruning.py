@@ -371,3 +371,14 @@ def test_prune_settings_reject_an_unknown_calibration_pick():
 
     with pytest.raises(UserInputError, match="calib_pick"):
         PruneSettings(model="ref-lm", calib_pick="middle")
+
+
+def test_rotated_residual_keeps_the_logits_and_the_parameter_count(llama):
+    from pruning.baselines import rotate_residual
+
+    ids = _ids(llama, n=2, t=12)
+    rotated = rotate_residual(llama, _ids(llama, n=4, t=12, seed=1), batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids).logits, llama(ids).logits, atol=1e-4, rtol=1e-4)
+    assert block_params(rotated) == block_params(llama)
+    assert not torch.allclose(rotated.get_input_embeddings().weight, llama.get_input_embeddings().weight)

@@ -28,7 +28,7 @@ from eval.io import write_json
 from eval.metrics import perplexity_of_blocks
 from eval.models import load_causal_lm
 from eval.reference import reference_corpus
-from pruning.baselines import baseline_prune
+from pruning.baselines import baseline_prune, rotate_residual
 from pruning.config import DispConfig
 from pruning.model import block_params, prune_model
 from pruning.pipeline import PruneSettings, calibration_blocks
@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--val-blocks", type=int, default=256, help="validation blocks, evenly spread over the split")
     p.add_argument("--test-blocks", type=int, default=d.eval_blocks, help="the first N test blocks (prune's report)")
     p.add_argument("--slicegpt", action="store_true", help="also measure SliceGPT at each --kept")
+    p.add_argument("--rotate", action="store_true", help="diagnostic: train and prune ref-lm with its residual "
+                   "rotated into its principal basis (pruning.baselines.rotate_residual; same logits)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
@@ -67,6 +69,8 @@ def main() -> None:
     settings = PruneSettings(model="ref-lm", calib_blocks=args.calib_blocks, calib_pick=args.calib_pick)
     calib = calibration_blocks(settings, model, tokenizer)
     # chooses: blocks evenly spread over the validation split (all 861 cost ~2 min per model on a busy core)
+    if args.rotate:
+        model = rotate_residual(model, calib, args.batch_size)
     val = pick_token_blocks(reference_corpus("validation"), tokenizer, 256, args.val_blocks, pick="spread")
     # reports: what `slimtune prune` reports by default (dense 43.93), and as many blocks spread over the test split
     test = pack_token_blocks(reference_corpus("test"), tokenizer, 256, max_blocks=args.test_blocks)
@@ -85,7 +89,7 @@ def main() -> None:
         record("dense", 1.0, 0, model, 0.0)
     for kept in args.kept:
         slicegpt_tag = f"slicegpt ({args.calib_pick} {args.calib_blocks} blocks)"
-        if args.slicegpt and (slicegpt_tag, kept, 0) not in done:
+        if args.slicegpt and not args.rotate and (slicegpt_tag, kept, 0) not in done:
             start = time.perf_counter()
             sliced = baseline_prune("slicegpt", model, kept, calib, args.batch_size)
             record(slicegpt_tag, kept, 0, sliced, time.perf_counter() - start)
