@@ -237,7 +237,7 @@ def pick_token_blocks(texts, tokenizer, block_size: int, n_blocks: int, pick: st
     """`n_blocks` blocks `[n, block_size]` of the packed corpus (`pack_token_blocks`), chosen by `pick`:
 
     "first": the corpus' first blocks; tokenizes only as much text as they need, but a corpus in
-        name order then yields a handful of documents (ref-lm's 128 first train blocks are six
+        name order then yields a handful of documents (ref-lm's 128 first train blocks are nine
         small stdlib modules and the start of `_pydecimal.py`).
     "spread": blocks at evenly spaced positions over the whole packed corpus, so every part of it
         is represented in proportion to its length; tokenizes all of it (about 13 s for ref-lm's

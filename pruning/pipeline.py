@@ -69,7 +69,7 @@ class PruneSettings:
     block_size: int = 256
     batch_size: int = 4
     calib_blocks: int = 128
-    # Spread over the whole text: the first 128 blocks of ref-lm's sorted train split are 7 files.
+    # Spread over the whole text: the first 128 blocks of ref-lm's sorted train split are 10 files.
     # Chosen on ref-lm v2's validation split at 300 steps (docs/results/disp.md).
     calib_pick: str = "spread"
     eval_blocks: int = 64
