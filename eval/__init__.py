@@ -30,6 +30,7 @@ _EXPORTS = {
     # data
     "load_text_corpus": "eval.data",
     "pack_token_blocks": "eval.data",
+    "pick_token_blocks": "eval.data",
     "load_glue": "eval.data",
     "load_mmlu": "eval.data",
     "load_alpaca": "eval.data",

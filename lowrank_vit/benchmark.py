@@ -109,14 +109,15 @@ def bench_vit(keeps, variants, base: MixedRankConfig, batch_size: int = 64) -> d
 
 
 def bench_lm(keeps, variants, base: MixedRankConfig, block_size: int = 256, eval_blocks: int = 64) -> dict:
-    from eval.data import pack_token_blocks
+    from eval.data import pick_token_blocks
     from eval.metrics import perplexity_of_blocks
     from eval.models import load_causal_lm
     from eval.reference import reference_corpus
 
     dense, tokenizer = load_causal_lm("ref-lm")
-    calib = list(pack_token_blocks(reference_corpus("train"), tokenizer, block_size, max_blocks=base.calib_images).split(8))
-    test = pack_token_blocks(reference_corpus("test"), tokenizer, block_size, max_blocks=eval_blocks)
+    # spread over each split, as compress-lm picks them (the first test blocks are one generated file)
+    calib = list(pick_token_blocks(reference_corpus("train"), tokenizer, block_size, base.calib_images).split(8))
+    test = pick_token_blocks(reference_corpus("test"), tokenizer, block_size, eval_blocks)
     rows = [{"variant": "dense", "keep": 1.0, "perplexity": perplexity_of_blocks(dense, test)}]
     for _, _, _, row in _compress_variants(dense, calib, base, keeps, variants,
                                            lambda model: {"perplexity": perplexity_of_blocks(model, test)}):

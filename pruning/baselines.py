@@ -257,3 +257,57 @@ def baseline_prune(method: str, model: nn.Module, kept: float, blocks: torch.Ten
     if method == "slicegpt":
         return slicegpt_prune(model, kept, blocks, batch_size)
     raise UserInputError(f"unknown pruning baseline {method!r}; expected one of {', '.join(BASELINES)}")
+
+
+def rotate_residual(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> nn.Module:
+    """A copy of `model` whose residual stream is written in one principal basis Q; same logits.
+
+    SliceGPT's rotation without its slicing and without per-sublayer bases: norm gains folded
+    into the linears that read the norms (gains set to 1; RMSNorm without a gain commutes with
+    an orthogonal Q), Q [d, d] the eigenvectors of the residual's second moment summed over every
+    sublayer input and the final norm (calibration `blocks`, float64, 1 % damping), by decreasing
+    eigenvalue; then x̃ = x·Q: embeddings E·Q, readers W·Q, writers Qᵀ·W (and their biases),
+    LM head (H·g)·Q. Coordinate i of the new residual is the i-th principal direction, so a
+    coordinate-selecting method (DISP) run on the copy selects principal directions: the
+    diagnostic of how much of SliceGPT's lead its rotation explains. Same architecture and
+    parameter count (embeddings are untied). Llama-style (RMSNorm) models only.
+    """
+    import copy
+
+    layout = layout_for(model.config)
+    if layout.norm_kind != "rms":
+        raise UserInputError(f"rotate_residual supports RMSNorm (Llama-style) models only; "
+                             f"{model.config.model_type!r} uses LayerNorm")
+    acc, n_tokens = _residual_second_moments(model, layout, blocks, batch_size)
+    q = _pca_basis(sum(acc), n_tokens)  # [d, d] float64
+    rotated = copy.deepcopy(model)
+    paths = layout.decoder
+
+    def assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(value.to(old.dtype).to(old.device), requires_grad=old.requires_grad))
+
+    def f64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().cpu()
+
+    embed = rotated.get_submodule(paths.embed_tokens)
+    head = rotated.get_output_embeddings()
+    final_norm = rotated.get_submodule(paths.final_norm)
+    head_weight = (f64(head.weight) * f64(final_norm.weight)) @ q
+    assign(embed, "weight", f64(embed.weight) @ q)
+    assign(head, "weight", head_weight)  # a Parameter of its own: the embeddings are untied
+    rotated.config.tie_word_embeddings = False
+    assign(final_norm, "weight", torch.ones_like(f64(final_norm.weight)))
+    for layer in decoder_layers(rotated, layout):
+        for norm_path, readers in ((layout.attn_norm, layout.attn_in), (layout.mlp_norm, layout.mlp_in)):
+            norm = layer.get_submodule(norm_path)
+            for path in readers:
+                linear = layer.get_submodule(path)
+                assign(linear, "weight", (f64(linear.weight) * f64(norm.weight)) @ q)
+            assign(norm, "weight", torch.ones_like(f64(norm.weight)))
+        for path in (layout.attn_out, layout.mlp_out):
+            linear = layer.get_submodule(path)
+            assign(linear, "weight", q.T @ f64(linear.weight))
+            if linear.bias is not None:
+                assign(linear, "bias", q.T @ f64(linear.bias))
+    return rotated.eval()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eval.data import BLOCK_PICKS
 from eval.errors import UserInputError, require_positive
 from eval.speed import side_by_side_throughput
 from pruning.arch import MASK_NAMES, layout_for
@@ -38,9 +39,13 @@ class PruneSettings:
     kept: fraction of the attention + MLP weight parameters kept, in (0, 1] (every method).
     calib / eval_text: calibration and held-out text, a file or folder (`eval.calibration.calibration_texts`).
     steps, estimator, lam, lr, tau, offset: DISP's hypernetwork training (`DispConfig`; a short
-        run by default, with the Gumbel-sigmoid estimator; the paper trains 10,000 steps with ReinMax).
+        run by default (1,000 steps), with the Gumbel-sigmoid estimator; the paper trains 10,000
+        steps with ReinMax).
     block_size: tokens per block; batch_size: blocks per step (training, perplexity, tokens/s);
     calib_blocks / eval_blocks: at most this many calibration / held-out blocks.
+    calib_pick: which calibration blocks (`eval.data.pick_token_blocks`): "spread" evenly over the
+        whole calibration text, or its "first" ones. The held-out blocks are always spread: the
+        first 64 of ref-lm's test split are 91 % one generated file (docs/results/lowrank-lm.md).
     recover_steps, recover_lr, lora_rank: LoRA recovery fine-tuning after pruning (0 steps: none).
     recover_task: recover on a task's training split instead of the calibration text (what
         `eval.tasks.load_task` takes: a built-in name or a `TaskSpec` dict, the user's data); its
@@ -53,7 +58,9 @@ class PruneSettings:
     kept: float = 0.5
     calib: str | None = None
     eval_text: str | None = None
-    steps: int = 300
+    # The most steps that fit 5 minutes on a quiet 2-core CPU for ref-lm with room to spare
+    # (1,000 steps: 172 s on an AVX2 machine, issue 23); the paper trains 10,000.
+    steps: int = 1000
     # Not the paper's ReinMax: in short runs from the +3 offset the Gumbel-sigmoid straight-through
     # estimator reaches the budget and ReinMax does not (ref-lm v2, 50 % removed, 300 steps:
     # perplexity +40.6 % against +267 %; docs/RESULTS.md).
@@ -65,6 +72,9 @@ class PruneSettings:
     block_size: int = 256
     batch_size: int = 4
     calib_blocks: int = 128
+    # Spread over the whole text: the first 128 blocks of ref-lm's sorted train split are 10 files.
+    # Chosen on ref-lm v2's validation split at 300 steps (docs/results/disp.md).
+    calib_pick: str = "spread"
     eval_blocks: int = 64
     recover_steps: int = 0
     recover_lr: float = 2e-4
@@ -75,6 +85,9 @@ class PruneSettings:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.calib_pick not in BLOCK_PICKS:
+            raise UserInputError(f"calib_pick {self.calib_pick!r} is unknown; expected one of {', '.join(BLOCK_PICKS)}",
+                                 field="calib_pick")
         if self.method not in METHODS:
             raise UserInputError(f"method {self.method!r} is unknown; expected one of {', '.join(METHODS)}",
                                  field="method")
@@ -250,22 +263,32 @@ def _card_quality(r: dict) -> dict:
 def _token_blocks(s: PruneSettings, model: nn.Module, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration blocks, held-out blocks, where the held-out text came from)."""
     from eval.calibration import calibration_texts
-    from eval.data import pack_token_blocks
+    from eval.data import pick_token_blocks
     from eval.metrics import model_context_length
 
     calib_texts, held_out, eval_source = calibration_texts(s.model, s.calib, s.eval_text)
-    context = model_context_length(model)
-    blocks = pack_token_blocks(calib_texts, tokenizer, s.block_size, max_blocks=s.calib_blocks,
-                               max_positions=context)
-    test_blocks = pack_token_blocks(held_out, tokenizer, s.block_size, max_blocks=s.eval_blocks,
-                                    max_positions=context)
-    return blocks, test_blocks, eval_source
+    test_blocks = pick_token_blocks(held_out, tokenizer, s.block_size, s.eval_blocks, pick="spread",
+                                    max_positions=model_context_length(model))
+    return calibration_blocks(s, model, tokenizer, calib_texts), test_blocks, eval_source
+
+
+def calibration_blocks(s: PruneSettings, model: nn.Module, tokenizer, texts: list[str] | None = None) -> torch.Tensor:
+    """The calibration token blocks [calib_blocks, block_size] a run with settings `s` trains on."""
+    from eval.calibration import calibration_texts
+    from eval.data import pick_token_blocks
+    from eval.metrics import model_context_length
+
+    if texts is None:
+        texts = calibration_texts(s.model, s.calib, s.eval_text)[0]
+    return pick_token_blocks(texts, tokenizer, s.block_size, s.calib_blocks, pick=s.calib_pick,
+                             max_positions=model_context_length(model))
 
 
 def _checkpoint_dir(s: PruneSettings, out: Path) -> Path:
     """Inside OUT (kept if interrupted; a rerun of the same command resumes), named by everything
     that defines the hypernetwork's training, so that a different run never resumes it."""
-    run_key = json.dumps([s.model, s.calib, s.block_size, s.batch_size, s.calib_blocks, s.disp_config().to_dict()],
+    run_key = json.dumps([s.model, s.calib, s.block_size, s.batch_size, s.calib_blocks, s.calib_pick,
+                          s.disp_config().to_dict()],
                          default=str)
     return out / f".disp-checkpoint-{hashlib.sha256(run_key.encode()).hexdigest()[:12]}"
 

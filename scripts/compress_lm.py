@@ -23,9 +23,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib", default=None, help="text file or folder to calibrate on (not needed for ref-lm)")
     p.add_argument("--eval", dest="eval_text", default=None,
                    help="held-out text for perplexity (default: ref-lm's test split, else the last tenth of --calib)")
-    p.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks of --block-size tokens")
+    p.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks of --block-size tokens, spread "
+                   "evenly over the whole calibration text")
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks for perplexity, spread evenly over the "
+                   "whole held-out text")
     add_config_options(p, keep_example="0.6 = 40%% fewer")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (also the tokens/s batch)")
     p.add_argument("--device", default="cpu")

@@ -29,8 +29,8 @@ from pruning import (
     slicegpt_prune,
 )
 from pruning.baselines import slicegpt_width
-from pruning.model import PrunedDecoderLayer
 from pruning.masking import MaskState
+from pruning.model import PrunedDecoderLayer
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +349,36 @@ def test_llama_style_families_export_and_reload(family, tmp_path):
     assert loaded.dtype == torch.bfloat16  # the checkpoint's dtype is kept
     with torch.no_grad():
         torch.testing.assert_close(loaded.float()(input_ids=ids).logits, expected, atol=0.1, rtol=0.05)
+
+
+def test_calibration_blocks_spread_over_the_whole_text(tiny_tokenizer, tiny_texts):
+    from eval.data import pack_token_blocks, pick_token_blocks
+
+    everything = pack_token_blocks(tiny_texts, tiny_tokenizer, 16)
+    first = pick_token_blocks(tiny_texts, tiny_tokenizer, 16, 4, pick="first")
+    spread = pick_token_blocks(tiny_texts, tiny_tokenizer, 16, 4, pick="spread")
+    assert torch.equal(first, everything[:4])
+    # evenly spaced over the packed text: the first and the last block, and two between
+    assert spread.shape == (4, 16)
+    assert torch.equal(spread[0], everything[0]) and torch.equal(spread[-1], everything[-1])
+    assert torch.equal(pick_token_blocks(tiny_texts, tiny_tokenizer, 16, 10**6), everything)  # fewer than asked: all
+    with pytest.raises(UserInputError, match="pick"):
+        pick_token_blocks(tiny_texts, tiny_tokenizer, 16, 4, pick="random")
+
+
+def test_prune_settings_reject_an_unknown_calibration_pick():
+    from pruning.pipeline import PruneSettings
+
+    with pytest.raises(UserInputError, match="calib_pick"):
+        PruneSettings(model="ref-lm", calib_pick="middle")
+
+
+def test_rotated_residual_keeps_the_logits_and_the_parameter_count(llama):
+    from pruning.baselines import rotate_residual
+
+    ids = _ids(llama, n=2, t=12)
+    rotated = rotate_residual(llama, _ids(llama, n=4, t=12, seed=1), batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids).logits, llama(ids).logits, atol=1e-4, rtol=1e-4)
+    assert block_params(rotated) == block_params(llama)
+    assert not torch.allclose(rotated.get_input_embeddings().weight, llama.get_input_embeddings().weight)
