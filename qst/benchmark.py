@@ -172,8 +172,9 @@ class StepWatch:
     - The feature cache (side tuning only, `cache_root` given) is attached to the model only once
       the timed steps are over; per step it records the cache's hits and writes (every miss is
       written), so `cache_report` says, measured, that the timed steps neither read nor wrote it.
-    - On the first step, forward hooks on every `nn.Linear` record its output dtype: the compute
-      dtype of the method is the one carrying most weight elements (its bulk of arithmetic).
+    - On the first step, forward hooks on every `nn.Linear` but the LM head (which PEFT's QLoRA
+      keeps in fp32, and which runs only at labelled positions) record the dtype its matmul ran in
+      and its multiply-adds: the method's compute dtype is the one carrying most of them.
     """
 
     def __init__(self, model, timed: range, loss_fn=None, cache_root: str | None = None):
@@ -182,14 +183,19 @@ class StepWatch:
         self.cache_root = cache_root
         self.step = 0
         self.per_step: list[tuple[int, int]] = []  # (hits, writes) of each step
-        self._elements: dict[str, int] = {}
+        self._elements: dict[str, int] = {}  # dtype -> multiply-adds of the first step's forward
+        vocab = model.config.vocab_size
         self._hooks = [m.register_forward_hook(self._record_dtype) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear)]
+                       if isinstance(m, torch.nn.Linear) and m.out_features != vocab]
 
     def _record_dtype(self, module, args, output) -> None:
-        if isinstance(output, torch.Tensor):
-            name = str(output.dtype).removeprefix("torch.")
-            self._elements[name] = self._elements.get(name, 0) + module.weight.numel()
+        # A 4-bit Linear casts its input to its compute dtype and its output back to the input's
+        # dtype (fp32 after prepare_model_for_kbit_training): its matmul runs in `compute_dtype`.
+        dtype = getattr(module, "compute_dtype", None) or getattr(output, "dtype", None)
+        if isinstance(dtype, torch.dtype) and isinstance(output, torch.Tensor):
+            name = str(dtype).removeprefix("torch.")
+            rows = output.numel() // max(1, output.shape[-1])
+            self._elements[name] = self._elements.get(name, 0) + rows * module.in_features * module.out_features
 
     def loss(self, model, batch) -> torch.Tensor:
         if self.step == self.timed.stop and self.cache_root is not None:
@@ -213,7 +219,7 @@ class StepWatch:
 
     @property
     def linear_dtypes(self) -> dict[str, float]:
-        """Share of the Linear weight elements run in each output dtype during the first step."""
+        """Share of the first step's Linear multiply-adds (LM head aside) run in each dtype."""
         total = sum(self._elements.values()) or 1
         return {k: v / total for k, v in sorted(self._elements.items())}
 
