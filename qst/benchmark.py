@@ -327,6 +327,9 @@ class BenchSettings:
     qst_r: int | None = None
     # QST's side attention head dim (QSTConfig.side_head_dim); None: the backbone's head count.
     qst_head_dim: int | None = None
+    # {method: lr} overriding `lr` for those methods (the --quick preset: each method at the rate
+    # `bench --protocol` chose for it on validation).
+    method_lrs: dict | None = None
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -353,6 +356,9 @@ class BenchSettings:
         if self.train_examples is not None and self.train_examples < self.batch:
             raise UserInputError(f"train_examples ({self.train_examples}) must be at least one batch ({self.batch})")
         require_positive_number("lr", self.lr)
+        if self.method_lrs is not None:
+            object.__setattr__(self, "method_lrs", {m: require_positive_number(f"lr of {m}", v)
+                                                    for m, v in dict(self.method_lrs).items()})
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         device = str(self.device)
@@ -372,6 +378,9 @@ class BenchSettings:
         from eval.bnb import compute_dtype_name
 
         return compute_dtype_name(self.device) if self.dtype == "auto" else self.dtype
+
+    def lr_of(self, method: str) -> float:
+        return (self.method_lrs or {}).get(method, self.lr)
 
     def baseline_options(self) -> dict:
         """`qst.baselines.BaselineConfig` fields every method's process builds with."""
@@ -419,7 +428,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
             + (", test accuracy" if task and settings.train_steps else ""))
         raw = run_in_fresh_process(
             method_target,
-            {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
+            {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr_of(method),
              "eval_examples": settings.eval_examples,
              "train_examples": settings.train_examples, "feature_cache": settings.feature_cache,
              "baseline_options": settings.baseline_options()},
@@ -611,7 +620,7 @@ def format_markdown(data: dict) -> str:
         "# Tuning benchmark",
         "",
         f"Model `{data['model']}` on `{data['device']}`, task `{data['task'] or 'random tokens'}`, batch "
-        f"{data['batch']}, seq {data['seq']}, AdamW lr {s['lr']}, {s['warmup']} warm-up + {s['steps']} timed "
+        f"{data['batch']}, seq {data['seq']}, AdamW lr {_lrs(s)}, {s['warmup']} warm-up + {s['steps']} timed "
         f"steps" + (f", accuracy after {max(s['train_steps'], s['warmup'] + s['steps'])} training steps"
                    if data["task"] else " (random weights: no accuracy)")
         + (f", training on {s['train_examples']} examples" if s.get("train_examples") else "")
@@ -644,6 +653,13 @@ def format_markdown(data: dict) -> str:
         machine_line(data["machine"]) if data.get("machine") else "Machine: not recorded.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _lrs(settings: dict) -> str:
+    per_method = settings.get("method_lrs")
+    if not per_method:
+        return f"{settings['lr']} for every method"
+    return ", ".join(f"{m} {lr:g}" for m, lr in per_method.items()) + f" (others {settings['lr']})"
 
 
 def _timed_cache_counts(methods: dict) -> str:

@@ -165,6 +165,7 @@ def run(args) -> int:
         lr=_flag_or(args, preset, "lr"), device=args.device, dtype=args.dtype, seed=args.seed,
         fit_check=not args.no_fit_check, qst_r=_flag_or(args, preset, "qst_r"),
         qst_head_dim=args.qst_head_dim,
+        method_lrs=preset.get("method_lrs") if args.lr is None else None,  # an explicit --lr is every method's
     )
     _check_seq(settings)
     with prepare_output_dir(args.out, "bench", signature="bench_tuning.json"):
