@@ -14,11 +14,14 @@ One task interface serves the built-in tasks and the user's own data:
   crosses into the fresh measurement processes. `load_task(spec)` takes a `TaskSpec`, its dict,
   or a plain string: a built-in name (`BUILTIN_TASKS`), a local file or folder, or `hf:NAME`.
 
-The built-in tasks (`stdlib-module`, `docstring-match`, `def-kind`) are generated from the
-reference corpus by `eval.reference.tasks`. The generated examples are cached as JSONL under
-`$SLIMTUNE_CACHE/tasks-<hash>/`, together with one lm-eval task YAML per task
-(`slimtune_stdlib_module`, `slimtune_docstring_match`, `slimtune_def_kind`), so that directory is
-an lm-eval `include_path` (`task_yaml_dir()`). The user's data is read by `eval.user_tasks`.
+The built-in tasks (`stdlib-module`, `def-kind`, `signature-match`, and the zero-shot tasks
+`next-line` and `local-name`) are generated from the reference corpus by `eval.reference.tasks`
+and ship with the suite as files (`SHIPPED_TASKS`: JSONL per task and split, a card, and
+`checksums.json`), so every machine scores the same examples; a missing or corrupted file is one
+error, and only an explicit rebuild (`docs/recipes/build_tasks.py`) regenerates them.
+`task_yaml_dir()` renders them for lm-eval into `$SLIMTUNE_CACHE/tasks-<hash>/`: one YAML per
+task (`slimtune_def_kind`, ...) with train / validation / test splits, so that directory is an
+lm-eval `include_path`. The user's data is read by `eval.user_tasks`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import shutil
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,9 +42,16 @@ from eval.data import ClassificationExample, InstructionExample, MultipleChoiceE
 from eval.errors import UserInputError, require_positive
 from eval.io import atomic_directory, read_json, write_json
 from eval.reference.common import build_lock, cache_root, remove_stale_temporaries
-from eval.reference.tasks import TASKS, TASKS_VERSION, generate_tasks, tasks_hash
+from eval.reference.corpus import sha256_hex
+from eval.reference.shipped import CHECKSUMS_NAME, SHIPPED_ROOT
+from eval.reference.tasks import TASKS, TASKS_VERSION, generate_tasks, generation_info
 
 _CARD = "tasks_card.json"
+# The task files that ship with the suite (`write_task_files`); only `docs/recipes/build_tasks.py
+# --ship` (a developer's explicit rebuild) writes them.
+SHIPPED_TASKS = SHIPPED_ROOT / "tasks"
+REBUILD_RECIPE = "docs/recipes/build_tasks.py"
+_YAML_FORMAT = 2  # bump when the rendered lm-eval files or YAML change
 BUILTIN_TASKS = TASKS  # the names `load_task` resolves to generated tasks
 TASK_KINDS = ("classification", "multiple_choice", "instruction")
 SPLITS = ("train", "validation", "test")
@@ -182,7 +193,7 @@ def instruction_prompt(example: InstructionExample) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading and the cache
+# Loading: the shipped task files, and the lm-eval view of them in the cache
 # --------------------------------------------------------------------------------------------
 
 
@@ -192,7 +203,7 @@ def lm_eval_task_name(name: str) -> str:
 
 
 def load_task(spec: str | dict | TaskSpec) -> Task:
-    """The task `spec` names: a built-in task (generated on first use, cached afterwards), or
+    """The task `spec` names: a built-in task (read from the files that ship with the suite), or
     the user's data (`eval.user_tasks.load_user_task`). A string is `TaskSpec(source=string)`."""
     if isinstance(spec, dict):
         spec = TaskSpec(**spec)
@@ -218,20 +229,83 @@ def _looks_like_user_data(source: str) -> bool:
 
 
 def _load_builtin_task(name: str) -> Task:
-    """One of `TASKS`, generated on first use and read from the cache afterwards."""
+    """One of `TASKS`, read from the shipped task files (checked against their checksums)."""
     if name not in TASKS:
         close = difflib.get_close_matches(name, TASKS, n=3, cutoff=0.5)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise UserInputError(f"unknown task {name!r}{hint}; expected one of {', '.join(TASKS)}")
-    return _load_cached_task(name, str(task_yaml_dir()))
+    return read_task(name, str(shipped_tasks_dir()))
 
 
-def task_yaml_dir() -> Path:
-    """The cached task directory: JSONL per task and split, and one lm-eval YAML per task.
+def shipped_tasks_dir() -> Path:
+    """`SHIPPED_TASKS`, after checking every file against its `checksums.json` (once per process)."""
+    return _verified(str(SHIPPED_TASKS))
 
-    Usable as lm-eval's `include_path`; written once (atomically, under a lock) per task recipe.
+
+@cache
+def _verified(directory: str) -> Path:
+    folder = Path(directory)
+    how = f"reinstall slimtune, or regenerate the tasks with `python {REBUILD_RECIPE} --ship`"
+    if not (folder / CHECKSUMS_NAME).is_file():
+        raise UserInputError(f"the shipped task files are missing ({folder / CHECKSUMS_NAME} not found); {how}")
+    for name, expected in read_json(folder / CHECKSUMS_NAME, what="shipped task checksums").items():
+        path = folder / name
+        if not path.is_file():
+            raise UserInputError(f"the shipped task file {path} is missing; {how}")
+        if sha256_hex(path.read_bytes()) != expected:
+            raise UserInputError(f"the shipped task file {path} is corrupted (its SHA-256 does not match "
+                                 f"{CHECKSUMS_NAME}); {how}")
+    return folder
+
+
+def build_tasks(documents: dict | None = None) -> dict[str, Task]:
+    """Every task, generated from the reference corpus (`eval.reference.tasks.generate_tasks`:
+    `documents` replaces the corpus, as there). Only a rebuild does this; loading reads the shipped files."""
+    return {name: Task(**fields) for name, fields in generate_tasks(documents).items()}
+
+
+def write_task_files(tasks: dict[str, Task], out: str | Path) -> Path:
+    """The task files of `tasks` in a new directory `out` (atomically): `<task>/<split>.jsonl`
+    per split, `tasks_card.json` (kinds, labels, sizes, prompts, source files, what generated
+    them) and, last, `checksums.json` (the SHA-256 of every other file)."""
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        for task in tasks.values():
+            (tmp / task.name).mkdir()
+            for split in SPLITS:
+                _write_jsonl(tmp / task.name / f"{split}.jsonl", [dataclasses.asdict(ex) for ex in task.split(split)])
+        write_json(tmp / _CARD, {
+            "generated": generation_info(),
+            "tasks": {t.name: {"kind": t.kind, "labels": list(t.labels), "description": t.description,
+                               "template": t.template, **{split: len(getattr(t, split)) for split in SPLITS},
+                               "files": t.files} for t in tasks.values()},
+        })
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / CHECKSUMS_NAME, {name: sha256_hex((tmp / name).read_bytes()) for name in files})
+    return out
+
+
+def rebuild_tasks(out: str | Path) -> dict:
+    """Generate every task from this machine's corpus into `out` and compare with the shipped
+    files: {task: {split: same examples?}} (they differ where the local standard library does)."""
+    write_task_files(build_tasks(), out)
+    shipped = read_json(SHIPPED_TASKS / CHECKSUMS_NAME, what="shipped task checksums") \
+        if (SHIPPED_TASKS / CHECKSUMS_NAME).is_file() else {}
+    rebuilt = read_json(Path(out) / CHECKSUMS_NAME, what="rebuilt task checksums")
+    return {name: {split: shipped.get(f"{name}/{split}.jsonl") == rebuilt[f"{name}/{split}.jsonl"]
+                   for split in SPLITS} for name in TASKS}
+
+
+def task_yaml_dir(tasks_dir: str | Path | None = None) -> Path:
+    """The lm-eval view of the task files in `tasks_dir` (default: the shipped ones): one YAML per
+    task and its prompts rendered per split (`lm_eval_<split>.jsonl`), in the cache.
+
+    Usable as lm-eval's `include_path`; written once (atomically, under a lock) per content of
+    the task files (named by a hash of their checksums).
     """
-    final = cache_root() / f"tasks-{tasks_hash()}"
+    source = shipped_tasks_dir() if tasks_dir is None else Path(tasks_dir)
+    key = sha256_hex(f"{_YAML_FORMAT}\n".encode() + (source / CHECKSUMS_NAME).read_bytes())[:12]
+    final = cache_root() / f"tasks-{key}"
     if (final / _CARD).is_file():
         return final
     with build_lock(final):
@@ -239,46 +313,37 @@ def task_yaml_dir() -> Path:
             return final
         remove_stale_temporaries(final)
         with atomic_directory(final) as tmp:
-            tasks = build_tasks()
-            for task in tasks.values():
-                _write_task(task, tmp / task.name, final / task.name)
-            write_json(tmp / _CARD, {  # last: the completion mark
-                "version": TASKS_VERSION,
-                "tasks": {t.name: {"kind": t.kind, "labels": list(t.labels), "train": len(t.train),
-                                   "test": len(t.test), "description": t.description,
-                                   "template": t.template, "files": t.files} for t in tasks.values()},
-            })
+            for name in read_json(source / _CARD, what="task card")["tasks"]:
+                _write_lm_eval_task(read_task(name, str(source)), tmp / name, final / name)
+            shutil.copy2(source / _CARD, tmp / _CARD)  # last: the completion mark
     return final
 
 
-def build_tasks(documents: dict | None = None) -> dict[str, Task]:
-    """Every task, generated from the reference corpus (`eval.reference.tasks.generate_tasks`:
-    `documents` replaces the corpus, as there)."""
-    return {name: Task(**fields) for name, fields in generate_tasks(documents).items()}
-
-
 @cache
-def _load_cached_task(name: str, directory: str) -> Task:
-    meta = read_json(Path(directory) / _CARD, "task card")["tasks"][name]
+def read_task(name: str, directory: str) -> Task:
+    """Task `name` from a directory of task files (`write_task_files`), every line checked."""
+    card = read_json(Path(directory) / _CARD, what="task card")["tasks"]
+    if name not in card:
+        raise UserInputError(f"task {name!r} is not in {Path(directory) / _CARD}; it has {', '.join(card)}")
+    meta = card[name]
     splits = {}
     for split in SPLITS:
         path = Path(directory) / name / f"{split}.jsonl"
-        if split == "validation" and not path.is_file():
-            splits[split] = []
-            continue
+        if not path.is_file():
+            raise UserInputError(f"task file {path} is missing; expected {', '.join(SPLITS)} splits "
+                                 f"(regenerate the tasks with `python {REBUILD_RECIPE} --ship`)")
         rows = [_task_row(path, i, line, meta) for i, line in enumerate(path.read_text().splitlines(), 1)]
         if meta["kind"] == "classification":
             splits[split] = [ClassificationExample(text=r["text"], label=r["label"]) for r in rows]
         else:
             splits[split] = [MultipleChoiceExample(question=r["question"], choices=r["choices"], answer=r["answer"])
                              for r in rows]
-    return Task(name=name, kind=meta["kind"], labels=tuple(meta["labels"]), train=splits["train"],
-                validation=splits["validation"], test=splits["test"], description=meta["description"], template=meta["template"],
-                files=meta["files"])
+    return Task(name=name, kind=meta["kind"], labels=tuple(meta["labels"]), description=meta["description"],
+                template=meta["template"], files=meta["files"], **splits)
 
 
 def _task_row(path: Path, line_number: int, line: str, meta: dict) -> dict:
-    """One cached example, checked: a missing or out-of-range label is named, not a KeyError later."""
+    """One example of a task file, checked: a missing or out-of-range label is named, not a KeyError later."""
     classification = meta["kind"] == "classification"
     fields = ("text", "label") if classification else ("question", "choices", "answer")
     answer = fields[-1]
@@ -294,23 +359,21 @@ def _task_row(path: Path, line_number: int, line: str, meta: dict) -> dict:
         if not (isinstance(row[answer], int) and 0 <= row[answer] < count):
             problem = f"has {answer} {row[answer]!r}, expected an index in [0, {count})"
     if problem is not None:
-        raise UserInputError(f"task file {path}, line {line_number} {problem}; the task cache is damaged: delete "
-                             f"{path.parent.parent} and it is generated again")
+        raise UserInputError(f"task file {path}, line {line_number} {problem}; the task files are damaged: "
+                             f"reinstall slimtune, or regenerate them with `python {REBUILD_RECIPE} --ship`")
     return row
 
 
-def _write_task(task: Task, out: Path, final: Path) -> None:
-    """`train.jsonl` / `test.jsonl` (examples), `lm_eval_*.jsonl` (rendered prompts) + YAML.
+def _write_lm_eval_task(task: Task, out: Path, final: Path) -> None:
+    """`lm_eval_<split>.jsonl` (rendered prompts) per split + the task's YAML.
 
     The YAML's data_files name the paths the files will have after the atomic rename (`final`).
     """
     out.mkdir(parents=True)
-    for split in ("train", "test"):
-        examples = task.split(split)
-        _write_jsonl(out / f"{split}.jsonl", [dataclasses.asdict(ex) for ex in examples])
+    for split in SPLITS:
         _write_jsonl(out / f"lm_eval_{split}.jsonl",
                      [{"query": task.prompt(ex), "choices": task.candidates(ex), "answer": task.target(ex)}
-                      for ex in examples])
+                      for ex in task.split(split)])
     lm_eval_name = lm_eval_task_name(task.name)
     (out / f"{lm_eval_name}.yaml").write_text(_lm_eval_yaml(lm_eval_name, final), encoding="utf-8")
 
@@ -328,9 +391,11 @@ def _lm_eval_yaml(name: str, final: Path) -> str:
         dataset_kwargs:
           data_files:
             train: {json.dumps(str(final / "lm_eval_train.jsonl"))}
+            validation: {json.dumps(str(final / "lm_eval_validation.jsonl"))}
             test: {json.dumps(str(final / "lm_eval_test.jsonl"))}
         output_type: multiple_choice
         training_split: train
+        validation_split: validation
         test_split: test
         doc_to_text: query
         doc_to_choice: choices

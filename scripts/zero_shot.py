@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
         description="Evaluate models with lm-evaluation-harness (its Python API, on the model object as the "
         "suite left it) on the suite's own task YAMLs, on a folder of your YAMLs (--include-path) and on "
         "lm-eval's standard tasks whose data is in the local cache. Writes OUT/zero_shot.{json,md} and "
-        "OUT/zero_shot.png. Examples: slimtune zero-shot --model ref-lm --tasks def-kind,docstring-match "
+        "OUT/zero_shot.png. Examples: slimtune zero-shot --model ref-lm --tasks def-kind,next-line,local-name "
         "--out runs/zs;  slimtune zero-shot --compare dense=ref-lm,qst:runs/qst,pruned:runs/disp/model "
         "--out runs/zs-all",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--lowrank", default=None, metavar="DIR", help="a low-rank-compressed model (lowrank_vit)")
     group.add_argument("--compare", default=None, metavar="A,B,...",
                        help="several model specs, each [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR, in one table")
-    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names; the suite's tasks also by their own names (stdlib-module, docstring-match, def-kind); default: the suite's tasks")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names; the suite's tasks also by their own names (stdlib-module, def-kind, signature-match, next-line, local-name); default: the suite's tasks")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of lm-eval task YAMLs (repeatable); the suite's task YAMLs are always included")
     p.add_argument("--num-fewshot", type=int, default=0)

@@ -1,13 +1,16 @@
-"""eval.reference.tasks: deterministic, file-disjoint tasks; eval.tasks: the cache and lm-eval
-YAMLs; batches; accuracy.
+"""eval.reference.tasks: deterministic, document-disjoint tasks; eval.tasks: the shipped task
+files, their checks, the lm-eval YAMLs; batches; accuracy.
 
-Generation is tested on a slice of the corpus (four packages) to stay fast; the code path is
-the one the full corpus takes.
+Generation is tested on a slice of the corpus (five packages) to stay fast; the code path is
+the one the full corpus takes. Leakage, label noise and labels are checked on the shipped files.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -24,11 +27,12 @@ _SLICE = ("asyncio/", "importlib/", "xml/", "multiprocessing/", "idlelib/")
 
 
 def _slice_documents() -> dict:
-    def keep(docs):
-        return [d for d in docs if d.name.startswith(_SLICE)]
-
-    return {"train": keep(reference_corpus("train")),
-            "test": keep(reference_corpus("validation") + reference_corpus("test"))}
+    documents = {split: [] for split in tasks.SPLITS}
+    for corpus_split in ("train", "validation", "test"):
+        for doc in reference_corpus(corpus_split):
+            if doc.name.startswith(_SLICE):
+                documents[reference_tasks.task_split_of(doc.name, corpus_split)].append(doc)
+    return documents
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +41,13 @@ def generated():
 
 
 @pytest.fixture(scope="module")
-def _slice_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("slice-task-cache")
+def slice_files(generated, tmp_path_factory):
+    return tasks.write_task_files(generated, tmp_path_factory.mktemp("slice-tasks") / "tasks")
 
 
-@pytest.fixture
-def cached_dir(generated, monkeypatch, _slice_cache):
-    # task_yaml_dir() writes the slice's tasks into a cache of this module's own: the session's
-    # cache may already hold the full tasks, built by another test (bench on def-kind) first.
-    monkeypatch.setenv("SLIMTUNE_CACHE", str(_slice_cache))
-    monkeypatch.setattr(tasks, "build_tasks", lambda: generated)
-    return tasks.task_yaml_dir()
+@pytest.fixture(scope="module")
+def shipped():
+    return {name: tasks.load_task(name) for name in tasks.TASKS}
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +57,24 @@ def tiny_llama(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
 
 
+def _key(task):
+    return (lambda ex: ex.text) if task.kind == "classification" else (lambda ex: ex.question)
+
+
 def test_generation_is_deterministic(generated):
     again = tasks.build_tasks(_slice_documents())
     for name in tasks.TASKS:
-        assert again[name].train == generated[name].train
-        assert again[name].test == generated[name].test
+        for split in tasks.SPLITS:
+            assert getattr(again[name], split) == getattr(generated[name], split)
 
 
 def test_kinds_and_labels(generated):
     kinds = {name: task.kind for name, task in generated.items()}
     assert "classification" in kinds.values() and "multiple_choice" in kinds.values()
-    assert len(generated) >= 3 and set(generated) == set(tasks.TASKS)
+    assert set(generated) == set(tasks.TASKS) and set(reference_tasks.ZERO_SHOT_TASKS) <= set(tasks.TASKS)
     for task in generated.values():
-        assert task.train and task.test
-        for ex in task.train + task.test:
+        assert task.train and task.validation and task.test
+        for ex in task.train + task.validation + task.test:
             if task.kind == "classification":
                 assert isinstance(ex, ClassificationExample) and 0 <= ex.label < len(task.labels)
             else:
@@ -78,23 +82,100 @@ def test_kinds_and_labels(generated):
                 assert len(set(ex.choices)) == 4
 
 
-def test_train_and_test_share_no_source_file_and_no_text(generated):
+def test_validation_is_carved_from_train_documents(generated):
     for task in generated.values():
-        train_files, test_files = set(task.files["train"]), set(task.files["test"])
-        assert train_files and test_files and not train_files & test_files
-        assert all(split_of(f) == "train" for f in train_files)
-        assert all(split_of(f) in ("validation", "test") for f in test_files)
-        key = (lambda ex: ex.text) if task.kind == "classification" else (lambda ex: ex.question)
-        assert not {key(ex) for ex in task.train} & {key(ex) for ex in task.test}
+        assert all(split_of(f) == "train" for f in task.files["train"] + task.files["validation"])
+        assert all(split_of(f) in ("validation", "test") for f in task.files["test"])
+        assert all(reference_tasks.task_split_of(f, "train") == "validation" for f in task.files["validation"])
 
 
-def test_docstring_match_right_choice_is_the_documented_function(generated):
-    task = generated["docstring-match"]
+def test_shipped_splits_share_no_source_file_and_no_text(shipped):
+    # The real shipped files, whole: no source document and no text (exact or with whitespace
+    # collapsed) in two splits, and no text twice within a split.
+    for task in shipped.values():
+        files = {split: set(task.files[split]) for split in tasks.SPLITS}
+        texts = {split: [reference_tasks.normalized(_key(task)(ex)) for ex in task.split(split)]
+                 for split in tasks.SPLITS}
+        for split in tasks.SPLITS:
+            assert files[split] and len(set(texts[split])) == len(texts[split]), (task.name, split)
+        for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+            assert not files[a] & files[b], (task.name, a, b)
+            assert not set(texts[a]) & set(texts[b]), (task.name, a, b)
+        assert all(split_of(f) == "train" for f in files["train"] | files["validation"])
+        assert all(split_of(f) in ("validation", "test") for f in files["test"])
+
+
+def test_shipped_sizes_and_card(shipped):
+    card = json.loads((tasks.SHIPPED_TASKS / "tasks_card.json").read_text())
+    assert card["generated"]["version"] == tasks.TASKS_VERSION
+    for name, task in shipped.items():
+        assert {split: len(task.split(split)) for split in tasks.SPLITS} == \
+            {split: card["tasks"][name][split] for split in tasks.SPLITS}
+        assert len(task.validation) >= 200 and len(task.test) >= 200
+
+
+def test_every_shipped_generator_example_shows_its_yield(shipped):
+    task = shipped["def-kind"]
+    generator = task.labels.index("generator")
+    for split in tasks.SPLITS:
+        examples = [ex for ex in task.split(split) if ex.label == generator]
+        assert examples and all(re.search(r"\byield\b", ex.text) for ex in examples), split
+
+
+def test_stdlib_module_labels_exist_in_this_python(shipped):
+    labels = shipped["stdlib-module"].labels
+    assert "distutils" not in labels  # removed in Python 3.12
+    assert all(importlib.util.find_spec(label) is not None for label in labels)
+
+
+def _copy_of_shipped(tmp_path, monkeypatch):
+    copy = tmp_path / "tasks"
+    shutil.copytree(tasks.SHIPPED_TASKS, copy)
+    monkeypatch.setattr(tasks, "SHIPPED_TASKS", copy)
+    return copy
+
+
+def test_a_corrupted_or_missing_shipped_file_is_one_clear_error(tmp_path, monkeypatch):
+    copy = _copy_of_shipped(tmp_path, monkeypatch)
+    assert tasks.shipped_tasks_dir() == copy
+    path = copy / "def-kind" / "validation.jsonl"
+    path.write_text(path.read_text().replace("self", "this", 1))
+    tasks._verified.cache_clear()
+    with pytest.raises(UserInputError, match=r"def-kind/validation.jsonl is corrupted .*build_tasks.py --ship"):
+        tasks.load_task("def-kind")
+    path.unlink()
+    tasks._verified.cache_clear()
+    with pytest.raises(UserInputError, match=r"def-kind/validation.jsonl is missing"):
+        tasks.load_task("def-kind")
+    tasks._verified.cache_clear()
+
+
+def test_signature_match_right_choice_is_the_def_line_of_the_body(generated):
+    task = generated["signature-match"]
     source = "\n".join(d.text for d in _slice_documents()["test"])
     for ex in task.test[:20]:
         name = ex.choices[ex.answer].removeprefix("def ").split("(")[0]
         assert f"def {name}(" in source
-        assert ex.question.startswith("Docstring:") and ex.question.endswith("Answer:")
+        assert ex.question.endswith("# Answer:")
+        parameters = re.findall(r"(\w+)\s*(?:[:=,)])", ex.choices[ex.answer].split("(", 1)[1])
+        assert set(parameters) & set(re.findall(r"\w+", ex.question))
+
+
+def test_next_line_right_choice_is_the_line_that_follows(generated):
+    task = generated["next-line"]
+    lines = {line.strip() for d in _slice_documents()["test"] for line in d.text.splitlines()}
+    for ex in task.test[:30]:
+        right = ex.choices[ex.answer]
+        assert right in lines and ex.question.endswith("\n" + " " * (len(ex.question) - len(ex.question.rstrip(" "))))
+        assert all(abs(len(c) - len(right)) <= max(3, len(right) // 5) for c in ex.choices)
+
+
+def test_local_name_right_choice_was_defined_before(generated):
+    task = generated["local-name"]
+    for ex in task.test[:30]:
+        words = set(re.findall(r"\w+", ex.question))
+        assert ex.choices[ex.answer] in words
+        assert not any(c in words for i, c in enumerate(ex.choices) if i != ex.answer)
 
 
 _SNIPPET = '''
@@ -138,53 +219,56 @@ def test_function_records_kinds_signatures_and_bodies():
     assert records["walk"].body == "for item in self.items:\n    yield from item"
 
 
-def test_load_task_reads_the_cache(cached_dir, generated):
-    card = json.loads((cached_dir / "tasks_card.json").read_text())
+def test_read_task_reads_written_files(slice_files, generated):
+    card = json.loads((slice_files / "tasks_card.json").read_text())
+    checksums = json.loads((slice_files / "checksums.json").read_text())
     assert set(card["tasks"]) == set(tasks.TASKS)
+    assert {f"{name}/{split}.jsonl" for name in tasks.TASKS for split in tasks.SPLITS} | {"tasks_card.json"} == set(checksums)
     for name in tasks.TASKS:
-        task = tasks.load_task(name)
+        task = tasks.read_task(name, str(slice_files))
         assert task.kind == generated[name].kind and task.labels == generated[name].labels
-        assert task.test == generated[name].test and task.files == generated[name].files
-    assert tasks.task_yaml_dir() == cached_dir
+        assert task.validation == generated[name].validation and task.test == generated[name].test
+        assert task.files == generated[name].files
 
 
-def test_a_damaged_task_cache_names_the_file_and_line(cached_dir, tmp_path):
-    import shutil
-
+def test_a_damaged_task_file_names_the_file_and_line(slice_files, tmp_path):
     damaged = tmp_path / "tasks"
-    shutil.copytree(cached_dir, damaged)
+    shutil.copytree(slice_files, damaged)
     lines = (damaged / "def-kind" / "test.jsonl").read_text().splitlines()
     row = json.loads(lines[2])
     del row["label"]
     (damaged / "def-kind" / "test.jsonl").write_text("\n".join(lines[:2] + [json.dumps(row)] + lines[3:]))
-    with pytest.raises(UserInputError, match=r"def-kind/test.jsonl, line 3 has no 'label'; the task cache is damaged"):
-        tasks._load_cached_task("def-kind", str(damaged))
-    lines = (damaged / "docstring-match" / "train.jsonl").read_text().splitlines()
+    with pytest.raises(UserInputError, match=r"def-kind/test.jsonl, line 3 has no 'label'; the task files are damaged"):
+        tasks.read_task("def-kind", str(damaged))
+    lines = (damaged / "signature-match" / "train.jsonl").read_text().splitlines()
     row = json.loads(lines[0])
     row["answer"] = len(row["choices"])
-    (damaged / "docstring-match" / "train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]))
+    (damaged / "signature-match" / "train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]))
     with pytest.raises(UserInputError, match=r"line 1 has answer 4, expected an index in \[0, 4\)"):
-        tasks._load_cached_task("docstring-match", str(damaged))
+        tasks.read_task("signature-match", str(damaged))
 
 
 def test_unknown_task_names_close_matches():
-    with pytest.raises(UserInputError, match="docstring-match"):
-        tasks.load_task("docstring_match")
+    with pytest.raises(UserInputError, match="signature-match"):
+        tasks.load_task("signature_match")
 
 
-def test_lm_eval_task_manager_loads_the_yaml(cached_dir, generated):
+def test_lm_eval_task_manager_loads_the_yaml_with_its_validation_split(slice_files, generated):
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    manager = TaskManager(include_path=str(cached_dir), include_defaults=False)
-    assert {"slimtune_docstring_match", "slimtune_stdlib_module", "slimtune_def_kind"} <= set(manager.all_tasks)
+    yaml_dir = tasks.task_yaml_dir(slice_files)
+    assert tasks.task_yaml_dir(slice_files) == yaml_dir
+    manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
     assert {tasks.lm_eval_task_name(name) for name in tasks.TASKS} <= set(manager.all_tasks)
-    task = get_task_dict(["slimtune_docstring_match"], manager)["slimtune_docstring_match"]
+    task = get_task_dict(["slimtune_signature_match"], manager)["slimtune_signature_match"]
+    assert task.has_validation_docs()
+    expected = generated["signature-match"]
+    assert len(list(task.validation_docs())) == len(expected.validation)
     docs = list(task.eval_docs)
-    expected = generated["docstring-match"].test
-    assert len(docs) == len(expected)
-    assert task.doc_to_text(docs[0]) == expected[0].question
-    assert task.doc_to_choice(docs[0]) == expected[0].choices
-    assert task.doc_to_target(docs[0]) == expected[0].answer
+    assert len(docs) == len(expected.test)
+    assert task.doc_to_text(docs[0]) == expected.test[0].question
+    assert task.doc_to_choice(docs[0]) == expected.test[0].choices
+    assert task.doc_to_target(docs[0]) == expected.test[0].answer
 
 
 def test_lm_batches_label_only_the_answer(generated, tiny_tokenizer):
@@ -237,7 +321,7 @@ def test_task_accuracy_for_both_model_kinds(generated, tiny_tokenizer, tiny_llam
     expected = sum(ex.label == 0 for ex in examples) / len(examples)
     assert tasks.task_accuracy(AlwaysFirst(), tiny_tokenizer, task, max_examples=12) == pytest.approx(expected)
 
-    mc = generated["docstring-match"]
+    mc = generated["signature-match"]
     got = tasks.task_accuracy(tiny_llama, tiny_tokenizer, mc, max_examples=6, batch_size=4)
     assert got == multiple_choice_accuracy(tiny_llama, tiny_tokenizer, mc.test[:6], batch_size=4)
     with pytest.raises(UserInputError, match="multiple choice"):

@@ -116,5 +116,6 @@ def test_primary_metric_prefers_accuracy_and_carries_its_stderr():
 def test_the_suite_tasks_answer_to_their_own_names_and_are_the_default():
     from scripts.zero_shot import _task_names
 
-    assert _task_names(None) == ["slimtune_stdlib_module", "slimtune_docstring_match", "slimtune_def_kind"]
+    assert _task_names(None) == ["slimtune_stdlib_module", "slimtune_def_kind", "slimtune_signature_match",
+                                 "slimtune_next_line", "slimtune_local_name"]
     assert _task_names("def-kind, arc_easy,slimtune_def_kind") == ["slimtune_def_kind", "arc_easy"]
