@@ -28,6 +28,7 @@ from typing import Any
 
 from eval.errors import UserInputError, require_positive, require_positive_number
 from eval.tuning_methods import PROTOCOL_LRS
+from qst.benchmark import SCHEDULE, WARMUP_RATIO
 
 PROTOCOL_NAME = "bench_protocol"
 SETTINGS_FILE = "protocol_settings.json"
@@ -49,7 +50,7 @@ class ProtocolSettings:
     train_steps: int = 320  # at most; early stopping may end a run sooner
     eval_every: int = 40
     patience: int = 3  # evaluations without a better validation accuracy before stopping
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = WARMUP_RATIO
     train_examples: int | None = None
     eval_batch_size: int = 16
     device: str = "cpu"
@@ -137,7 +138,7 @@ def check_task_has_validation(task) -> None:
 
 def measure_protocol_point(method: str, lr: float, seed: int, model: str = "ref-lm", task: str | dict = "def-kind",
                            batch: int = 8, seq: int = 256, train_steps: int = 320, eval_every: int = 40,
-                           patience: int = 3, warmup_ratio: float = 0.06, train_examples: int | None = None,
+                           patience: int = 3, warmup_ratio: float = WARMUP_RATIO, train_examples: int | None = None,
                            eval_batch_size: int = 16, device: str = "cpu", dtype: str | None = None,
                            baseline_options: dict | None = None) -> dict[str, Any]:
     """Train `method` at `lr` with `seed` (cosine schedule, warm-up, early stopping on validation
@@ -161,7 +162,7 @@ def measure_protocol_point(method: str, lr: float, seed: int, model: str = "ref-
         return {"validation_accuracy": task_accuracy(m, tokenizer, loaded, split="validation",
                                                      batch_size=eval_batch_size)}
 
-    config = TrainConfig(max_steps=train_steps, lr=lr, seed=seed, max_grad_norm=1.0, schedule="cosine",
+    config = TrainConfig(max_steps=train_steps, lr=lr, seed=seed, max_grad_norm=1.0, schedule=SCHEDULE,
                          warmup_ratio=warmup_ratio, eval_every=eval_every)
     result = train(tuned, batches, config, desc=f"protocol {method} lr {lr:g} seed {seed}",
                    param_groups=tuned.parameter_groups(lr) if side_tuning else None,
@@ -213,8 +214,14 @@ def _comparable(d: dict) -> dict:
 
 
 def run_protocol(settings: ProtocolSettings, out_dir, log=print,
-                 point_target: str = f"{__name__}:measure_protocol_point") -> dict[str, Any]:
-    """Run (or resume) the grid and the seeds of every method; write the JSON, Markdown and PNG report."""
+                 point_target: str = f"{__name__}:measure_protocol_point", jobs: int = 1) -> dict[str, Any]:
+    """Run (or resume) the grid and the seeds of every method; write the JSON, Markdown and PNG report.
+
+    `jobs`: training runs at a time, each in its own process (every grid point of every method
+    first, then the seeds at the selected rates); the results do not depend on it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from eval.io import read_json, write_json
@@ -248,17 +255,23 @@ def run_protocol(settings: ProtocolSettings, out_dir, log=print,
         bar.update(1)
         return raw
 
+    def run_all(keys: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict]:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each thread waits on its own process
+            return dict(zip(keys, pool.map(lambda key: point(*key), keys)))
+
+    require_positive("jobs", jobs)
     results: dict[str, dict] = {}
     try:
-        for method in methods:
-            grid = {lr: point(method, lr, 0) for lr in settings.lr_grid(method)}
-            selected = select_lr(grid)
-            runs = [grid[selected]] if selected is not None else []
-            if selected is not None:
-                runs += [point(method, selected, seed) for seed in range(1, settings.seeds)]
-            else:
-                bar.update(settings.seeds - 1)
-            results[method] = {"grid": grid, "selected_lr": selected, "runs": runs}
+        grids = run_all([(m, lr, 0) for m in methods for lr in settings.lr_grid(m)])
+        selected = {m: select_lr({lr: grids[(m, lr, 0)] for lr in settings.lr_grid(m)}) for m in methods}
+        bar.update(sum(settings.seeds - 1 for m in methods if selected[m] is None))
+        seeds = run_all([(m, selected[m], s) for m in methods if selected[m] is not None
+                         for s in range(1, settings.seeds)])
+        for m in methods:
+            grid = {lr: grids[(m, lr, 0)] for lr in settings.lr_grid(m)}
+            runs = [] if selected[m] is None else [grid[selected[m]]] + [
+                seeds[(m, selected[m], s)] for s in range(1, settings.seeds)]
+            results[m] = {"grid": grid, "selected_lr": selected[m], "runs": runs}
     finally:
         bar.close()
 

@@ -95,6 +95,8 @@ def add_parser(subparsers) -> None:
     protocol.add_argument("--eval-every", type=int, default=40, help="steps between validation evaluations")
     protocol.add_argument("--patience", type=int, default=3,
                           help="validation evaluations without improvement before a run stops")
+    protocol.add_argument("--jobs", type=int, default=1,
+                          help="training runs at a time, each in its own process (the results do not depend on it)")
     scaling = p.add_argument_group("how cost grows with size (--scaling)")
     scaling.add_argument("--scaling", action="store_true",
                          help="instead of one model: LLaMA shapes with random weights from ref-lm's size up "
@@ -179,7 +181,7 @@ def run(args) -> int:
 
 def run_protocol(args) -> int:
     """--protocol: learning rates chosen on validation, seeds at the chosen one, paired CI."""
-    from eval.errors import UserInputError
+    from eval.errors import UserInputError, require_positive
     from eval.io import prepare_output_dir
     from qst.protocol import ProtocolSettings, run_protocol
 
@@ -196,7 +198,8 @@ def run_protocol(args) -> int:
     )
     _check_seq(settings)
     with prepare_output_dir(args.out, "bench --protocol", signature="protocol_settings.json"):
-        report = run_protocol(settings, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
+        report = run_protocol(settings, args.out, log=lambda line: print(line, file=sys.stderr, flush=True),
+                              jobs=require_positive("jobs", args.jobs))
     print(report["markdown"])
     print(f"wrote {Path(args.out) / 'bench_protocol.json'}, bench_protocol.md, bench_protocol.png")
     return 0

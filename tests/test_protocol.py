@@ -255,3 +255,14 @@ def test_protocol_refuses_a_task_without_validation(tmp_path, capsys, monkeypatc
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "task 'tiny' has no validation split" in errors[0]
     assert not (out / "points").exists()
+
+
+def test_bench_takes_a_learning_rate_per_method_from_a_preset():
+    from qst.benchmark import BenchSettings
+    from scripts.bench import QUICK
+
+    settings = BenchSettings(arch="tiny-llama", methods="qst,qlora", lr=1e-3, method_lrs={"qst": 1e-2})
+    assert (settings.lr_of("qst"), settings.lr_of("qlora")) == (1e-2, 1e-3)
+    with pytest.raises(UserInputError, match="lr of qst must be a positive finite number"):
+        BenchSettings(arch="tiny-llama", method_lrs={"qst": 0})
+    assert set(QUICK.get("method_lrs", {})) <= {"full", "lora", "qlora", "qlora-gc", "qst"}
