@@ -170,7 +170,7 @@ def point(method, lr, seed, **kwargs):
 """
 
 
-def _protocol(tmp_path, monkeypatch, fail=None, **overrides):
+def _protocol(tmp_path, monkeypatch, fail=None, jobs=1, **overrides):
     from qst.protocol import ProtocolSettings, run_protocol
 
     worker = tmp_path / "fake_point.py"
@@ -184,13 +184,16 @@ def _protocol(tmp_path, monkeypatch, fail=None, **overrides):
     settings = ProtocolSettings(**{"task": "tiny", "methods": "qlora,qst", "lrs": "1e-3,3e-3,1e-2", "seeds": 3,
                                    **overrides})
     before = len(calls.read_text().splitlines()) if calls.exists() else 0
-    report = run_protocol(settings, tmp_path / "out", log=lambda line: None, point_target=f"{worker}:point")
+    report = run_protocol(settings, tmp_path / "out", log=lambda line: None, point_target=f"{worker}:point", jobs=jobs)
     made = [json.loads(line) for line in calls.read_text().splitlines()[before:]]
     return report, made
 
 
-def test_protocol_selects_on_validation_runs_seeds_and_pairs_them(tmp_path, monkeypatch, tiny_task):
-    report, calls = _protocol(tmp_path, monkeypatch)
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_protocol_selects_on_validation_runs_seeds_and_pairs_them(tmp_path, monkeypatch, tiny_task, jobs):
+    report, calls = _protocol(tmp_path, monkeypatch, jobs=jobs)
+    if jobs > 1:  # every grid point before any seed run
+        assert all(seed == 0 for _, _, seed in calls[:6]) and all(seed > 0 for _, _, seed in calls[6:])
     data = json.loads((tmp_path / "out" / "bench_protocol.json").read_text())
     assert len(calls) == 3 + 3 + 2 + 2  # two grids of three, two more seeds each
     qst, qlora = data["methods"]["qst"], data["methods"]["qlora"]
