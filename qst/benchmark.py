@@ -31,10 +31,6 @@ from eval.tuning_methods import QST_REDUCTION
 from qst.baselines import DEFAULT_METHODS
 
 LOSS_WINDOW = 5  # final_loss: mean of the last steps' losses (one batch is noisy)
-# Every bench run and every `bench --protocol` run: a linear warm-up over this share of the steps,
-# then a cosine decay (so a preset chosen by the protocol trains the way it was chosen).
-SCHEDULE = "cosine"
-WARMUP_RATIO = 0.06
 
 
 def _batches(task_name: str | None, tokenizer, vocab_size: int, batch: int, seq: int, n_steps: int,
@@ -118,8 +114,7 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
 
     def run_training():
         trained["result"] = train(
-            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0,
-                                             schedule=SCHEDULE, warmup_ratio=WARMUP_RATIO),
+            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
             desc=f"bench {method}", param_groups=tuned.parameter_groups(lr) if side_tuning else None,
             loss_fn=watch.loss,
         )
