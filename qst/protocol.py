@@ -9,7 +9,7 @@ best evaluation's parameters). The learning rate with the best validation accura
 
 Every run is its own fresh process (`measure_protocol_point`) and its result its own JSON file
 under `<out>/points/`, written atomically when the run ends: a killed protocol resumes where it
-stopped and loses no finished point. `<out>/protocol_settings.json` records the settings; a rerun
+stopped and loses no finished point; a failed run is reported and not saved, so a rerun retries it. `<out>/protocol_settings.json` records the settings; a rerun
 with other settings into the same folder is refused rather than mixing results.
 
 `bench_protocol.json` holds, per method under `methods`: `lr_grid`, `validation_accuracy`
@@ -252,11 +252,12 @@ def run_protocol(settings: ProtocolSettings, out_dir, log=print,
         log(f"protocol: {method} lr {lr:g} seed {seed}")
         raw = run_in_fresh_process(point_target, {**common, "method": method, "lr": lr, "seed": seed},
                                    imports=imports)
-        if raw.get("error"):
-            log(f"protocol: {method} lr {lr:g} seed {seed} failed: {raw['error']}")
-            raw = {"method": method, "lr": lr, "seed": seed, "error": raw["error"]}
-        write_json(path, raw)  # atomically: a killed run leaves no half-written point
         bar.update(1)
+        if raw.get("error"):
+            # Not saved: a run that failed (diverged, or its process was killed) is retried on resume.
+            log(f"protocol: {method} lr {lr:g} seed {seed} failed: {raw['error']}")
+            return {"method": method, "lr": lr, "seed": seed, "error": raw["error"]}
+        write_json(path, raw)  # atomically: a killed protocol leaves no half-written run
         return raw
 
     def run_all(keys: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], dict]:

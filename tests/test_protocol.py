@@ -229,6 +229,9 @@ def test_a_failing_grid_point_is_reported_and_not_selected(tmp_path, monkeypatch
     data = json.loads((tmp_path / "out" / "bench_protocol.json").read_text())
     assert "diverged on purpose" in data["methods"]["qst"]["errors"]["0.003"]
     assert data["methods"]["qst"]["selected_lr"] in (1e-3, 1e-2)
+    assert not (tmp_path / "out" / "points" / "qst" / "lr0.003-seed0.json").exists()  # retried on resume
+    _, calls = _protocol(tmp_path, monkeypatch)
+    assert calls[0] == ["qst", 3e-3, 0]
 
 
 @pytest.mark.parametrize("extra, message", [
