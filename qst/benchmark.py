@@ -73,7 +73,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
                    warmup: int = 2, train_steps: int = 0, lr: float = 2e-4, device: str = "cpu",
                    dtype: str | None = None, seed: int = 0, eval_examples: int | None = None,
                    eval_batch_size: int = 8, baseline_options: dict | None = None,
-                   train_examples: int | None = None, feature_cache: bool = False) -> dict[str, Any]:
+                   train_examples: int | None = None, feature_cache: bool = False, schedule: str = "constant",
+                   warmup_ratio: float = 0.03) -> dict[str, Any]:
     """Build `method`, train it, and return its numbers (a `run_in_fresh_process` target).
 
     `dtype`: what every method of the run computes in (the 16-bit backbone's weights, or the
@@ -114,7 +115,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
 
     def run_training():
         trained["result"] = train(
-            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
+            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0,
+                                             schedule=schedule, warmup_ratio=warmup_ratio),
             desc=f"bench {method}", param_groups=tuned.parameter_groups(lr) if side_tuning else None,
             loss_fn=watch.loss,
         )
@@ -330,6 +332,10 @@ class BenchSettings:
     # {method: lr} overriding `lr` for those methods (the --quick preset: each method at the rate
     # `bench --protocol` chose for it on validation).
     method_lrs: dict | None = None
+    # The learning-rate schedule after a linear warm-up over `warmup_ratio` of the steps
+    # (eval.train.SCHEDULES); the --quick preset trains as `bench --protocol` chose it: cosine.
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -356,6 +362,11 @@ class BenchSettings:
         if self.train_examples is not None and self.train_examples < self.batch:
             raise UserInputError(f"train_examples ({self.train_examples}) must be at least one batch ({self.batch})")
         require_positive_number("lr", self.lr)
+        from eval.train import SCHEDULES
+
+        if self.schedule not in SCHEDULES or not 0 <= self.warmup_ratio < 1:
+            raise UserInputError(f"schedule must be one of {', '.join(SCHEDULES)} and warmup_ratio in [0, 1), got "
+                                 f"{self.schedule!r} and {self.warmup_ratio!r}")
         if self.method_lrs is not None:
             object.__setattr__(self, "method_lrs", {m: require_positive_number(f"lr of {m}", v)
                                                     for m, v in dict(self.method_lrs).items()})
@@ -431,6 +442,7 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
             {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr_of(method),
              "eval_examples": settings.eval_examples,
              "train_examples": settings.train_examples, "feature_cache": settings.feature_cache,
+             "schedule": settings.schedule, "warmup_ratio": settings.warmup_ratio,
              "baseline_options": settings.baseline_options()},
             imports=imports,
         )
@@ -620,7 +632,8 @@ def format_markdown(data: dict) -> str:
         "# Tuning benchmark",
         "",
         f"Model `{data['model']}` on `{data['device']}`, task `{data['task'] or 'random tokens'}`, batch "
-        f"{data['batch']}, seq {data['seq']}, AdamW lr {_lrs(s)}, {s['warmup']} warm-up + {s['steps']} timed "
+        f"{data['batch']}, seq {data['seq']}, AdamW lr {_lrs(s)} ({s.get('schedule', 'constant')} after "
+        f"{100 * s.get('warmup_ratio', 0.03):g} % warm-up), {s['warmup']} warm-up + {s['steps']} timed "
         f"steps" + (f", accuracy after {max(s['train_steps'], s['warmup'] + s['steps'])} training steps"
                    if data["task"] else " (random weights: no accuracy)")
         + (f", training on {s['train_examples']} examples" if s.get("train_examples") else "")

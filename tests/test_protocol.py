@@ -272,3 +272,9 @@ def test_bench_takes_a_learning_rate_per_method_from_a_preset():
     with pytest.raises(UserInputError, match="lr of qst must be a positive finite number"):
         BenchSettings(arch="tiny-llama", method_lrs={"qst": 0})
     assert set(QUICK.get("method_lrs", {})) <= {"full", "lora", "qlora", "qlora-gc", "qst"}
+    from qst.protocol import SCHEDULE, WARMUP_RATIO
+
+    # --quick trains as the protocol that chose its rates did
+    assert (QUICK["schedule"], QUICK["warmup_ratio"]) == (SCHEDULE, WARMUP_RATIO)
+    with pytest.raises(UserInputError, match="schedule must be one of"):
+        BenchSettings(arch="tiny-llama", schedule="bogus")

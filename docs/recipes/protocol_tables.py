@@ -62,12 +62,31 @@ def rows(folder: Path) -> list[str]:
     return out
 
 
+def curve_rows(folder: Path) -> list[str]:
+    """Validation accuracy at every evaluation of every grid run (the learning curves)."""
+    data, _ = protocol_data(folder)
+    task = data["task"] if isinstance(data["task"], str) else data["task"]["source"]
+    out = []
+    for method, m in data["methods"].items():
+        for lr, curve in m["validation_curves"].items():
+            if curve:
+                points = ", ".join(f"{step}: {_pct(acc)}" for step, acc in curve)
+                out.append(f"| {task} | {method} | {lr} | {points} |")
+    return out
+
+
 def main(folders: list[str]) -> None:
     print("| task | method | validation acc % by lr | selected lr (on validation) | test acc % per seed | "
           "test mean ± 95 % CI | QST − QLoRA paired (pts) | test majority % |")
     print("|---|---|---|---|---|---|---|---|")
     for folder in folders:
         for line in rows(Path(folder)):
+            print(line)
+    print()
+    print("| task | method | lr | validation acc % at step |")
+    print("|---|---|---|---|")
+    for folder in folders:
+        for line in curve_rows(Path(folder)):
             print(line)
 
 
