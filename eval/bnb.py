@@ -65,13 +65,14 @@ def compute_dtype(device="cpu") -> torch.dtype:
     return getattr(torch, compute_dtype_name(device))
 
 
-def nf4_config(device="cpu"):
-    """QLoRA's NF4: 4-bit NormalFloat, double quantization, computing in `compute_dtype(device)`."""
+def nf4_config(device="cpu", dtype=None):
+    """QLoRA's NF4: 4-bit NormalFloat, double quantization, computing in `dtype` (a torch float
+    dtype; None: `compute_dtype(device)`)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(device),
+        bnb_4bit_compute_dtype=dtype if dtype is not None else compute_dtype(device),
     )
 
 

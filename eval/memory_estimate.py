@@ -29,6 +29,8 @@ from typing import Any
 from eval.bnb import nf4_bytes_per_weight
 from eval.errors import UserInputError, require_positive
 from eval.tuning_methods import (
+    CHECKPOINTING_METHODS,
+    LORA_METHODS,
     LORA_RANK,
     METHODS,
     QST_ADAPTER_RANK,
@@ -166,7 +168,7 @@ def _trainable_count(method, counts, fraction, trainable_params) -> float:
         return counts["total"] * fraction
     if method == "full":
         return float(counts["total"])
-    if method in ("lora", "qlora"):
+    if method in LORA_METHODS:
         return float(counts["lora"])
     if method in SIDE_TUNING_METHODS:
         return float(counts["side"])
@@ -204,7 +206,7 @@ def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, a
     if quantized:
         # Linear weights of the decoder layers in NF4; embeddings, norms and the LM head stay as
         # they are, except that prepare_model_for_kbit_training (QLoRA) upcasts them to fp32.
-        rest_bytes = fp32 if method == "qlora" else nbytes
+        rest_bytes = fp32 if method in LORA_METHODS else nbytes
         weights = quantizable * nf4_bytes_per_weight() + (total - quantizable) * rest_bytes
     else:
         weights = total * nbytes
@@ -244,9 +246,13 @@ def _detailed(shape, counts, method, batch, seq, nbytes, trainable, reduction, a
         activations = tokens * (side_act * per_token + states) + mix + transient + logits
     else:
         per_token_layer = _decoder_layer_activation_values(shape) + scores
-        if method in ("lora", "qlora"):
+        if method in LORA_METHODS:
             per_token_layer += counts["lora_modules_per_layer"] * lora_rank  # x @ A, kept for B's grad
-        activations = tokens * act * (shape.layers * per_token_layer + shape.hidden) + logits
+        if method in CHECKPOINTING_METHODS:
+            # Gradient checkpointing keeps each layer's input and recomputes one layer at a time in backward.
+            activations = tokens * act * (shape.layers * shape.hidden + per_token_layer + shape.hidden) + logits
+        else:
+            activations = tokens * act * (shape.layers * per_token_layer + shape.hidden) + logits
     return {
         "weights": weights,
         "gradients": trainable * train_bytes,

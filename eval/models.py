@@ -413,7 +413,8 @@ def load_causal_lm(name_or_path, quantize=None, dtype=None, device="cpu", trust_
     _verify_weight_files(source, what)
     kwargs: dict[str, Any] = dict(dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra)
     if quantize == "nf4":
-        kwargs["quantization_config"] = nf4_config(dev)
+        # The unquantized parts' dtype is also the one the 4-bit matmuls compute in ("auto": the default).
+        kwargs["quantization_config"] = nf4_config(dev, resolved_dtype if isinstance(resolved_dtype, torch.dtype) else None)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, device_map=_device_map(dev),
                                                            output_loading_info=True, **kwargs)
@@ -575,7 +576,7 @@ def build_model_from_arch(arch: str, dtype=None, device="cpu", quantize=None, vo
 
 
 def _build_nf4(config, dtype: torch.dtype, device: torch.device):
-    quant_config = nf4_config(device)
+    quant_config = nf4_config(device, dtype)
     model = replace_linears_with_nf4(_empty_model(config, dtype), quant_config)
     std = getattr(config, "initializer_range", 0.02)
 

@@ -104,6 +104,27 @@ class TrainConfig:
         return d
 
 
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when `metric` of `eval_fn` has not improved for `patience` evaluations in a row, and
+    end with the trainable parameters of its best evaluation (higher is better when `mode` is
+    "max"). Ties keep the earlier evaluation: fewer steps for the same score."""
+
+    metric: str
+    patience: int = 3
+    mode: str = "max"
+
+    def __post_init__(self):
+        require_positive("EarlyStopping.patience", self.patience)
+        if self.mode not in ("max", "min"):
+            raise UserInputError(f"EarlyStopping.mode must be 'max' or 'min', got {self.mode!r}")
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.mode == "max" else value < best
+
+
 @dataclasses.dataclass
 class TrainResult:
     losses: list[float]  # one per optimizer step: mean over its micro-batches (and processes)
@@ -111,6 +132,8 @@ class TrainResult:
     step_times: list[float]  # wall seconds per optimizer step (CUDA-synchronised)
     steps: int  # optimizer steps done in total (including those before a resume)
     resumed_from: int | None = None  # the checkpoint step this run started from, if any
+    best_step: int | None = None  # early stopping: the step whose parameters the model ends with
+    stopped_early: bool = False  # early stopping ended the run before max_steps
 
     @property
     def median_step_time(self) -> float:
@@ -144,6 +167,7 @@ def train(
     desc: str = "train",
     param_groups: list[dict[str, Any]] | None = None,
     run: dict[str, Any] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.max_steps` optimizer steps and return the history.
 
@@ -161,11 +185,15 @@ def train(
       run: the same config (up to `_RESUMABLE_CHANGES`), the same `run` description (JSON-able,
       e.g. model, task, method, batch, seq) and the same data (a hash of `train_batches` when
       it is a list); anything else is a `UserInputError` saying what differs.
+    - `early_stopping`: needs `eval_fn` and `config.eval_every`; the run ends when the metric has
+      not improved for `patience` evaluations, and the model keeps its best evaluation's trainable
+      parameters (held in memory: not combined with `out_dir` checkpoints).
     """
     from accelerate import Accelerator
 
     if not isinstance(config, TrainConfig):
         raise UserInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_early_stopping(early_stopping, eval_fn, config, out_dir)
     groups = _param_groups(model, param_groups)
     named_trainable = _named_trainable(model, groups)
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIRNAME if out_dir is not None else None
@@ -192,9 +220,10 @@ def train(
         _set_rng_state(state.pop("rng"), accelerator.process_index)
 
     bar = _progress_bar(config, state, desc, accelerator)
+    watch = _BestWatch(early_stopping, named_trainable)
     prepared_model.train()
     try:
-        while state["step"] < config.max_steps:
+        while state["step"] < config.max_steps and not watch.stop:
             start = _now(accelerator.device)
             loss = _optimizer_step(loop, batches, config, state["step"])
             state["step_times"].append(_now(accelerator.device) - start)
@@ -204,6 +233,7 @@ def train(
             if eval_fn is not None and _due(state["step"], config.eval_every, config):
                 state["eval_history"].append({"step": state["step"], **_evaluate(unwrapped, eval_fn)})
                 bar.set_postfix({k: _short(v) for k, v in state["eval_history"][-1].items() if k != "step"})
+                watch.update(state["eval_history"][-1])
             if ckpt_dir is not None and _due(state["step"], config.checkpoint_every, config):
                 _save_checkpoint(ckpt_dir, state, named_trainable, optimizer, scheduler, config, accelerator,
                                  identity)
@@ -211,11 +241,59 @@ def train(
         bar.close()
         batches.close()
         unwrapped.train(was_training)
+    watch.restore_best()
 
     return TrainResult(
         losses=list(state["losses"]), eval_history=list(state["eval_history"]),
         step_times=list(state["step_times"]), steps=state["step"], resumed_from=resumed_from,
+        best_step=watch.best_step, stopped_early=watch.stop and state["step"] < config.max_steps,
     )
+
+
+def _check_early_stopping(early_stopping, eval_fn, config: TrainConfig, out_dir) -> None:
+    if early_stopping is None:
+        return
+    if not isinstance(early_stopping, EarlyStopping):
+        raise UserInputError(f"early_stopping must be an EarlyStopping, got {type(early_stopping).__name__}")
+    if eval_fn is None or config.eval_every is None:
+        raise UserInputError("early stopping needs an eval_fn and TrainConfig.eval_every (how often to evaluate)")
+    if out_dir is not None:
+        raise UserInputError("early stopping keeps its best parameters in memory; it does not combine with "
+                             "out_dir checkpoints (resume whole runs instead)")
+
+
+class _BestWatch:
+    """Early stopping's bookkeeping: the best evaluation so far, a copy of the trainable
+    parameters it had, and how many evaluations since it. Does nothing without a rule."""
+
+    def __init__(self, rule: EarlyStopping | None, named_trainable: dict[str, nn.Parameter]):
+        self.rule, self.params = rule, named_trainable
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.since_best = 0
+        self.stop = False
+
+    def update(self, evaluation: dict[str, Any]) -> None:
+        if self.rule is None:
+            return
+        if self.rule.metric not in evaluation:
+            raise UserInputError(f"early stopping watches {self.rule.metric!r}, but eval_fn returned only "
+                                 f"{', '.join(k for k in evaluation if k != 'step')}")
+        value = float(evaluation[self.rule.metric])
+        if self.rule.improves(value, self.best):
+            self.best, self.best_step, self.since_best = value, evaluation["step"], 0
+            self.best_state = {n: p.detach().clone() for n, p in self.params.items()}
+        else:
+            self.since_best += 1
+            self.stop = self.since_best >= self.rule.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is None:
+            return
+        with torch.no_grad():
+            for name, value in self.best_state.items():
+                self.params[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ what bench trains. It lives in `eval` because `eval` never imports the method pa
 
 from __future__ import annotations
 
-METHODS = ("full", "lora", "qlora", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
+METHODS = ("full", "lora", "qlora", "qlora-gc", "lst", "qst", "adapter", "prefix", "prompt", "bitfit")
 DEFAULT_METHODS = ("full", "lora", "qlora", "qst")
-QUANTIZED_METHODS = ("qlora", "qst")  # trained on a 4-bit NF4 backbone
+QUANTIZED_METHODS = ("qlora", "qlora-gc", "qst")  # trained on a 4-bit NF4 backbone
+LORA_METHODS = ("lora", "qlora", "qlora-gc")  # the same LoRA adapters (qlora-gc: QLoRA's gradient checkpointing)
+# Methods that recompute each decoder layer's activations in backward instead of keeping them.
+CHECKPOINTING_METHODS = ("qlora-gc",)
 SIDE_TUNING_METHODS = ("qst", "lst")  # QST's side network; lst is the same on an unquantized backbone
 
 LORA_RANK = 16  # the common LoRA recipe (rank 16, alpha 32)
@@ -17,6 +20,22 @@ LORA_RANK = 16  # the common LoRA recipe (rank 16, alpha 32)
 # adapter downsampler.
 QST_REDUCTION = 16
 QST_ADAPTER_RANK = 16
+
+# `slimtune bench --protocol`: the learning rates tried per method when --lrs is not given
+# (ascending; a factor of about 3 apart around each method's usual range: full fine-tuning
+# lowest, adapters higher, QST's small side network trained from scratch highest).
+PROTOCOL_LRS = {
+    "full": (1e-4, 3e-4, 1e-3),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "qlora": (3e-4, 1e-3, 3e-3),
+    "qlora-gc": (3e-4, 1e-3, 3e-3),
+    "lst": (1e-3, 3e-3, 1e-2),
+    "qst": (1e-3, 3e-3, 1e-2),
+    "adapter": (3e-4, 1e-3, 3e-3),
+    "prefix": (1e-3, 3e-3, 1e-2),
+    "prompt": (1e-3, 3e-3, 1e-2),
+    "bitfit": (1e-3, 3e-3, 1e-2),
+}
 
 
 def downsampler_parameter_count(kind: str, d: int, width: int, rank: int) -> int:

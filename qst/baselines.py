@@ -8,6 +8,7 @@
 | full    | every parameter                                                    | transformers |
 | lora    | LoRA A, B (rank 16, α 32) on every Linear of the decoder layers    | PEFT |
 | qlora   | the same LoRA, on a 4-bit NF4 backbone                             | PEFT `prepare_model_for_kbit_training` |
+| qlora-gc | QLoRA with gradient checkpointing (the QLoRA paper's recipe)      | PEFT + transformers' checkpointing |
 | lst     | QST's side network on a 16-bit backbone (Ladder Side Tuning)       | `qst` |
 | qst     | QST's side network on a 4-bit NF4 backbone                         | `qst` |
 | adapter | Houlsby bottleneck adapters after attention and after the MLP      | here (PEFT has none) |
@@ -20,9 +21,10 @@ Choices that keep the comparison fair (documented in docs/RESULTS.md):
   a label (QST's forward does so itself; the others train with `labelled_positions_loss`), so
   no method pays for [batch, seq, vocab] logits the loss does not read. The loss is the same
   mean next-token cross-entropy over labelled tokens as `labels=` with -100 ignored.
-- No gradient checkpointing for any method. `prepare_model_for_kbit_training` turns it on by
-  default; we pass `use_gradient_checkpointing=False`, since checkpointing trades step time for
-  memory and would move QLoRA along both axes the benchmark compares.
+- No gradient checkpointing except in `qlora-gc`. `prepare_model_for_kbit_training` turns it on
+  by default; `qlora` passes `use_gradient_checkpointing=False`, since checkpointing trades step
+  time for memory and moves QLoRA along both axes the benchmark compares. `qlora-gc` keeps it
+  on (non-reentrant), as the QLoRA paper trains: the memory point users compare against.
 - LoRA and QLoRA adapt the same matrices ("all-linear": every Linear of the decoder layers).
 - BitFit on a model without biases (LLaMA, Mistral): BitFit's definition is "train only the
   bias terms", so we give every Linear of the decoder layers a zero-initialised bias and train
@@ -91,14 +93,15 @@ def load_backbone(method: str, model: str | None = "ref-lm", arch: str | None = 
     """The frozen starting point of `method`: `(model, tokenizer)`; tokenizer is None for `arch`.
 
     `model` is anything `eval.models.load_causal_lm` opens; `arch` builds random weights of a
-    named architecture instead (memory and speed only). `dtype` is the 16-bit (or fp32)
-    backbone's dtype; 4-bit backbones compute in, and keep their unquantized parts in,
-    `eval.bnb.compute_dtype(device)` (bfloat16 except on CPUs without bf16 hardware).
+    named architecture instead (memory and speed only). `dtype` is the dtype the backbone
+    computes in: a 16-bit (or fp32) backbone's weights, or what a 4-bit backbone computes in and
+    keeps its unquantized parts in; None: float32, and for 4-bit `eval.bnb.compute_dtype(device)`
+    (bfloat16 except on CPUs without bf16 hardware). `slimtune bench` passes one dtype to every
+    method of a run, so that no ratio mixes precisions.
     """
     from eval.models import build_model_from_arch, load_causal_lm
 
     quantize = backbone_quantization(method)
-    dtype = None if quantize else dtype
     if arch is not None:
         return build_model_from_arch(arch, dtype=dtype, device=device, quantize=quantize), None
     return load_causal_lm(model, quantize=quantize, dtype=dtype, device=device)
@@ -116,7 +119,7 @@ def build_tuning_model(method: str, model: str | None = "ref-lm", arch: str | No
 def make_trainable(method: str, backbone: nn.Module, config: BaselineConfig) -> nn.Module:
     """Wrap or modify a loaded backbone so that only `method`'s parameters require grad."""
     builders = {
-        "full": _full, "lora": _lora, "qlora": _qlora, "lst": _side_tuning, "qst": _side_tuning,
+        "full": _full, "lora": _lora, "qlora": _qlora, "qlora-gc": _qlora_gc, "lst": _side_tuning, "qst": _side_tuning,
         "adapter": _adapter, "prefix": _prefix, "prompt": _prompt, "bitfit": _bitfit,
     }
     if method not in builders:
@@ -148,13 +151,22 @@ def _lora(model, config):
     return get_peft_model(model, _lora_config(config))
 
 
-def _qlora(model, config):
+def _qlora(model, config, gradient_checkpointing: bool = False):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if not getattr(model, "is_loaded_in_4bit", False):
         raise UserInputError("qlora needs a 4-bit backbone (load it with quantize='nf4')")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+    )
     return get_peft_model(model, _lora_config(config))
+
+
+def _qlora_gc(model, config):
+    """QLoRA as its paper trains: every decoder layer recomputed in backward (transformers'
+    gradient checkpointing, turned on by `prepare_model_for_kbit_training`)."""
+    return _qlora(model, config, gradient_checkpointing=True)
 
 
 def _side_tuning(model, config):

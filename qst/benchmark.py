@@ -73,13 +73,17 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
                    warmup: int = 2, train_steps: int = 0, lr: float = 2e-4, device: str = "cpu",
                    dtype: str | None = None, seed: int = 0, eval_examples: int | None = None,
                    eval_batch_size: int = 8, baseline_options: dict | None = None,
-                   train_examples: int | None = None, feature_cache: bool = False) -> dict[str, Any]:
+                   train_examples: int | None = None, feature_cache: bool = False, schedule: str = "constant",
+                   warmup_ratio: float = 0.03) -> dict[str, Any]:
     """Build `method`, train it, and return its numbers (a `run_in_fresh_process` target).
 
-    `train_examples`: train on the first that many (shuffled) task examples, so that a short run
-    sees them for several epochs. `feature_cache`: a side-tuning method (QST, LST) keeps its frozen
-    backbone's hidden states of each training batch in a fresh on-disk cache, so from the second
-    epoch on a step skips the backbone; the timed steps come first, so they are not cache hits.
+    `dtype`: what every method of the run computes in (the 16-bit backbone's weights, or the
+    4-bit backbone's compute dtype). `train_examples`: train on the first that many (shuffled)
+    task examples, so that a short run sees them for several epochs. `feature_cache`: a
+    side-tuning method (QST, LST) keeps its frozen backbone's hidden states of each training
+    batch in a fresh on-disk cache, attached only after the timed steps: timed steps never read
+    or write it (the result's `feature_cache` counts both during them), and the steps that read
+    it are timed apart (`cached_step_s`), the cache's own benefit.
     """
     import tempfile
 
@@ -102,26 +106,31 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     cache_dir = None
     if feature_cache and side_tuning:
         cache_dir = tempfile.TemporaryDirectory(prefix="slimtune-bench-features-")
-    cache = tuned.enable_feature_cache(cache_dir.name) if cache_dir is not None else None
+    watch = StepWatch(tuned, timed=range(warmup, warmup + steps),
+                      loss_fn=None if side_tuning else labelled_positions_loss,
+                      cache_root=cache_dir.name if cache_dir is not None else None)
     mark_setup_done()
 
     trained = {}
 
     def run_training():
         trained["result"] = train(
-            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0),
+            tuned, batches, TrainConfig(max_steps=total_steps, lr=lr, seed=seed, max_grad_norm=1.0,
+                                             schedule=schedule, warmup_ratio=warmup_ratio),
             desc=f"bench {method}", param_groups=tuned.parameter_groups(lr) if side_tuning else None,
-            loss_fn=None if side_tuning else labelled_positions_loss,
+            loss_fn=watch.loss,
         )
 
     # Training only: scoring afterwards runs at another batch size and is not part of a step's cost.
-    peak = peak_memory(run_training, tuned.device)
+    try:
+        peak = peak_memory(run_training, tuned.device)
+    finally:
+        watch.close()
     result = trained["result"]
     timed = result.step_times[warmup:warmup + steps]
     step_time = statistics.median(timed)
-    cache_stats = None
+    cache_stats = watch.cache_report(result.step_times, step_time)
     if cache_dir is not None:
-        cache_stats = cache.stats()
         cache_dir.cleanup()
     accuracy, scored, scores = None, 0, {}
     if tokenizer is not None and train_steps > 0:
@@ -146,6 +155,8 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
         "memory_measure": "torch.cuda.max_memory_allocated" if tuned.device.type == "cuda" else "peak RSS increment",
         "step_time_s": step_time,
         "tokens_per_s": batch * seq / step_time,
+        "compute_dtype": watch.compute_dtype,
+        "linear_dtypes": watch.linear_dtypes,
         "final_loss": sum(losses) / len(losses) if losses and all(map(math.isfinite, losses)) else None,
         "accuracy": accuracy,
         "accuracy_se": _standard_error(accuracy, scored),
@@ -160,6 +171,87 @@ def measure_method(method: str, model: str | None = "ref-lm", arch: str | None =
     }
 
 
+class StepWatch:
+    """The loss function of a bench run, which also watches each optimizer step (one call per step:
+    the bench trains without gradient accumulation).
+
+    - The feature cache (side tuning only, `cache_root` given) is attached to the model only once
+      the timed steps are over; per step it records the cache's hits and writes (every miss is
+      written), so `cache_report` says, measured, that the timed steps neither read nor wrote it.
+    - On the first step, forward hooks on every `nn.Linear` but the LM head (which PEFT's QLoRA
+      keeps in fp32, and which runs only at labelled positions) record the dtype its matmul ran in
+      and its multiply-adds: the method's compute dtype is the one carrying most of them.
+    """
+
+    def __init__(self, model, timed: range, loss_fn=None, cache_root: str | None = None):
+        self.model, self.timed, self.loss_fn = model, timed, loss_fn
+        self.cache = None
+        self.cache_root = cache_root
+        self.step = 0
+        self.per_step: list[tuple[int, int]] = []  # (hits, writes) of each step
+        self._elements: dict[str, int] = {}  # dtype -> multiply-adds of the first step's forward
+        vocab = model.config.vocab_size
+        self._hooks = [m.register_forward_hook(self._record_dtype) for m in model.modules()
+                       if isinstance(m, torch.nn.Linear) and m.out_features != vocab]
+
+    def _record_dtype(self, module, args, output) -> None:
+        # A 4-bit Linear casts its input to its compute dtype and its output back to the input's
+        # dtype (fp32 after prepare_model_for_kbit_training): its matmul runs in `compute_dtype`.
+        dtype = getattr(module, "compute_dtype", None) or getattr(output, "dtype", None)
+        if isinstance(dtype, torch.dtype) and isinstance(output, torch.Tensor):
+            name = str(dtype).removeprefix("torch.")
+            rows = output.numel() // max(1, output.shape[-1])
+            self._elements[name] = self._elements.get(name, 0) + rows * module.in_features * module.out_features
+
+    def loss(self, model, batch) -> torch.Tensor:
+        if self.step == self.timed.stop and self.cache_root is not None:
+            self.cache = self.model.enable_feature_cache(self.cache_root)
+        before = self._cache_counts()
+        value = model(**batch).loss if self.loss_fn is None else self.loss_fn(model, batch)
+        after = self._cache_counts()
+        self.per_step.append((after[0] - before[0], after[1] - before[1]))
+        if self.step == 0:
+            self.close()  # one step's dtypes are every step's
+        self.step += 1
+        return value
+
+    def _cache_counts(self) -> tuple[int, int]:
+        return (self.cache.hits, self.cache.misses) if self.cache is not None else (0, 0)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @property
+    def linear_dtypes(self) -> dict[str, float]:
+        """Share of the first step's Linear multiply-adds (LM head aside) run in each dtype."""
+        total = sum(self._elements.values()) or 1
+        return {k: v / total for k, v in sorted(self._elements.items())}
+
+    @property
+    def compute_dtype(self) -> str | None:
+        return max(self._elements, key=self._elements.get) if self._elements else None
+
+    def cache_report(self, step_times: list[float], uncached_step_s: float) -> dict[str, Any] | None:
+        """None without a cache; else hits and writes during the timed steps (both 0 by design),
+        in the whole run, and the median step that read the cache against the uncached timed one."""
+        if self.cache_root is None:
+            return None
+        timed = [self.per_step[i] for i in self.timed if i < len(self.per_step)]
+        hit_times = [t for t, (hits, _) in zip(step_times, self.per_step) if hits]
+        cached = statistics.median(hit_times) if hit_times else None
+        return {
+            "timed_hits": sum(h for h, _ in timed),
+            "timed_writes": sum(w for _, w in timed),
+            "hits": sum(h for h, _ in self.per_step),
+            "writes": sum(w for _, w in self.per_step),
+            "cached_step_s": cached,
+            "uncached_step_s": uncached_step_s,
+            "cached_over_uncached": _ratio(cached, uncached_step_s),
+        }
+
+
 def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions of a batch that predict a label: where the LM head and the loss run."""
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -172,15 +264,16 @@ def _standard_error(accuracy: float | None, n: int) -> float | None:
     return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
-def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None, task: str | None = None,
+def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None, task: str | dict | None = None,
                           batch: int = 16, seq: int = 512, steps: int = 5, warmup: int = 2,
-                          device: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """Median time and peak memory of one no-grad forward pass of the 4-bit NF4 backbone's decoder."""
+                          device: str = "cpu", seed: int = 0, dtype: str | None = None) -> dict[str, Any]:
+    """Median time and peak memory of one no-grad forward pass of the 4-bit NF4 backbone's decoder,
+    computing in `dtype` (the run's; None: `eval.bnb.compute_dtype(device)`)."""
     from eval.measure import mark_setup_done, median_step_time, parameter_bytes
     from qst.baselines import load_backbone
 
     _check_sizes(batch, seq, steps, warmup, 0)
-    backbone, tokenizer = load_backbone("qst", model=model, arch=arch, device=device)
+    backbone, tokenizer = load_backbone("qst", model=model, arch=arch, device=device, dtype=dtype)
     backbone.eval()
     batches = _batches(task, tokenizer, backbone.config.vocab_size, batch, seq, 1, seed)
     inputs = {k: v.to(backbone.device) for k, v in batches[0].items() if k != "labels"}
@@ -204,7 +297,7 @@ def measure_forward_floor(model: str | None = "ref-lm", arch: str | None = None,
 
 REPORT_NAME = "bench_tuning"
 METHOD_KEYS = ("trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
-               "tokens_per_s", "train_time_s", "feature_cache", "final_loss", "accuracy", "accuracy_se",
+               "tokens_per_s", "compute_dtype", "train_time_s", "feature_cache", "final_loss", "accuracy", "accuracy_se",
                "examples_scored")
 FIT_MARGIN = 0.9  # refuse a run whose estimate exceeds this share of the free memory
 
@@ -229,13 +322,24 @@ class BenchSettings:
     seed: int = 0
     fit_check: bool = True
     train_examples: int | None = None  # None: the whole training split
-    feature_cache: bool = True  # QST / LST keep backbone features across epochs (their own advantage)
+    # QST / LST keep backbone features across epochs (their own advantage), attached after the
+    # timed steps; random weights (arch) train only the timed steps, so never.
+    feature_cache: bool = True
     # Set from `model` (a spec: 'pruned:DIR', or a directory a method package saved): the package
     # each fresh process imports so that eval.models.load_causal_lm opens that model type.
     model_package: str | None = None
     # QST's (and LST's) reduction factor r: side width = hidden / r. None: QSTConfig's default (the
     # paper's 16, a 256-wide side network on a 4096-wide 7B; on ref-lm's 128 it is 8 wide).
     qst_r: int | None = None
+    # QST's side attention head dim (QSTConfig.side_head_dim); None: the backbone's head count.
+    qst_head_dim: int | None = None
+    # {method: lr} overriding `lr` for those methods (the --quick preset: each method at the rate
+    # `bench --protocol` chose for it on validation).
+    method_lrs: dict | None = None
+    # The learning-rate schedule after a linear warm-up over `warmup_ratio` of the steps
+    # (eval.train.SCHEDULES); the --quick preset trains as `bench --protocol` chose it: cosine.
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
 
     def __post_init__(self):
         from qst.baselines import check_methods
@@ -244,6 +348,7 @@ class BenchSettings:
         _check_sizes(self.batch, self.seq, self.steps, self.warmup, self.train_steps)
         if self.arch is not None:
             object.__setattr__(self, "model", None)  # random weights of a named architecture
+            object.__setattr__(self, "feature_cache", False)
         elif self.model is None:
             raise UserInputError("give a model (pretrained: 'ref-lm', a directory, a hub id) or an arch (random weights)")
         else:
@@ -254,13 +359,21 @@ class BenchSettings:
             object.__setattr__(self, "model_package", package or self.model_package)
         if self.arch is not None and self.task is not None:
             raise UserInputError("--task needs a pretrained --model; --arch has random weights (memory and speed only)")
-        for name in ("eval_examples", "train_examples", "qst_r"):
+        for name in ("eval_examples", "train_examples", "qst_r", "qst_head_dim"):
             value = getattr(self, name)
             if value is not None:
                 require_positive(name, value)
         if self.train_examples is not None and self.train_examples < self.batch:
             raise UserInputError(f"train_examples ({self.train_examples}) must be at least one batch ({self.batch})")
         require_positive_number("lr", self.lr)
+        from eval.train import SCHEDULES
+
+        if self.schedule not in SCHEDULES or not 0 <= self.warmup_ratio < 1:
+            raise UserInputError(f"schedule must be one of {', '.join(SCHEDULES)} and warmup_ratio in [0, 1), got "
+                                 f"{self.schedule!r} and {self.warmup_ratio!r}")
+        if self.method_lrs is not None:
+            object.__setattr__(self, "method_lrs", {m: require_positive_number(f"lr of {m}", v)
+                                                    for m, v in dict(self.method_lrs).items()})
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         device = str(self.device)
@@ -273,22 +386,23 @@ class BenchSettings:
         resolve_device(device, four_bit=any(backbone_quantization(m) for m in self.methods))
 
     @property
-    def backbone_dtype(self) -> str:
-        from eval.models import float_dtype_name
+    def compute_dtype(self) -> str:
+        """The one dtype every method of the run computes in: `dtype`, or for "auto" the 4-bit
+        compute dtype of the device (`eval.bnb.compute_dtype_name`: bf16 on CUDA and on CPUs with
+        bf16 hardware, else fp32), so that 16-bit and 4-bit methods never mix precisions."""
+        from eval.bnb import compute_dtype_name
 
-        return float_dtype_name(self.dtype, self.device)
+        return compute_dtype_name(self.device) if self.dtype == "auto" else self.dtype
+
+    def lr_of(self, method: str) -> float:
+        return (self.method_lrs or {}).get(method, self.lr)
 
     def baseline_options(self) -> dict:
         """`qst.baselines.BaselineConfig` fields every method's process builds with."""
-        return {"qst_options": {"r": self.qst_r}} if self.qst_r is not None else {}
+        options = {"r": self.qst_r, "side_head_dim": self.qst_head_dim}
+        options = {k: v for k, v in options.items() if v is not None}
+        return {"qst_options": options} if options else {}
 
-    def method_dtype(self, method: str) -> str:
-        """The dtype the estimate assumes: 4-bit backbones compute (and keep the rest) in
-        `eval.bnb.compute_dtype_name(device)` (bf16 on CUDA, fp32 on CPUs without bf16 hardware)."""
-        from eval.bnb import compute_dtype_name
-        from qst.baselines import backbone_quantization
-
-        return compute_dtype_name(self.device) if backbone_quantization(method) else self.backbone_dtype
 
 
 def run_bench(settings: BenchSettings, out_dir, log=print,
@@ -307,7 +421,8 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
         _check_fits(settings, estimates)
 
     common = dict(model=settings.model, arch=settings.arch, task=task, batch=settings.batch, seq=settings.seq,
-                  steps=settings.steps, warmup=settings.warmup, device=settings.device, seed=settings.seed)
+                  steps=settings.steps, warmup=settings.warmup, device=settings.device, seed=settings.seed,
+                  dtype=settings.compute_dtype)
     total_steps = max(settings.train_steps, settings.warmup + settings.steps) if task else settings.warmup + settings.steps
     log(f"bench: {source}, task {task or '(random tokens)'}, batch {settings.batch}, seq {settings.seq}, "
         f"{len(settings.methods)} method(s), each in a fresh process")
@@ -328,9 +443,10 @@ def run_bench(settings: BenchSettings, out_dir, log=print,
             + (", test accuracy" if task and settings.train_steps else ""))
         raw = run_in_fresh_process(
             method_target,
-            {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr,
-             "dtype": settings.backbone_dtype, "eval_examples": settings.eval_examples,
+            {**common, "method": method, "train_steps": settings.train_steps, "lr": settings.lr_of(method),
+             "eval_examples": settings.eval_examples,
              "train_examples": settings.train_examples, "feature_cache": settings.feature_cache,
+             "schedule": settings.schedule, "warmup_ratio": settings.warmup_ratio,
              "baseline_options": settings.baseline_options()},
             imports=imports,
         )
@@ -410,7 +526,7 @@ def _estimate(settings: BenchSettings, method: str, trainable_params: int | None
 
     return estimate_memory(
         settings.arch or settings.model, method, batch=settings.batch, seq=settings.seq,
-        dtype=settings.method_dtype(method), trainable_params=trainable_params, device=settings.device,
+        dtype=settings.compute_dtype, trainable_params=trainable_params, device=settings.device,
         labelled_tokens=labelled_tokens, qst_reduction=settings.qst_r or QST_REDUCTION,
     )
 
@@ -514,7 +630,9 @@ def format_markdown(data: dict) -> str:
             "step / QLoRA": _ratio(m["step_time_s"], ref and ref["step_time_s"]),
             "step / floor": _ratio(m["step_time_s"], floor.get("forward_time_s")),
             "tokens/s": round(m["tokens_per_s"]),
-            "feature cache": f"{cache['hits']} hits / {cache['misses']} misses" if cache else "—",
+            "compute": m.get("compute_dtype"),
+            "cached step s": cache.get("cached_step_s") if cache else None,
+            "cached / uncached": cache.get("cached_over_uncached") if cache else None,
             "train s": m.get("train_time_s"),
             "train / QLoRA": _ratio(m.get("train_time_s"), ref and ref.get("train_time_s")),
             "final loss": m["final_loss"],
@@ -533,7 +651,8 @@ def format_markdown(data: dict) -> str:
         "# Tuning benchmark",
         "",
         f"Model `{data['model']}` on `{data['device']}`, task `{data['task'] or 'random tokens'}`, batch "
-        f"{data['batch']}, seq {data['seq']}, AdamW lr {s['lr']}, {s['warmup']} warm-up + {s['steps']} timed "
+        f"{data['batch']}, seq {data['seq']}, AdamW lr {_lrs(s)} ({s.get('schedule', 'constant')} after "
+        f"{100 * s.get('warmup_ratio', 0.03):g} % warm-up), {s['warmup']} warm-up + {s['steps']} timed "
         f"steps" + (f", accuracy after {max(s['train_steps'], s['warmup'] + s['steps'])} training steps"
                    if data["task"] else " (random weights: no accuracy)")
         + (f", training on {s['train_examples']} examples" if s.get("train_examples") else "")
@@ -543,9 +662,12 @@ def format_markdown(data: dict) -> str:
         *([f"Accuracy ± its standard error on {_scored(methods)} test examples; the majority class of "
            f"those examples is {100 * data['majority_rate']:.1f} %, chance {100 * data['chance_rate']:.1f} %.", ""]
           if data.get("majority_rate") is not None else []),
-        "Train s = the whole training run (every step, warm-up included); QST and LST read their frozen "
-        "backbone's features from an on-disk cache from the second epoch on when the feature cache column "
-        "shows hits (the timed steps come first and are misses).",
+        "Train s = the whole training run (every step, warm-up included). Step s is timed without the "
+        "feature cache: QST and LST attach it only after the timed steps (hits and writes during them: "
+        + _timed_cache_counts(methods) + "). Cached step s = the median step that read its backbone "
+        "features from the cache instead of running the backbone (epochs >= 2): the cache's own benefit, "
+        "against step s without it. Compute = the dtype the bulk of every method's Linear arithmetic "
+        f"ran in (one per run: {s.get('dtype')} requested).",
         "",
         f"Floor (no-grad forward of the 4-bit backbone's decoder, hidden states kept, no LM head, no KV cache): "
         f"{_fmt(floor.get('forward_time_s'))} s, "
@@ -563,6 +685,19 @@ def format_markdown(data: dict) -> str:
         machine_line(data["machine"]) if data.get("machine") else "Machine: not recorded.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _lrs(settings: dict) -> str:
+    per_method = settings.get("method_lrs")
+    if not per_method:
+        return f"{settings['lr']} for every method"
+    return ", ".join(f"{m} {lr:g}" for m, lr in per_method.items()) + f" (others {settings['lr']})"
+
+
+def _timed_cache_counts(methods: dict) -> str:
+    counts = [f"{name} {c['timed_hits']} / {c['timed_writes']}" for name, m in methods.items()
+              if (c := m.get("feature_cache"))]
+    return ", ".join(counts) or "no method cached"
 
 
 def _plot(data: dict):
@@ -595,14 +730,21 @@ def _plot(data: dict):
 # --------------------------------------------------------------------------- how cost grows with size
 
 SCALING_NAME = "bench_scaling_tuning"
-SCALING_METHODS = ("qst", "qlora", "lora")
+SCALING_METHODS = ("qst", "qlora", "qlora-gc", "lora")
+
+
+def _key(method: str) -> str:
+    return method.replace("-", "_")  # qlora-gc -> qlora_gc in row keys
 
 
 def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256, steps: int = 2,
-                warmup: int = 1, device: str = "cpu", seed: int = 0, log=print) -> dict[str, Any]:
+                warmup: int = 1, device: str = "cpu", seed: int = 0, log=print, qst_r: int | None = None,
+                qst_head_dim: int | None = None) -> dict[str, Any]:
     """`run_bench` on random-weight models of growing size (smallest first): peak memory and step
-    time of QST, QLoRA and LoRA and the 4-bit forward floor, and the ratios QST / QLoRA and
-    QST / floor against parameter count. One sub-report per size under `out_dir/<arch>/`."""
+    time of QST, QLoRA (with and without gradient checkpointing) and LoRA and the 4-bit forward
+    floor, and the ratios QST / QLoRA and QST / floor against parameter count. One sub-report per
+    size under `out_dir/<arch>/`. No feature cache anywhere (random weights train only the timed
+    steps); `qst_head_dim` gives QST's side attention fewer, wider heads."""
     from pathlib import Path
 
     from eval.measure import machine_info
@@ -614,10 +756,12 @@ def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256,
     for i, arch in enumerate(archs, 1):
         log(f"bench --scaling: [{i}/{len(archs)}] {arch} ({param_count_of_arch(arch) / 1e6:.1f} M parameters)")
         settings = BenchSettings(model=None, arch=arch, methods=SCALING_METHODS, batch=batch, seq=seq,
-                                 steps=steps, warmup=warmup, train_steps=0, device=device, seed=seed)
+                                 steps=steps, warmup=warmup, train_steps=0, device=device, seed=seed,
+                                 feature_cache=False, qst_r=qst_r, qst_head_dim=qst_head_dim)
         report = run_bench(settings, Path(out_dir) / arch, log=log)
         rows.append(_scaling_row(arch, param_count_of_arch(arch), report["data"]))
     data = {"batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "device": device,
+            "qst_r": qst_r, "qst_head_dim": qst_head_dim, "feature_cache": False,
             "archs": list(archs), "rows": rows, "machine": machine_info()}
     markdown = format_scaling_markdown(data)
     paths = write_report(out_dir, SCALING_NAME, data, markdown, plots={SCALING_NAME: _plot_scaling(data)},
@@ -648,11 +792,12 @@ def _scaling_row(arch: str, params: int, data: dict) -> dict[str, Any]:
     row = {"arch": arch, "params": params, "floor_time_s": floor.get("forward_time_s"),
            "floor_peak_memory_bytes": floor.get("forward_peak_memory_bytes")}
     for method in SCALING_METHODS:
-        row[f"{method}_peak_memory_bytes"] = get(method, "peak_memory_bytes")
-        row[f"{method}_step_time_s"] = get(method, "step_time_s")
+        row[f"{_key(method)}_peak_memory_bytes"] = get(method, "peak_memory_bytes")
+        row[f"{_key(method)}_step_time_s"] = get(method, "step_time_s")
         if (methods.get(method) or {}).get("error"):
-            row[f"{method}_error"] = methods[method]["error"]
+            row[f"{_key(method)}_error"] = methods[method]["error"]
     row["qst_over_qlora_memory"] = _ratio(row["qst_peak_memory_bytes"], row["qlora_peak_memory_bytes"])
+    row["qst_over_qlora_gc_memory"] = _ratio(row["qst_peak_memory_bytes"], row["qlora_gc_peak_memory_bytes"])
     row["qst_over_qlora_step"] = _ratio(row["qst_step_time_s"], row["qlora_step_time_s"])
     row["qst_over_floor_step"] = _ratio(row["qst_step_time_s"], row["floor_time_s"])
     return row
@@ -665,20 +810,23 @@ def format_scaling_markdown(data: dict) -> str:
     rows = [{
         "arch": r["arch"], "params M": r["params"] / 1e6,
         "floor s": r["floor_time_s"], "QST s": r["qst_step_time_s"], "QLoRA s": r["qlora_step_time_s"],
-        "LoRA s": r["lora_step_time_s"],
+        "QLoRA-gc s": r.get("qlora_gc_step_time_s"), "LoRA s": r["lora_step_time_s"],
         "QST MB": _mb(r["qst_peak_memory_bytes"]), "QLoRA MB": _mb(r["qlora_peak_memory_bytes"]),
-        "LoRA MB": _mb(r["lora_peak_memory_bytes"]),
-        "mem QST/QLoRA": r["qst_over_qlora_memory"], "step QST/QLoRA": r["qst_over_qlora_step"],
+        "QLoRA-gc MB": _mb(r.get("qlora_gc_peak_memory_bytes")), "LoRA MB": _mb(r["lora_peak_memory_bytes"]),
+        "mem QST/QLoRA": r["qst_over_qlora_memory"], "mem QST/QLoRA-gc": r.get("qst_over_qlora_gc_memory"),
+        "step QST/QLoRA": r["qst_over_qlora_step"],
         "step QST/floor": r["qst_over_floor_step"],
     } for r in data["rows"]]
-    errors = [f"- {r['arch']} {m}: {r[f'{m}_error']}" for r in data["rows"] for m in SCALING_METHODS
-              if r.get(f"{m}_error")]
+    errors = [f"- {r['arch']} {m}: {r[f'{_key(m)}_error']}" for r in data["rows"] for m in SCALING_METHODS
+              if r.get(f"{_key(m)}_error")]
     lines = [
         "# How tuning cost grows with model size",
         "",
         f"LLaMA-shaped models with random weights on `{data['device']}`, batch {data['batch']}, seq {data['seq']}, "
         f"median of {data['steps']} timed steps after {data['warmup']} warm-up; each method and the floor in a "
-        "fresh process (per-size details in the sub-directories).",
+        "fresh process (per-size details in the sub-directories); no feature cache"
+        + (f"; QST r {data['qst_r']}" if data.get("qst_r") else "")
+        + (f"; QST side head dim {data['qst_head_dim']}" if data.get("qst_head_dim") else "") + ".",
         "",
         markdown_table(rows, list(rows[0]), floatfmt=".4g"),
         *(["Failed:", *errors, ""] if errors else []),

@@ -32,7 +32,7 @@ POOLING_DOWNSAMPLERS = ("maxpool", "avgpool")
 SIDE_INITS = ("random", "pruned")
 OUTPUT_MIXES = ("additive", "paper")
 # Saved configs from before `output_mix` / `alpha_lr` existed: the paper's mix, alpha at the side lr.
-LEGACY_DEFAULTS = {"output_mix": "paper", "alpha_lr": 1.0}
+LEGACY_DEFAULTS = {"output_mix": "paper", "alpha_lr": 1.0, "side_head_dim": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,10 @@ class QSTConfig:
     - `side_layers`: backbone layer indices (0-based) whose outputs feed a side block; None = all.
     - `gradient_checkpointing`: recompute each side unit (downsampler, block and gate) in backward.
     - `rope_theta`: base of the rotary position embedding of the side attention.
+    - `side_head_dim`: None keeps the backbone's head count in the side attention (head dim =
+      width / heads: 4 wide at r = 16 on 64-wide heads); a number gives fewer, wider heads of that
+      dim (width / side_head_dim heads; it must divide the side width). `side_init="pruned"`
+      copies the backbone's heads, so it takes None only.
     """
 
     r: int = QST_REDUCTION  # the defaults eval.memory_estimate assumes too
@@ -75,6 +79,7 @@ class QSTConfig:
     side_layers: tuple[int, ...] | None = None
     gradient_checkpointing: bool = False
     rope_theta: float = 10000.0
+    side_head_dim: int | None = None
 
     def __post_init__(self):
         def finite(name: str, value: Any) -> None:
@@ -98,6 +103,12 @@ class QSTConfig:
                 "(leave it at 1, or set output_mix='paper')"
             )
         require_positive_number("QSTConfig.rope_theta", self.rope_theta)
+        if self.side_head_dim is not None:
+            require_positive("QSTConfig.side_head_dim", self.side_head_dim)
+            if self.side_init == "pruned":
+                raise UserInputError("side_init='pruned' copies the backbone's attention heads, so it keeps their "
+                                     f"count; side_head_dim={self.side_head_dim} needs side_init='random' (or "
+                                     "side_head_dim=None)")
         finite("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
             raise UserInputError(f"QSTConfig.dropout must be in [0, 1), got {self.dropout!r}")

@@ -29,7 +29,7 @@ def side_width(config: QSTConfig, spec: BackboneSpec) -> int:
             f"downsampler pools groups of r channels, so r must divide {d}"
         )
     width = d // config.r
-    if width < spec.num_heads or width % spec.num_heads:
+    if config.side_head_dim is None and (width < spec.num_heads or width % spec.num_heads):
         raise UserInputError(
             f"side width {d} // r={config.r} = {width} is not a positive multiple of the backbone's "
             f"{spec.num_heads} attention heads; pick r so that {d} / r is divisible by {spec.num_heads}"
@@ -46,10 +46,21 @@ def side_layer_indices(config: QSTConfig, spec: BackboneSpec) -> tuple[int, ...]
     return config.side_layers
 
 
+def side_head_count(config: QSTConfig, width: int, spec: BackboneSpec) -> int:
+    """The side attention's heads: the backbone's count, or width / side_head_dim (fewer, wider)."""
+    if config.side_head_dim is None:
+        return spec.num_heads
+    if width % config.side_head_dim:
+        raise UserInputError(f"side_head_dim {config.side_head_dim} does not divide the side width {width} "
+                             f"(hidden {spec.hidden_size} / r {config.r}); pick a divisor of {width}")
+    return width // config.side_head_dim
+
+
 def random_block_spec(config: QSTConfig, spec: BackboneSpec) -> SideBlockSpec:
     """LLaMA-style side block: RMSNorm, SwiGLU FFN, no biases, RoPE."""
+    width = side_width(config, spec)
     return SideBlockSpec(
-        width=side_width(config, spec), num_heads=spec.num_heads, ffn_width=max(1, spec.ffn_size // config.r),
+        width=width, num_heads=side_head_count(config, width, spec), ffn_width=max(1, spec.ffn_size // config.r),
         rope_theta=config.rope_theta,
     )
 

@@ -17,6 +17,7 @@ from qst.baselines import METHODS, build_tuning_model, check_methods
 EXPECTED_TRAINABLE = {
     "lora": 2 * 16 * (128 + 2 * 96 + 128 + 3 * 192),
     "qlora": 2 * 16 * (128 + 2 * 96 + 128 + 3 * 192),
+    "qlora-gc": 2 * 16 * (128 + 2 * 96 + 128 + 3 * 192),
     "adapter": 2 * 2 * (64 * 16 + 16 + 16 * 64 + 64),  # 2 adapters per layer, bottleneck 16
     "prefix": 16 * 2 * 2 * 32,  # 16 virtual tokens x layers x (key, value) x k/v width
     "prompt": 16 * 64,  # 16 virtual token embeddings
@@ -27,6 +28,7 @@ EXPECTED_TRAINABLE = {
 TRAINABLE_NAME = {
     "lora": lambda n: ".lora_A." in n or ".lora_B." in n,
     "qlora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "qlora-gc": lambda n: ".lora_A." in n or ".lora_B." in n,
     "adapter": lambda n: ".houlsby_adapter." in n,
     "prefix": lambda n: "prompt_encoder" in n,
     "prompt": lambda n: "prompt_encoder" in n,
@@ -138,7 +140,7 @@ def test_bench_writes_the_schema_and_reports_a_failing_method(tmp_path):
     assert list(data["methods"]) == ["full", "lora"]
     full = data["methods"]["full"]
     assert set(full) == {"trainable_params", "trainable_share", "peak_memory_bytes", "step_time_s",
-                         "tokens_per_s", "train_time_s", "feature_cache", "final_loss", "accuracy",
+                         "tokens_per_s", "compute_dtype", "train_time_s", "feature_cache", "final_loss", "accuracy",
                          "accuracy_se", "examples_scored"}
     # Steps of 1 s (warm-up) and 2 s (timed): the step time is the timed step's only, the train
     # time every step's, tokens/s the batch's tokens over the step time.
@@ -238,13 +240,17 @@ def test_bench_report_names_the_machine():
     assert "Machine: not recorded." in format_markdown({**data, "machine": None})
 
 
-def test_qst_reads_its_backbone_features_from_the_cache_after_the_first_epoch(tiny_llama_dir):
-    """Two training batches cycled for 6 steps: the first epoch computes them, the other four read them."""
+def test_qst_attaches_its_feature_cache_only_after_the_timed_steps(tiny_llama_dir):
+    """Two training batches cycled for 8 steps, steps 0-1 timed: the timed steps neither read nor write
+    the cache (even though step 2 repeats batch 0); steps 2-3 write it, steps 4-7 read it."""
     from qst.benchmark import measure_method
 
     result = measure_method("qst", model=tiny_llama_dir, task="def-kind", batch=2, seq=32, steps=1, warmup=1,
-                            train_steps=6, train_examples=4, eval_examples=6, feature_cache=True)
-    assert result["feature_cache"]["misses"] == 2 and result["feature_cache"]["hits"] == 4
+                            train_steps=8, train_examples=4, eval_examples=6, feature_cache=True)
+    cache = result["feature_cache"]
+    assert (cache["timed_hits"], cache["timed_writes"]) == (0, 0)
+    assert (cache["writes"], cache["hits"]) == (2, 4)
+    assert cache["cached_step_s"] > 0 and cache["uncached_step_s"] == result["step_time_s"]
     assert result["examples_scored"] == 6
     # k of 6 right: the binomial standard error sqrt(p (1 - p) / 6), worked out by hand
     se_of_k_right = {0: 0.0, 1: 0.15214515, 2: 0.19245009, 3: 0.20412415, 4: 0.19245009, 5: 0.15214515, 6: 0.0}
@@ -285,13 +291,16 @@ def test_bench_report_shows_accuracy_with_its_error_and_the_majority_rate():
                 "accuracy": accuracy, "accuracy_se": 0.03, "examples_scored": 200}
 
     data = {"model": "m", "device": "cpu", "task": "def-kind", "batch": 1, "seq": 8,
-            "methods": {"qlora": entry(0.80), "qst": entry(0.75, {"hits": 30, "misses": 10})},
+            "methods": {"qlora": entry(0.80), "qst": entry(0.75, {"timed_hits": 0, "timed_writes": 0, "hits": 30,
+                                                                   "writes": 10, "cached_step_s": 0.1,
+                                                                   "uncached_step_s": 0.5,
+                                                                   "cached_over_uncached": 0.2})},
             "floor": {"forward_time_s": 0.1}, "estimates": {"qlora": {"total_bytes": 3e6}, "qst": {"total_bytes": 3e6}},
             "majority_rate": 0.433, "chance_rate": 1 / 3,
             "settings": {"lr": 1e-3, "warmup": 1, "steps": 1, "train_steps": 40}, "machine": machine_info()}
     markdown = format_markdown(data)
     assert "| 80.0 ± 3.0 |" in markdown and "| 75.0 ± 3.0 |" in markdown
-    assert "30 hits / 10 misses" in markdown and "| -5 |" in markdown
+    assert "| 0.1 | 0.2 |" in markdown and "qst 0 / 0" in markdown and "| -5 |" in markdown
     assert "majority class of those examples is 43.3 %" in markdown
 
 
