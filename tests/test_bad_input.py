@@ -132,7 +132,9 @@ def assets(tmp_path_factory, tiny_llama_dir, tiny_texts):
 def _tiny_tasks_only(monkeypatch, request):
     if "assets" in request.fixturenames:
         tasks = request.getfixturevalue("assets")["tasks"]
-        monkeypatch.setattr(eval.tasks, "load_task", lambda name: tasks[name])
+        # load_task takes a built-in name or a TaskSpec dict (what tune and bench pass)
+        monkeypatch.setattr(eval.tasks, "load_task",
+                            lambda spec: tasks[spec if isinstance(spec, str) else spec["source"]])
 
 
 # ------------------------------------------------------------------------------------ helpers
