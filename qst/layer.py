@@ -290,6 +290,19 @@ def side_position_ids(attention_mask: torch.Tensor | None, batch: int, seq: int,
     return positions.clamp(min=0)[:, -seq:]
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class SideNetwork(nn.Module):
     """Downsamplers, side blocks, gates, final norm, upsampler and (paper mix only) alpha.
 
@@ -326,15 +339,20 @@ class SideNetwork(nn.Module):
     def alpha(self) -> torch.Tensor | None:
         """The paper mix's alpha (a 0-dim tensor; None for the additive mix).
 
-        The multiplier `alpha_lr` lives in the parametrisation, not in an optimizer group: Adam's
-        step does not depend on the gradient's scale, so the offset moves about one learning
-        rate per step and alpha `alpha_lr` learning rates, under any optimizer (transformers'
-        Trainer included) at the base learning rate. At alpha = 1 the side path's gradient is
+        The multiplier `alpha_lr` lives in the parametrisation, not in an optimizer group: the
+        offset's gradient is d loss / d alpha, so any optimizer (transformers' Trainer included)
+        at the base learning rate steps the offset as it would step alpha, and alpha moves
+        `alpha_lr` times as far: exactly a parameter at `alpha_lr` times the learning rate, for
+        SGD and Adam alike, with gradient clipping seeing the same norm. At alpha = 1 the side path's gradient is
         scaled by 1 - alpha = 0, so without that speed-up the side network would not train.
         """
         if self.alpha_offset is None:
             return None
-        return self.config.alpha_init + self.config.alpha_lr * self.alpha_offset
+        speed = self.config.alpha_lr
+        # The offset's gradient is d loss / d alpha itself (not alpha_lr times it), so gradient
+        # clipping sees alpha as it did when alpha was a plain parameter: a 100x gradient would
+        # dominate the clipped norm and shrink every side parameter's step.
+        return self.config.alpha_init + speed * _ScaledGradient.apply(self.alpha_offset, 1.0 / speed)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -183,6 +183,24 @@ def test_alpha_moves_alpha_lr_times_the_learning_rate_under_a_plain_optimizer(ll
     assert additive.side.alpha is None and len(additive.parameter_groups(lr)) == 1
 
 
+def test_alpha_offset_gradient_is_the_gradient_of_alpha_whatever_its_speed(llama, blocks):
+    # Gradient clipping must see d loss / d alpha, not alpha_lr times it (a 100x gradient would
+    # dominate the clipped norm and shrink every side step): the offset's gradient is the same
+    # at alpha_lr 1 and 100 for the same side network at the same alpha.
+    model, _ = llama
+    grads = []
+    for alpha_lr in (1.0, 100.0):
+        torch.manual_seed(0)  # the same side network both times
+        qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper", alpha_lr=alpha_lr))
+        _perturb(qst)
+        with torch.no_grad():
+            qst.side.alpha_offset.fill_(-0.3 / alpha_lr)  # alpha = 0.7 in both
+        qst(input_ids=blocks[:2], labels=blocks[:2]).loss.backward()
+        grads.append(qst.side.alpha_offset.grad.clone())
+    assert grads[0].abs() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_side_networks_saved_with_alpha_itself_load_into_the_offset(llama, tmp_path, blocks):
     model, _ = llama
     qst = QSTForCausalLM.from_base(model, QSTConfig(r=4, output_mix="paper", alpha_lr=100.0))
