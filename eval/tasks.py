@@ -232,16 +232,26 @@ def load_task(spec: str | dict | TaskSpec) -> Task:
         spec = TaskSpec(source=spec)
     if spec.is_builtin:
         task = _load_builtin_task(spec.source)
-        if spec.train_examples is not None and spec.train_examples < len(task.train):
-            import random
-
-            task = dataclasses.replace(task, train=random.Random(spec.seed).sample(task.train, spec.train_examples))
+        picked = sampled_train_positions(len(task.train), spec)
+        if picked is not None:
+            task = dataclasses.replace(task, train=[task.train[i] for i in picked])
         return task
     if _looks_like_user_data(spec.source):
         from eval.user_tasks import load_user_task
 
         return load_user_task(spec)
     return _load_builtin_task(spec.source)  # an unknown name: the error lists the built-in tasks
+
+
+def sampled_train_positions(count: int, spec: TaskSpec) -> list[int] | None:
+    """The positions of the `spec.train_examples` training rows a run uses out of `count` (a
+    seeded `random.sample`), or None to use them all. The one sampling rule: built-in tasks,
+    the user's data (sampled before its rows become examples) and `tune` all take these."""
+    if spec.train_examples is None or spec.train_examples >= count:
+        return None
+    import random
+
+    return random.Random(spec.seed).sample(range(count), spec.train_examples)
 
 
 def _looks_like_user_data(source: str) -> bool:

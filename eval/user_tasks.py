@@ -34,7 +34,7 @@ from pathlib import Path
 
 from eval.data import ClassificationExample, InstructionExample, MultipleChoiceExample
 from eval.errors import UserInputError
-from eval.tasks import COLUMN_ROLES, SPLITS, Task, TaskSpec
+from eval.tasks import COLUMN_ROLES, SPLITS, Task, TaskSpec, sampled_train_positions
 
 # File suffix -> `datasets` packaged builder.
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -70,10 +70,10 @@ def _load_user_task(spec: TaskSpec) -> Task:
     # From every labelled row the data has, before any carving or sampling: the same names always.
     labels = class_names(raw, roles, spec.labels) if kind == "classification" else ()
     raw = carve_splits(raw, spec)
-    if spec.train_examples is not None and spec.train_examples < len(raw["train"]):
-        # The sample `load_task` takes of a built-in task (random.sample over positions): the same
-        # seed picks the same rows of the same data in either form.
-        picked = random.Random(spec.seed).sample(range(len(raw["train"])), spec.train_examples)
+    # The sample `load_task` takes of a built-in task: the same seed picks the same rows of the
+    # same data in either form.
+    picked = sampled_train_positions(len(raw["train"]), spec)
+    if picked is not None:
         raw["train"] = _select(raw["train"], picked, ("sample", spec.seed, spec.train_examples))
     examples = {split: _examples(raw[split], split, kind, roles, labels, spec.source) for split in SPLITS}
     task = Task(name=task_name(spec), kind=kind, labels=tuple(labels), train=examples["train"],

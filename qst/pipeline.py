@@ -223,14 +223,13 @@ def _card_scores(before: dict | None, after: dict) -> dict:
 
 
 def _load_task(s: TuneSettings):
-    from eval.tasks import load_task
+    from eval.tasks import TaskSpec, load_task, sampled_train_positions
 
     spec = _task_spec(s)
     task = load_task(spec)
-    if s.train_examples is not None and len(task.train) > s.train_examples:  # a loader that ignored the sample
-        import random
-
-        task = dataclasses.replace(task, train=random.Random(spec["seed"]).sample(task.train, s.train_examples))
+    picked = sampled_train_positions(len(task.train), TaskSpec(**spec))  # None once the loader sampled
+    if picked is not None:
+        task = dataclasses.replace(task, train=[task.train[i] for i in picked])
     if s.head == "classifier" and task.kind != "classification":
         raise UserInputError(f"head 'classifier' needs a classification task; {task.name} is {task.kind}",
                              field="head")
