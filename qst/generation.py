@@ -29,6 +29,11 @@ class QSTCache:
     def get_seq_length(self) -> int:
         return self.side.length()
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows `indices` of both caches (repeats allowed: one copy per row)."""
+        self.backbone.batch_select_indices(indices)
+        self.side.reorder(indices)
+
 
 class QSTGenerationCache(DynamicCache):
     """The generation cache of `QSTForCausalLM.generate`: the backbone's `DynamicCache` (the

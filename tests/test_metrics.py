@@ -118,6 +118,72 @@ def test_multiple_choice_accuracy_picks_the_most_likely_choice(tiny_llama, tiny_
         pytest.approx(2 / 3)
 
 
+class NoCacheLM(nn.Module):
+    """Wraps a causal LM and drops its cache: scoring must fall back to whole sequences."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               get=lambda name, default=None: default)
+
+
+# Candidates of several lengths after one question, then a second question: the shared-prefix
+# path groups each question's pairs and runs the question once.
+SHARED_CONTEXT_PAIRS = [("def area(r):\n    return", c) for c in (" r", " 3.14 * r * r", " None", " area(r)")] + \
+                       [("import", " os"), ("import", " collections.abc as c")] + [("x =", " 1")]
+
+
+def _sharing_models(tiny_llama_dir, tiny_opt_dir, pruned_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qst import QSTConfig, QSTForCausalLM
+
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path).eval()  # noqa: E731
+    torch.manual_seed(0)
+    lora = get_peft_model(load(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False)).eval()
+    qst = QSTForCausalLM.from_base(load(tiny_llama_dir), QSTConfig(r=4))
+    with torch.no_grad():  # a trained-looking side network, so that its cache matters
+        for p in qst.side.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return {"llama": load(tiny_llama_dir), "opt": load(tiny_opt_dir), "pruned": load(pruned_dir),
+            "lora": lora, "qst": qst.eval()}
+
+
+def test_candidates_sharing_a_question_score_as_if_run_whole(tiny_llama_dir, tiny_opt_dir, pruned_dir, tiny_tokenizer):
+    from eval.metrics import _score_whole_sequences, _tokenized_pairs
+
+    for name, model in _sharing_models(tiny_llama_dir, tiny_opt_dir, pruned_dir).items():
+        for max_length in (None, 6):  # 6: long pairs lose their left, so some share no prefix
+            sequences = _tokenized_pairs(tiny_tokenizer, SHARED_CONTEXT_PAIRS, max_length or 1024)
+            with torch.inference_mode():
+                whole = _score_whole_sequences(model, sequences, tiny_tokenizer.pad_token_id, batch_size=3)
+            shared = continuation_log_likelihoods(model, tiny_tokenizer, SHARED_CONTEXT_PAIRS, batch_size=2,
+                                                  max_length=max_length)
+            assert shared == pytest.approx(whole, abs=1e-4), (name, max_length)
+
+
+def test_questions_share_their_prefix_but_never_a_scored_token(tiny_tokenizer):
+    from eval.metrics import _tokenized_pairs, shared_prefix_groups
+
+    sequences = _tokenized_pairs(tiny_tokenizer, SHARED_CONTEXT_PAIRS, 1024)
+    groups = shared_prefix_groups(SHARED_CONTEXT_PAIRS, sequences)
+    assert [len(g.tails) for g in groups] == [4, 2, 1]
+    for group in groups:
+        for index, tail, n_scored in group.tails:
+            assert group.prefix + tail == sequences[index][0] and 1 <= n_scored <= len(tail)
+
+
+def test_a_model_without_a_cache_scores_every_pair_whole(tiny_llama, tiny_tokenizer):
+    expected = continuation_log_likelihoods(tiny_llama, tiny_tokenizer, SHARED_CONTEXT_PAIRS, batch_size=2)
+    got = continuation_log_likelihoods(NoCacheLM(tiny_llama), tiny_tokenizer, SHARED_CONTEXT_PAIRS, batch_size=2)
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
 def test_classification_accuracy(tiny_tokenizer):
     examples = [ClassificationExample(text=t, label=label) for t, label in
                 [("def f(): pass", 1), ("class A: pass", 1), ("import os", 0), ("x = 1", 2)]]
