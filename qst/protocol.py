@@ -61,6 +61,7 @@ class ProtocolSettings:
     dtype: str = "auto"  # one compute dtype for every method (see BenchSettings.compute_dtype)
     qst_r: int | None = None
     qst_head_dim: int | None = None  # QSTConfig.side_head_dim
+    qst_side_init: str | None = None  # QSTConfig.side_init
     model_package: str | None = None
 
     def __post_init__(self):
@@ -75,6 +76,10 @@ class ProtocolSettings:
                 require_positive(name, getattr(self, name))
         if not 0 <= self.warmup_ratio < 1:
             raise UserInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.baseline_options():  # the side network's options, checked as QSTConfig checks them
+            from qst.config import QSTConfig
+
+            QSTConfig(**self.baseline_options()["qst_options"])
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         from eval.model_specs import backbone_source
@@ -95,7 +100,7 @@ class ProtocolSettings:
         return compute_dtype_name(self.device) if self.dtype == "auto" else self.dtype
 
     def baseline_options(self) -> dict:
-        options = {"r": self.qst_r, "side_head_dim": self.qst_head_dim}
+        options = {"r": self.qst_r, "side_head_dim": self.qst_head_dim, "side_init": self.qst_side_init}
         options = {k: v for k, v in options.items() if v is not None}
         return {"qst_options": options} if options else {}
 
@@ -389,7 +394,8 @@ def format_protocol_markdown(data: dict) -> str:
         f"validation accuracy every {s['eval_every']} steps with early stopping (patience {s['patience']}), "
         f"{s['seeds']} seeds, every method computing in {data['compute_dtype']}"
         + (f", QST r {s['qst_r']}" if s.get("qst_r") else "")
-        + (f", side head dim {s['qst_head_dim']}" if s.get("qst_head_dim") else "") + ".",
+        + (f", side head dim {s['qst_head_dim']}" if s.get("qst_head_dim") else "")
+        + (f", side init {s['qst_side_init']}" if s.get("qst_side_init") else "") + ".",
         "",
         "The learning rate is chosen on the **validation** split (best accuracy; ties: the smaller rate); "
         "the test split is scored only at the chosen rate, once per seed (seed 0 is the grid run).",

@@ -102,6 +102,9 @@ def add_parser(subparsers) -> None:
     protocol.add_argument("--eval-every", type=int, default=40, help="steps between validation evaluations")
     protocol.add_argument("--patience", type=int, default=3,
                           help="validation evaluations without improvement before a run stops")
+    protocol.add_argument("--qst-side-init", default=None, choices=["random", "pruned"],
+                          help="how QST's side blocks start (default: QSTConfig's, random; pruned copies the "
+                          "backbone's blocks pruned by weight norm, as LST did)")
     protocol.add_argument("--jobs", type=int, default=1,
                           help="training runs at a time, each in its own process (the results do not depend on it)")
     scaling = p.add_argument_group("how cost grows with size (--scaling)")
@@ -205,7 +208,7 @@ def run_protocol(args) -> int:
         batch=_flag_or(args, PROTOCOL, "batch"), seq=_flag_or(args, PROTOCOL, "seq"),
         train_steps=_flag_or(args, PROTOCOL, "train_steps"), eval_every=args.eval_every, patience=args.patience,
         train_examples=args.train_examples, device=args.device, dtype=args.dtype,
-        qst_r=_flag_or(args, PROTOCOL, "qst_r"), qst_head_dim=args.qst_head_dim,
+        qst_r=_flag_or(args, PROTOCOL, "qst_r"), qst_head_dim=args.qst_head_dim, qst_side_init=args.qst_side_init,
     )
     _check_seq(settings)
     with prepare_output_dir(args.out, "bench --protocol", signature="protocol_settings.json"):

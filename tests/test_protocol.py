@@ -240,6 +240,7 @@ def test_a_failing_grid_point_is_reported_and_not_selected(tmp_path, monkeypatch
     (["--lrs", "3e-3,1e-3"], "--lrs must increase strictly"),
     (["--lrs", "1e-3,x"], "--lrs must be comma-separated numbers"),
     (["--seeds", "0"], "seeds must be a positive integer"),
+    (["--qst-side-init", "pruned", "--qst-head-dim", "16"], "side_init='pruned' copies the backbone's attention"),
 ])
 def test_protocol_bad_input_is_one_line_before_any_training(tmp_path, capsys, tiny_task, extra, message):
     from scripts.cli import main
