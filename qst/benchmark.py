@@ -739,12 +739,13 @@ def _key(method: str) -> str:
 
 def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256, steps: int = 2,
                 warmup: int = 1, device: str = "cpu", seed: int = 0, log=print, qst_r: int | None = None,
-                qst_head_dim: int | None = None) -> dict[str, Any]:
+                qst_head_dim: int | None = None, methods=SCALING_METHODS) -> dict[str, Any]:
     """`run_bench` on random-weight models of growing size (smallest first): peak memory and step
     time of QST, QLoRA (with and without gradient checkpointing) and LoRA and the 4-bit forward
     floor, and the ratios QST / QLoRA and QST / floor against parameter count. One sub-report per
     size under `out_dir/<arch>/`. No feature cache anywhere (random weights train only the timed
-    steps); `qst_head_dim` gives QST's side attention fewer, wider heads."""
+    steps); `qst_head_dim` gives QST's side attention fewer, wider heads; `methods`: a subset of
+    SCALING_METHODS (the floor is always measured)."""
     from pathlib import Path
 
     from eval.measure import machine_info
@@ -752,10 +753,11 @@ def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256,
     from eval.report import write_report
 
     archs = check_scaling_archs(archs)
+    methods = check_scaling_methods(methods)
     rows = []
     for i, arch in enumerate(archs, 1):
         log(f"bench --scaling: [{i}/{len(archs)}] {arch} ({param_count_of_arch(arch) / 1e6:.1f} M parameters)")
-        settings = BenchSettings(model=None, arch=arch, methods=SCALING_METHODS, batch=batch, seq=seq,
+        settings = BenchSettings(model=None, arch=arch, methods=methods, batch=batch, seq=seq,
                                  steps=steps, warmup=warmup, train_steps=0, device=device, seed=seed,
                                  feature_cache=False, qst_r=qst_r, qst_head_dim=qst_head_dim)
         report = run_bench(settings, Path(out_dir) / arch, log=log)
@@ -767,6 +769,16 @@ def run_scaling(archs: tuple[str, ...], out_dir, batch: int = 4, seq: int = 256,
     paths = write_report(out_dir, SCALING_NAME, data, markdown, plots={SCALING_NAME: _plot_scaling(data)},
                          figsize=(10, 4))
     return {"data": data, "markdown": markdown, "paths": paths}
+
+
+def check_scaling_methods(methods) -> tuple[str, ...]:
+    from qst.baselines import check_methods
+
+    methods = tuple(check_methods(methods))
+    outside = [m for m in methods if m not in SCALING_METHODS]
+    if outside:
+        raise UserInputError(f"--scaling measures {', '.join(SCALING_METHODS)}; got {', '.join(outside)}")
+    return methods
 
 
 def check_scaling_archs(archs) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ QUICK = {"task": "def-kind", "batch": 8, "seq": 256, "steps": 3, "warmup": 1, "t
          "eval_examples": 0, "lr": 2e-3, "qst_r": 4, "method_lrs": {"qlora": 3e-3, "qst": 3e-3},
          "schedule": PROTOCOL_SCHEDULE, "warmup_ratio": PROTOCOL_WARMUP_RATIO}
 SCALING = {"batch": 4, "seq": 256, "steps": 2, "warmup": 1}
+SCALING_SWEEPS = ("tuning", "pruned", "vit")  # --sweeps; each writes its own report
+SCALING_REPORTS = {"tuning": "bench_scaling_tuning", "pruned": "bench_scaling_pruned", "vit": "bench_scaling_vit"}
 # --protocol: the --quick budget per run (batch 8 x 256, at most 320 steps), QST's and QLoRA's
 # learning rates from eval.tuning_methods.PROTOCOL_LRS unless --lrs is given.
 PROTOCOL = {"task": "def-kind", "batch": 8, "seq": 256, "train_steps": 320, "qst_r": 4}
@@ -117,6 +119,9 @@ def add_parser(subparsers) -> None:
     scaling.add_argument("--sizes", default=None,
                          help="comma-separated architecture names, smallest first (default: "
                          "eval.models.SCALING_ARCHITECTURES)")
+    scaling.add_argument("--sweeps", default=",".join(SCALING_SWEEPS),
+                         help="which of the sweeps to run, comma-separated (default: all of "
+                         f"{', '.join(SCALING_SWEEPS)}); --methods picks the tuning sweep's methods")
     scaling.add_argument("--vit-batch", type=int, default=16, help="images per forward in the ViT speed run")
     p.add_argument("--no-fit-check", action="store_true",
                    help="start even when the estimate says a method will not fit in memory")
@@ -231,23 +236,38 @@ def run_scaling(args) -> int:
     from eval.models import SCALING_ARCHITECTURES, float_dtype_name
     from lowrank_vit.speed import run_vit_speed
     from pruning.scaling import run_pruned_scaling
-    from qst.benchmark import check_scaling_archs
+    from qst.benchmark import SCALING_METHODS, check_scaling_archs, check_scaling_methods
     from qst.benchmark import run_scaling as run_tuning_scaling
 
     archs = check_scaling_archs(args.sizes or tuple(SCALING_ARCHITECTURES))  # before any model is built
+    sweeps = _scaling_sweeps(args.sweeps)
+    methods = check_scaling_methods(args.methods or SCALING_METHODS)
     batch, seq, steps, warmup = (_flag_or(args, SCALING, name) for name in ("batch", "seq", "steps", "warmup"))
     dtype = float_dtype_name(args.dtype, args.device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    with prepare_output_dir(args.out, "bench --scaling", signature="bench_scaling_tuning.json"):
-        reports = [
-            run_tuning_scaling(archs, args.out, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                               device=args.device, seed=args.seed, log=log, qst_r=args.qst_r,
-                               qst_head_dim=args.qst_head_dim),
-            run_pruned_scaling(archs, args.out, batch=batch, seq=seq, device=args.device, dtype=dtype,
-                               seed=args.seed, log=log),
-            run_vit_speed(args.out, batch=args.vit_batch, device=args.device, dtype=dtype, seed=args.seed, log=log),
-        ]
+    sweep = {
+        "tuning": lambda: run_tuning_scaling(archs, args.out, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                                             device=args.device, seed=args.seed, log=log, qst_r=args.qst_r,
+                                             qst_head_dim=args.qst_head_dim, methods=methods),
+        "pruned": lambda: run_pruned_scaling(archs, args.out, batch=batch, seq=seq, device=args.device, dtype=dtype,
+                                             seed=args.seed, log=log),
+        "vit": lambda: run_vit_speed(args.out, batch=args.vit_batch, device=args.device, dtype=dtype, seed=args.seed,
+                                     log=log),
+    }
+    with prepare_output_dir(args.out, "bench --scaling", signature=f"{SCALING_REPORTS[sweeps[0]]}.json"):
+        reports = [sweep[name]() for name in sweeps]
     for report in reports:
         print(report["markdown"])
-    print(f"wrote bench_scaling_tuning, bench_scaling_pruned, bench_scaling_vit (.json, .md, .png) under {args.out}")
+    print(f"wrote {', '.join(SCALING_REPORTS[name] for name in sweeps)} (.json, .md, .png) under {args.out}")
     return 0
+
+
+
+def _scaling_sweeps(text: str) -> list[str]:
+    from eval.errors import UserInputError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCALING_SWEEPS]
+    if not names or unknown:
+        raise UserInputError(f"--sweeps takes a comma-separated list of {', '.join(SCALING_SWEEPS)}; got {text!r}")
+    return [n for n in SCALING_SWEEPS if n in names]

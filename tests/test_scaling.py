@@ -22,6 +22,21 @@ def test_scaling_sizes_must_be_given_and_grow():
         check_scaling_archs("tiny-llama,llama-9b")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--sweeps", "tuning,speed"], "--sweeps takes a comma-separated list of tuning, pruned, vit; got 'tuning,speed'"),
+    (["--sweeps", ","], "--sweeps takes a comma-separated list"),
+    (["--methods", "qst,full"], "--scaling measures qst, qlora, qlora-gc, lora; got full"),
+])
+def test_scaling_sweeps_and_methods_are_checked_before_any_model(tmp_path, capsys, extra, message):
+    from scripts.cli import main
+
+    out = tmp_path / "o"
+    assert main(["bench", "--scaling", "--sizes", "llama-h128-l4", "--out", str(out), *extra]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
 def test_scaling_architectures_start_at_ref_lm_and_pass_200m():
     from eval.models import SCALING_ARCHITECTURES, architecture_config, param_count_of_arch
     from eval.reference import reference_path

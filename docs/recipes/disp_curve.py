@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--slicegpt", action="store_true", help="also measure SliceGPT at each --kept")
     p.add_argument("--rotate", action="store_true", help="diagnostic: train and prune ref-lm with its residual "
                    "rotated into its principal basis (pruning.baselines.rotate_residual; same logits)")
+    p.add_argument("--seed", type=int, default=0, help="DispConfig.seed (the hypernetwork's initialisation, input "
+                   "and sampling noise); give each seed its own --tag")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
@@ -93,12 +95,12 @@ def main() -> None:
             start = time.perf_counter()
             sliced = baseline_prune("slicegpt", model, kept, calib, args.batch_size)
             record(slicegpt_tag, kept, 0, sliced, time.perf_counter() - start)
-        ckpt = out / f"ckpt-{args.tag}-{kept}"
+        ckpt = out / f"ckpt-{args.tag}-{kept}-seed{args.seed}"
         earlier = [r["train_s"] for r in rows if r["tag"] == args.tag and r["kept"] == kept]
         elapsed = max(earlier, default=0.0)  # resumed segments add to the time already spent
         for steps in sorted(args.steps):
             config = DispConfig(kept=kept, steps=steps, estimator=args.estimator, lam=args.lam, lr=args.lr,
-                                tau=args.tau, offset=args.offset, seed=0)
+                                tau=args.tau, offset=args.offset, seed=args.seed)
             if (args.tag, kept, steps) in done:
                 continue
             result = train_disp(model, calib, config, batch_size=args.batch_size, out_dir=ckpt)
