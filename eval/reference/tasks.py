@@ -298,11 +298,13 @@ _MC_SIZES = {"train": 2000, "validation": 300, "test": 300}
 
 
 def _multiple_choice_splits(name: str, functions: dict, item_of: Callable, distractor_pool: Callable,
-                            fits: Callable) -> dict:
+                            fits: Callable, draw: Callable | None = None) -> dict:
     """{split: examples, "files": {split: files}} of a multiple-choice task.
 
     `item_of(fn, rng)`: an `_Item` or None; `distractor_pool(functions of the split)`: [(choice,
     file, key)]; `fits(item key, candidate key)`: may that candidate be a distractor of the item?
+    `draw(right, file, key, pool, rng)`: the distractors as `_draw_distractors` returns them
+    (which it is by default), for a task whose pool holds parts of choices.
     """
     splits: dict = {"files": {}}
     seen: set[str] = set()
@@ -317,7 +319,10 @@ def _multiple_choice_splits(name: str, functions: dict, item_of: Callable, distr
         for question, right, file, key in items:
             if len(examples) == _MC_SIZES[split]:
                 break
-            distractors = _draw_distractors(right, file, key, pool, fits, rng)
+            if draw is None:
+                distractors = _draw_distractors(right, file, key, pool, fits, rng)
+            else:
+                distractors = draw(right, file, key, pool, rng)
             if distractors is None:
                 continue
             answer = len(examples) % N_CHOICES  # every position equally often: the majority rate is chance
