@@ -15,10 +15,11 @@ One task interface serves the built-in tasks and the user's own data:
   or a plain string: a built-in name (`BUILTIN_TASKS`), a local file or folder, or `hf:NAME`.
 
 The built-in tasks (`stdlib-module`, `def-kind`, `signature-match`, and the zero-shot tasks
-`next-line` and `local-name`) are generated from the reference corpus by `eval.reference.tasks`
-and ship with the suite as files (`SHIPPED_TASKS`: JSONL per task and split, a card, and
-`checksums.json`), so every machine scores the same examples; a missing or corrupted file is one
-error, and only an explicit rebuild (`docs/recipes/build_tasks.py`) regenerates them.
+`next-line`, `local-name` and `bracket-close`) are generated from the reference corpus by
+`eval.reference.tasks` and ship with the suite as files (`SHIPPED_TASKS`: JSONL per task and
+split, a card, and `checksums.json`), so every machine scores the same examples; a missing or
+corrupted file is one error, and only an explicit rebuild (`docs/recipes/build_tasks.py`)
+regenerates them.
 `task_yaml_dir()` renders them for lm-eval into `$SLIMTUNE_CACHE/tasks-<hash>/`: one YAML per
 task (`slimtune_def_kind`, ...) with train / validation / test splits, so that directory is an
 lm-eval `include_path`. The user's data is read by `eval.user_tasks`.

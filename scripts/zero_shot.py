@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--lowrank", default=None, metavar="DIR", help="a low-rank-compressed model (lowrank_vit)")
     group.add_argument("--compare", default=None, metavar="A,B,...",
                        help="several model specs, each [LABEL=]ref-lm|PATH|qst:DIR|pruned:DIR|lowrank:DIR, in one table")
-    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names; the suite's tasks also by their own names (stdlib-module, def-kind, signature-match, next-line, local-name); default: the suite's tasks")
+    p.add_argument("--tasks", default=None, help="comma list of lm-eval task names; the suite's tasks also by their own names (stdlib-module, def-kind, signature-match, next-line, local-name, bracket-close); default: the suite's tasks")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of lm-eval task YAMLs (repeatable); the suite's task YAMLs are always included")
     p.add_argument("--num-fewshot", type=int, default=0)

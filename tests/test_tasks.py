@@ -8,9 +8,11 @@ the one the full corpus takes. Leakage, label noise and labels are checked on th
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import re
 import shutil
+import tokenize
 from collections import Counter
 from types import SimpleNamespace
 
@@ -181,6 +183,103 @@ def test_local_name_right_choice_was_defined_before(generated):
         words = set(re.findall(r"\w+", ex.question))
         assert ex.choices[ex.answer] in words
         assert not any(c in words for i, c in enumerate(ex.choices) if i != ex.answer)
+
+
+def test_every_shipped_choice_reads_the_same_to_the_suite_and_to_lm_eval(shipped):
+    # lm-eval puts target_delimiter " " before every choice; the suite's scorer puts a space before
+    # a choice that does not start with whitespace. They score the same text only if none does.
+    from eval.metrics import _as_continuation
+
+    for task in shipped.values():
+        if task.kind == "multiple_choice":
+            for split in tasks.SPLITS:
+                assert all(_as_continuation(c) == " " + c for ex in task.split(split) for c in ex.choices), task.name
+
+
+def _brackets_in_window(text: str, first_line: int) -> str | None:
+    """How the brackets of `text` from line `first_line` on close: "wrong" (a closer of the wrong
+    kind), "closed" (every closer matches), or None (one closes a bracket above the window, or the
+    window does not tokenize)."""
+    stack = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO("\n".join(text.splitlines()[first_line:]) + "\n").readline):
+            if token.type == tokenize.OP and token.string in "([{":
+                stack.append(token.string)
+            elif token.type == tokenize.OP and token.string in ")]}":
+                if not stack:
+                    return None
+                if stack.pop() != "([{"[")]}".index(token.string)]:
+                    return "wrong"
+    except tokenize.TokenError as e:
+        return "closed" if "statement" in str(e) else None  # brackets opened above stay open
+    except SyntaxError:
+        return None
+    return "closed"
+
+
+def _bracket_close_checked(ex) -> None:
+    """The right choice closes the brackets of the question's last lines and each distractor
+    closes one of them with the wrong kind, read in the same lines."""
+    right = ex.choices[ex.answer]
+    text = ex.question + " " + right
+    for first_line in range(len(text.splitlines()) - 1, -1, -1):  # the smallest window that shows the openers
+        outcome = _brackets_in_window(text, first_line)
+        assert outcome != "wrong", ex
+        if outcome == "closed":
+            break
+    else:
+        raise AssertionError(f"the right choice closes no bracket of the question: {ex}")
+    closers = re.search(r"[)\]}]+(?=[:,]?$)", right).group()
+    head = right[: right.rindex(closers)]
+    trailing = right[len(head) + len(closers):]
+    assert len(closers) >= 2 and trailing in ("", ":", ",") and not right[:1].isspace()
+    for i, choice in enumerate(ex.choices):
+        if i != ex.answer:
+            other = choice[len(head) : len(choice) - len(trailing)]
+            assert choice.startswith(head) and choice.endswith(trailing) and len(choice) == len(right), ex
+            assert set(other) <= set(")]}") and other != closers, ex
+            assert _brackets_in_window(ex.question + " " + choice, first_line) == "wrong", (choice, ex)
+
+
+def test_bracket_close_right_choice_ends_a_real_line(generated):
+    task = generated["bracket-close"]
+    lines = {line.strip() for d in _slice_documents()["test"] for line in d.text.splitlines()}
+    for ex in task.test[:50]:
+        right = ex.choices[ex.answer]
+        assert (ex.question + " " + right).splitlines()[-1].strip() in lines
+        _bracket_close_checked(ex)
+
+
+def test_every_shipped_bracket_close_distractor_closes_a_bracket_wrongly(shipped):
+    task = shipped["bracket-close"]
+    for split in tasks.SPLITS:
+        for ex in task.split(split):
+            _bracket_close_checked(ex)
+
+
+def test_closing_runs_of_a_def():
+    from eval.reference import Document
+
+    source = (
+        "def f(names, table):\n"
+        "    first = names[0]\n"
+        "    result = sorted(set(names))\n"
+        "    if table.get(str(first)):\n"
+        "        print('(]', len(names))  # a comment after them: not a run\n"
+        "        table.update(dict(a=1),\n"
+        "                     b=[first])\n"
+        "    call(x for x in g())\n"
+        "    return [(key,\n"
+        "             str(value)) for key, value in table.items()]\n")
+    (record,) = reference_tasks._functions([Document("pkg/mod.py", source)])
+    runs = {(r.lineno, r.closers, r.trailing, r.cut, r.opened) for r in reference_tasks._closing_runs(record)}
+    assert runs == {(3, "))", "", 13, (3, 19)),  # the answer "sorted(set(names))": set( and sorted(
+                    (4, "))", ":", 7, (4, 16)),  # "table.get(str(first)):", ":" after the closers
+                    (7, "])", "", 21, (6, 20)),  # "b=[first])" also closes update( on line 6
+                    (8, "))", "", 20, (8, 8)),   # "g())": the first closer may follow its opener
+                    (10, ")]", "", 43, (9, 11))}  # "table.items()]" closes the [ of line 9
+    # Not runs: line 5's "))" (a comment follows; "(]" is in a string), line 6's one ")", line
+    # 10's "))" (code follows).
 
 
 _SNIPPET = '''

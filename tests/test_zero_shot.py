@@ -117,5 +117,5 @@ def test_the_suite_tasks_answer_to_their_own_names_and_are_the_default():
     from scripts.zero_shot import _task_names
 
     assert _task_names(None) == ["slimtune_stdlib_module", "slimtune_def_kind", "slimtune_signature_match",
-                                 "slimtune_next_line", "slimtune_local_name"]
+                                 "slimtune_next_line", "slimtune_local_name", "slimtune_bracket_close"]
     assert _task_names("def-kind, arc_easy,slimtune_def_kind") == ["slimtune_def_kind", "arc_easy"]

@@ -17,6 +17,11 @@ Every tuning method trains and is scored on these, so that all of them see the s
 - `local-name` (multiple choice, 4; zero-shot): the code of a function up to a name it defined
   earlier (a parameter or an assigned variable), and that name among three local names of
   similar length from functions of other files.
+- `bracket-close` (multiple choice, 4; zero-shot): the code of a function up to a line that ends
+  in two or more closing brackets (then at most a `:` or `,`), cut before the line's last token
+  that follows a space; the rest of the line among three copies of it whose closing brackets are
+  the closing run (as long) of a line of another file: each closes some bracket with the wrong
+  kind. The question shows every bracket the line closes.
 
 Splits are by source document: test examples come from the reference corpus's validation and
 test documents (held out from ref-lm's pretraining); train and validation examples from its
@@ -35,22 +40,24 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import keyword
 import platform
 import random
 import re
 import textwrap
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from eval.data import ClassificationExample, MultipleChoiceExample
 from eval.errors import UserInputError
 
-TASKS = ("stdlib-module", "def-kind", "signature-match", "next-line", "local-name")
+TASKS = ("stdlib-module", "def-kind", "signature-match", "next-line", "local-name", "bracket-close")
 # The tasks made for zero-shot scoring (a model that was never tuned on them can do them).
-ZERO_SHOT_TASKS = ("next-line", "local-name")
+ZERO_SHOT_TASKS = ("next-line", "local-name", "bracket-close")
 # Bump whenever generation changes what the examples are (recorded in the shipped card).
-TASKS_VERSION = 2
+TASKS_VERSION = 3
 STDLIB_PACKAGES = ("asyncio", "email", "idlelib", "importlib", "multiprocessing", "tkinter", "xml")
 DEF_KINDS = ("function", "method", "generator")
 SPLITS = ("train", "validation", "test")
@@ -120,6 +127,7 @@ def generate_tasks(documents: dict | None = None) -> dict[str, dict]:
         "signature-match": _signature_match_task,
         "next-line": _next_line_task,
         "local-name": _local_name_task,
+        "bracket-close": _bracket_close_task,
     }
     return {name: builders[name](functions) for name in TASKS}
 
@@ -498,3 +506,110 @@ def _local_name_task(functions: dict) -> dict:
     return dict(name="local-name", kind="multiple_choice", labels=(), **splits,
                 description="pick the name that comes next in a function's code (one it defined earlier) among 4 "
                             "(distractors: local names of similar length from functions of other files)")
+
+
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+_MAX_BRACKET_LINE = 100
+
+
+@dataclass(frozen=True)
+class _ClosingRun:
+    """How a line of a def ends: `closers`, >= 2 adjacent closing brackets, then only `trailing`
+    ("", ":" or ",")."""
+
+    lineno: int  # in `fn.source`
+    start: int  # column of the first closer
+    closers: str
+    trailing: str
+    cut: int  # column of the line's last token before the closers that follows a space
+    opened: tuple[int, int]  # (line, column) of the outermost bracket the closers close
+
+
+def _tokens(source: str) -> list[tokenize.TokenInfo]:
+    try:
+        return list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return []
+
+
+def _closing_runs(fn: FunctionRecord) -> list[_ClosingRun]:
+    """The closing runs of the def's lines after its def line and one more (lines of at most
+    `_MAX_BRACKET_LINE` characters, indented with spaces, with a token before the closers that
+    follows a space: where a question can end). Brackets in strings and comments are not counted."""
+    if not _positions_hold(fn):
+        return []
+    tokens = _tokens(fn.source)
+    lines = fn.source.splitlines()
+    runs, stack = [], []  # stack: (opening bracket, line, column) of the brackets open so far
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.type != tokenize.OP or token.string not in ")]}":
+            if token.type == tokenize.OP and token.string in _CLOSING:
+                stack.append((token.string, *token.start))
+            i += 1
+            continue
+        j, closers, opened = i, "", []  # the run of adjacent closing brackets from token i
+        while (j < len(tokens) and tokens[j].type == tokenize.OP and tokens[j].string in ")]}"
+               and (j == i or tokens[j].start == tokens[j - 1].end)):
+            if not stack or _CLOSING[stack[-1][0]] != tokens[j].string:
+                return []  # unbalanced: not code to ask about
+            opened.append(stack.pop()[1:])
+            closers += tokens[j].string
+            j += 1
+        after, trailing = j, ""
+        if (after < len(tokens) and tokens[after].type == tokenize.OP and tokens[after].string in (":", ",")
+                and tokens[after].start == tokens[after - 1].end):
+            trailing = tokens[after].string
+            after += 1
+        row, start = token.start
+        if (len(closers) >= 2 and row > 2 and after < len(tokens)
+                and tokens[after].type in (tokenize.NEWLINE, tokenize.NL)):
+            line = lines[row - 1]
+            indent = line[: len(line) - len(line.lstrip())]
+            cuts = [t.start[1] for t in tokens[:i] if t.start[0] == row and t.start[1] > 0 and t.string
+                    and line[t.start[1] - 1] == " "]
+            if cuts and len(line) <= _MAX_BRACKET_LINE and set(indent) == {" "}:
+                runs.append(_ClosingRun(row, start, closers, trailing, max(cuts), min(opened)))
+        i = j
+    return runs
+
+
+def _bracket_close_task(functions: dict) -> dict:
+    def item_of(fn: FunctionRecord, rng) -> _Item | None:
+        runs = _closing_runs(fn)
+        if not runs:
+            return None
+        run = runs[rng.randrange(len(runs))]
+        lines = fn.source.splitlines()
+        line = lines[run.lineno - 1]
+        # Up to the space before the line's last token that follows one (the answer's separating
+        # space is that space): the answer is the rest of the line, e.g. "sorted(set(names))",
+        # natural text after " ", where " ))" would not be.
+        before = "\n".join(lines[: run.lineno - 1] + [line[: run.cut - 1]])
+        question = _clip_left(before, _MAX_SOURCE_CHARS)
+        row, column = run.opened  # the question shows every bracket the answer closes
+        if len(before) - len(question) > sum(len(text) + 1 for text in lines[: row - 1]) + column:
+            return None
+        return question, line[run.cut :], fn.file, (line[run.cut : run.start], run.closers, run.trailing)
+
+    def pool(split_functions) -> list:
+        return [(run.closers, fn.file, (None, run.closers, None)) for fn in split_functions
+                for run in _closing_runs(fn)]
+
+    def fits(key, other_key) -> bool:
+        return len(other_key[1]) == len(key[1])
+
+    def draw(right, file, key, pool, rng) -> list | None:
+        # Closing runs as long as the right one, from other files: each differs from the right
+        # closers, so it closes some bracket with the wrong kind (the right text's brackets are
+        # closed in one way only). The text before the closers and after them is the same.
+        head, closers, trailing = key
+        chosen = _draw_distractors(closers, file, key, pool, fits, rng)
+        return None if chosen is None else [(head + other + trailing, f, k) for other, f, k in chosen]
+
+    splits = _multiple_choice_splits("bracket-close", functions, item_of, pool, fits, draw)
+    return dict(name="bracket-close", kind="multiple_choice", labels=(), **splits,
+                description="pick the right closing brackets of a line of a function's code among 4 (distractors: "
+                            "the same text closed by as many closing brackets in another order or kind, a closing "
+                            "run of a line of another file of the same split; each closes some bracket wrongly)")
