@@ -38,7 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eval.bnb import compute_dtype_name, kernel_path, logical_numel, quant_state, quant_state_tensors
+from eval.bnb import (
+    compute_dtype_name,
+    kernel_path,
+    logical_numel,
+    quant_state,
+    quant_state_tensors,
+)
 from eval.errors import UserInputError
 
 if TYPE_CHECKING:  # torch is imported where used, so a fresh worker process starts fast

@@ -251,8 +251,8 @@ def _wrap(s: TuneSettings, backbone, tokenizer, task):
 
 def _check_fits(s: TuneSettings, model_config, device: str) -> None:
     """Refuse a sequence beyond the model's context, and a run the memory estimate says will not fit."""
-    from eval.measure import available_memory_bytes
     from eval.bnb import compute_dtype_name
+    from eval.measure import available_memory_bytes
     from eval.memory_estimate import check_seq, estimate_memory, fits
 
     check_seq(model_config, s.seq, s.model)

@@ -70,9 +70,13 @@ def run(args) -> int:
     from eval.codegen.problems import load_humaneval
     from eval.codegen.report import codegen_markdown, codegen_plots
     from eval.codegen.run import SamplingConfig, evaluate_codegen, parse_samplers
-    from eval.codegen.select import (parse_adapt_grid, parse_temperature_grid, require_disjoint,
-                                     select_sampler_settings)
     from eval.codegen.sandbox import SandboxLimits, resolve_isolation
+    from eval.codegen.select import (
+        parse_adapt_grid,
+        parse_temperature_grid,
+        require_disjoint,
+        select_sampler_settings,
+    )
     from eval.errors import UserInputError, require_positive
     from eval.report import write_report
     from scripts.specs import load_spec

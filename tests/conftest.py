@@ -74,8 +74,9 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def pruned_dir(tiny_llama_dir, tiny_tokenizer, tmp_path_factory) -> Path:
     """tiny_llama_dir with half of its structure removed by magnitude pruning, saved by `pruning`."""
-    import pruning
     from transformers import AutoModelForCausalLM
+
+    import pruning
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     out = tmp_path_factory.mktemp("pruned")

@@ -117,8 +117,8 @@ def test_low_rank_targets_of_phi3_come_from_the_table():
 
 
 def test_qwen3_qst_starts_exact_trains_and_inits_from_the_pruned_backbone():
-    from qst import QSTConfig, QSTForCausalLM
     from eval.bnb import dense_weight
+    from qst import QSTConfig, QSTForCausalLM
 
     model = tiny_qwen3()
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))

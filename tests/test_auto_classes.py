@@ -132,8 +132,9 @@ def test_without_the_import_loading_fails_and_the_files_name_the_import(llama, t
 def test_a_pruned_model_returns_every_layers_hidden_states(pruned_dir, tiny_llama_dir):
     """transformers records hidden states by hooking the decoder-layer class; pruned layers are
     still instances of it, so QST (which reads them) can tune a pruned backbone."""
-    import pruning  # noqa: F401 - registers the pruned model type
     from transformers import AutoModelForCausalLM
+
+    import pruning  # noqa: F401 - registers the pruned model type
 
     model = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 6))

@@ -26,7 +26,6 @@ logits_processor=LogitsProcessorList([processor]))`, so that nothing else rescal
 
 from __future__ import annotations
 
-
 import torch
 from transformers import LogitsProcessor
 

@@ -26,7 +26,7 @@ def _function_end(prompt: str) -> re.Pattern:
     being completed): column 0 for a module-level function, e.g. 4 spaces for a method."""
     defs = _LAST_DEF.findall(prompt)
     depth = len(defs[-1]) if defs else 0
-    return re.compile(r"\n(?=[ \t]{0,%d}\S)" % depth)
+    return re.compile(rf"\n(?=[ \t]{{0,{depth}}}\S)")
 
 
 def extract_completion(generated: str, prompt: str = "\n") -> str:

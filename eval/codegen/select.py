@@ -52,7 +52,7 @@ def require_disjoint(validation: list[Problem], reported: list[Problem]) -> None
 
 def select_sampler_settings(model, tokenizer, validation: list[Problem], reported: list[Problem],
                             temperatures: list[float], adapt_pairs: list[tuple[float, float]], n: int, k: int,
-                            base: SamplingConfig = SamplingConfig(), **evaluate_kwargs
+                            base: SamplingConfig | None = None, **evaluate_kwargs
                             ) -> tuple[SamplingConfig, dict[str, Any]]:
     """The config with the best validation pass@k for each sampler, and the table that chose it.
 
@@ -60,6 +60,7 @@ def select_sampler_settings(model, tokenizer, validation: list[Problem], reporte
     Returns (base with temperature, hard_temperature and easy_temperature replaced by the
     winners; {"k", "problems", "task_ids", "rows": [one per setting], "chosen": {...}}).
     """
+    base = base if base is not None else SamplingConfig()
     require_disjoint(validation, reported)
     if not validation:
         raise UserInputError("no validation problems to choose sampler settings on")
