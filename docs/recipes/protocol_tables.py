@@ -1,6 +1,7 @@
 """The tables of docs/results/protocol.md from `slimtune bench --protocol` output folders.
 
     python docs/recipes/protocol_tables.py runs/protocol-def-kind runs/protocol-stdlib-module ...
+    python docs/recipes/protocol_tables.py runs/protocol-def-kind --paired runs/ablation-def-kind-r2 runs/protocol-def-kind
 
 For each folder: one row per task and method with the validation accuracy of every grid learning
 rate, the rate selected on validation, the test accuracy of every seed at it, their mean ± 95 % CI,
@@ -9,12 +10,17 @@ finished protocol is read from its bench_protocol.json; an unfinished one (kille
 running) from its finished runs under points/, through the protocol's own selection and summary
 (`qst.protocol.select_lr`, `summarize`): a method whose grid is incomplete has no selected rate
 and shows no test accuracy, so test numbers are only ever read at a rate chosen on validation.
+
+`--paired A B` (repeatable) adds QST of folder A against QLoRA of folder B, paired by seed: a
+protocol run's seed fixes the initialisation and the data order whatever the method, so seed s of
+a QST variant (another r, head dim or side init, run into its own folder) pairs with seed s of
+QLoRA as within one folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -45,9 +51,23 @@ def protocol_data(folder: Path) -> tuple[dict, bool]:
     return summarize(settings, results), False
 
 
+def _variant(data: dict, method: str) -> str:
+    """The method's name with the QST options its folder ran with (r, side head dim, side init)."""
+    s = data["settings"]
+    if method not in ("qst", "lst"):
+        return method
+    options = [f"{name} {s[key]}" for name, key in (("r", "qst_r"), ("head dim", "qst_head_dim"),
+                                                     ("init", "qst_side_init")) if s.get(key)]
+    return f"{method} ({', '.join(options)})" if options else method
+
+
+def _task_name(data: dict) -> str:
+    return data["task"] if isinstance(data["task"], str) else data["task"]["source"]
+
+
 def rows(folder: Path) -> list[str]:
     data, finished = protocol_data(folder)
-    task = data["task"] if isinstance(data["task"], str) else data["task"]["source"]
+    task = _task_name(data)
     paired = data["paired"].get("qst-qlora") or {}
     out = []
     for method, m in data["methods"].items():
@@ -57,7 +77,7 @@ def rows(folder: Path) -> list[str]:
         ci = f"{_pct(m['test_mean'])} ± {_pct(m['test_ci95'])}"
         pair = (f"{_pct(paired.get('mean'))} ± {_pct(paired.get('ci95'))} ({len(paired['seeds'])} seeds)"
                 if method == "qst" and paired.get("seeds") else "")
-        out.append(f"| {task}{'' if finished else ' (unfinished)'} | {method} | {grid} | {selected} | {seeds} | "
+        out.append(f"| {task}{'' if finished else ' (unfinished)'} | {_variant(data, method)} | {grid} | {selected} | {seeds} | "
                    f"{ci} | {pair} | {_pct(data['test_majority_rate'])} |")
     return out
 
@@ -65,17 +85,49 @@ def rows(folder: Path) -> list[str]:
 def curve_rows(folder: Path) -> list[str]:
     """Validation accuracy at every evaluation of every grid run (the learning curves)."""
     data, _ = protocol_data(folder)
-    task = data["task"] if isinstance(data["task"], str) else data["task"]["source"]
+    task = _task_name(data)
     out = []
     for method, m in data["methods"].items():
         for lr, curve in m["validation_curves"].items():
             if curve:
                 points = ", ".join(f"{step}: {_pct(acc)}" for step, acc in curve)
-                out.append(f"| {task} | {method} | {lr} | {points} |")
+                out.append(f"| {task} | {_variant(data, method)} | {lr} | {points} |")
     return out
 
 
-def main(folders: list[str]) -> None:
+def paired_row(qst_folder: Path, qlora_folder: Path) -> str:
+    """QST of one folder against QLoRA of another, paired by seed (each at its validation-chosen rate)."""
+    from qst.protocol import mean_ci95
+
+    ours_data, _ = protocol_data(qst_folder)
+    theirs_data, _ = protocol_data(qlora_folder)
+    if _task_name(ours_data) != _task_name(theirs_data):
+        raise SystemExit(f"--paired: {qst_folder} and {qlora_folder} ran different tasks")
+    ours, theirs = ours_data["methods"]["qst"], theirs_data["methods"]["qlora"]
+    by_seed = dict(zip(theirs["seeds"], theirs["test_accuracy"]))
+    pairs = [(s, a - by_seed[s]) for s, a in zip(ours["seeds"], ours["test_accuracy"]) if s in by_seed]
+    mean, ci = mean_ci95([d for _, d in pairs])
+    differences = ", ".join(f"{100 * d:+.1f}" for _, d in pairs)
+    return (f"| {_task_name(ours_data)} | {_variant(ours_data, 'qst')} − qlora | {differences} | "
+            f"{_pct(mean)} ± {_pct(ci)} ({len(pairs)} seeds) |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="*", help="bench --protocol output folders")
+    p.add_argument("--paired", nargs=2, action="append", default=[], metavar=("QST_FOLDER", "QLORA_FOLDER"),
+                   help="QST of the first folder against QLoRA of the second, paired by seed")
+    args = p.parse_args()
+    print_tables(args.folders)
+    if args.paired:
+        print()
+        print("| task | difference | test points per seed | mean ± 95 % CI |")
+        print("|---|---|---|---|")
+        for qst_folder, qlora_folder in args.paired:
+            print(paired_row(Path(qst_folder), Path(qlora_folder)))
+
+
+def print_tables(folders: list[str]) -> None:
     print("| task | method | validation acc % by lr | selected lr (on validation) | test acc % per seed | "
           "test mean ± 95 % CI | QST − QLoRA paired (pts) | test majority % |")
     print("|---|---|---|---|---|---|---|---|")
@@ -91,4 +143,4 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
